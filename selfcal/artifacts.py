@@ -1,0 +1,97 @@
+"""Atomic artifact directories with a JSON manifest.
+
+A stage writes into a hidden sibling directory and renames it into place only
+when every file, manifest included, is complete: a killed run leaves either the
+old artifact or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from selfcal.errors import DataError
+from selfcal.hashing import file_digests, tree_digest
+
+MANIFEST = "manifest.json"
+_TRACKED_PACKAGES = ("selfcal", "torch", "transformers", "llmcompressor", "compressed-tensors", "lm-eval")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a scratch directory that replaces ``final`` only on success."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(directory: Path, *, kind: str, content_digest: str | None = None, **fields: Any) -> dict:
+    """Record what is in ``directory``, what it was made from and by which software.
+
+    ``files`` lists every file's sha256 so ``selfcal verify`` can name the one that
+    changed; ``tree_digest`` condenses them; ``content_digest`` is the semantic
+    identity (e.g. the token matrix) when one exists.
+    """
+    files = file_digests(directory, exclude=frozenset({MANIFEST}))
+    manifest = {
+        "kind": kind,
+        "content_digest": content_digest or tree_digest(files),
+        "tree_digest": tree_digest(files),
+        "files": files,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": library_versions(),
+        "argv": sys.argv,
+        **fields,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: manifest missing; is {directory} an artifact written by selfcal?")
+    return json.loads(path.read_text())

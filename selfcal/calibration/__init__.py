@@ -1,0 +1,1 @@
+"""Calibration data: self-generated sets and the baselines they are compared with."""

@@ -1,0 +1,1 @@
+"""Compression methods (llm-compressor recipes) and the code that applies them."""

@@ -1,0 +1,198 @@
+"""Typed, validated pipeline parameters, loaded once from ``params.yaml``.
+
+Every stage validates the whole file before it does any work, so a typo in a key
+that only a later stage reads still fails the first stage, not the third one an
+hour later. Errors are flattened to one line that names the offending key.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from selfcal.errors import ConfigError
+
+DEFAULT_PARAMS = Path("params.yaml")
+PARAMS_ENV = "SELFCAL_PARAMS"
+
+
+class Strict(BaseModel):
+    """Unknown keys are errors: a misspelt key silently ignored is a wrong experiment."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Strict):
+    # A hub id ("HuggingFaceTB/SmolLM2-135M") or a local directory; relative paths
+    # are resolved against the directory holding params.yaml.
+    path: str
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    trust_remote_code: bool = False
+
+
+class SelfSourceConfig(Strict):
+    """The paper's self-calibration: BOS-only prompt, ancestral sampling, linear temperature."""
+
+    kind: Literal["self"]
+    t_initial: float = Field(1.0, ge=0.0, le=10.0)
+    t_final: float = Field(1.0, ge=0.0, le=10.0)
+    schedule_steps: int = Field(10, ge=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+
+
+SourceConfig = Annotated[Union[SelfSourceConfig], Field(discriminator="kind")]
+
+
+class CalibrationConfig(Strict):
+    n_samples: int = Field(128, ge=1)
+    seq_len: int = Field(2048, ge=2)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    batch_size: int = Field(32, ge=1)
+    sources: dict[str, SourceConfig] = Field(min_length=1)
+
+    @field_validator("sources")
+    @classmethod
+    def _names_are_path_safe(cls, sources: dict[str, SourceConfig]) -> dict[str, SourceConfig]:
+        for name in sources:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"source name {name!r} must be letters, digits, '-' or '_'")
+        return sources
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be unique, got {seeds}")
+        return seeds
+
+
+class GPTQConfig(Strict):
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int | None = Field(128, ge=1)
+    symmetric: bool = True
+    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    # Layers whose input width is not a multiple of group_size cannot be group-quantized.
+    # False: refuse before loading. True: leave them dense and record them in the manifest.
+    skip_indivisible: bool = False
+
+
+class CompressionConfig(Strict):
+    methods: list[str] = Field(default_factory=lambda: ["gptq"], min_length=1)
+    gptq: GPTQConfig = GPTQConfig()
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        from selfcal.compression.registry import METHODS
+
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method {unknown[0]!r}; known: {sorted(METHODS)}")
+        return methods
+
+
+class PerplexityConfig(Strict):
+    path: str
+    # Non-overlapping windows of this many tokens (the GPTQ/SparseGPT protocol);
+    # None means the model's context window, capped at 2048.
+    seq_len: int | None = Field(None, ge=2)
+    max_windows: int | None = Field(None, ge=1)
+
+
+class EvaluationConfig(Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["arc_easy"])
+    # Local copies of the task data (see selfcal.evaluation.tasks); None = the hub.
+    data_dir: str | None = None
+    limit: int | None = Field(None, ge=1)
+    batch_size: int | Literal["auto"] = 16
+    perplexity: PerplexityConfig | None = None
+    evaluate_dense: bool = True
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        from selfcal.evaluation.tasks import TASKS
+
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; known: {sorted(TASKS)}")
+        return tasks
+
+
+class TrackingConfig(Strict):
+    enabled: bool = True
+    experiment: str = "selfcal"
+    # None: $MLFLOW_TRACKING_URI if set, else a sqlite file under `paths.state`.
+    tracking_uri: str | None = None
+
+
+class PathsConfig(Strict):
+    artifacts: str = "artifacts"
+    state: str = ".selfcal"
+
+
+class Params(Strict):
+    model: ModelConfig
+    calibration: CalibrationConfig
+    compression: CompressionConfig = CompressionConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    paths: PathsConfig = PathsConfig()
+    # Directory params.yaml was read from; relative paths in it are resolved from here.
+    root: Path = Field(default=Path("."), exclude=True)
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        p = Path(os.path.expanduser(os.fspath(path)))
+        return (p if p.is_absolute() else self.root / p).resolve()
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.resolve(self.paths.artifacts)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve(self.paths.state)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
+    # Discriminated unions add the tag to the location; it only adds noise.
+    key = key.replace(".self.", ".").rstrip(".")
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{more}"
+
+
+def parse_params(data: object, *, source: str = "params", root: Path = Path(".")) -> Params:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        params = Params.model_validate({**data, "root": root})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+    return params
+
+
+def load_params(path: str | os.PathLike[str] | None = None) -> Params:
+    """Read and validate params.yaml ($SELFCAL_PARAMS overrides the default location)."""
+    p = Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
+    if not p.is_file():
+        raise ConfigError(f"{p}: params file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_params(data, source=str(p), root=p.resolve().parent)

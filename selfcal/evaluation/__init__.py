@@ -1,0 +1,1 @@
+"""Zero-shot accuracy through lm-evaluation-harness, and perplexity."""

@@ -1,0 +1,54 @@
+"""Perplexity on a text file, the way GPTQ/SparseGPT/Wanda report WikiText-2.
+
+The file is tokenized as one string and cut into non-overlapping windows of
+``seq_len`` tokens (stride = window, a trailing partial window is dropped). Each
+window predicts its tokens 2..seq_len; perplexity is exp of the mean NLL over all
+predicted tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from selfcal.errors import DataError
+
+
+def token_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise DataError(f"text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.inference_mode()
+def perplexity_of_windows(model, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> dict:
+    device = next(model.parameters()).device
+    total_nll = 0.0
+    total_tokens = 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total_nll += float(nll)
+        total_tokens += batch[:, 1:].numel()
+    mean = total_nll / total_tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": int(windows.shape[0])}
+
+
+def perplexity_of_file(model, tokenizer, path: Path, *, seq_len: int, max_windows: int | None, batch_size: int = 8, progress: bool = True) -> dict:
+    if not path.is_file():
+        raise DataError(f"{path}: perplexity text file not found")
+    text = path.read_text()
+    if not text.strip():
+        raise DataError(f"{path}: perplexity text file is empty")
+    ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    result = perplexity_of_windows(model, token_windows(ids, seq_len, max_windows), batch_size=batch_size, progress=progress)
+    return {**result, "seq_len": seq_len, "stride": seq_len, "file": str(path)}

@@ -1,0 +1,69 @@
+"""lm-eval tasks, and how to read them from local files when the hub is unreachable.
+
+A local task is lm-eval's own YAML for that task with only the data source replaced
+(and, where the local copy stores a field differently, the template that reads it),
+so prompts, preprocessing and metrics stay exactly lm-eval's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from selfcal.errors import DataError
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    name: str  # lm-eval's task name
+    file: str  # relative to the data directory
+    split: str  # the split key lm-eval's config evaluates (test_split / validation_split)
+    overrides: dict = field(default_factory=dict)
+
+
+TASKS: dict[str, LocalTask] = {}
+
+
+def register(task: LocalTask) -> LocalTask:
+    TASKS[task.name] = task
+    return task
+
+
+# The local ARC copies store choices as a plain list and the answer as an index.
+_ARC = {"doc_to_target": "{{gold}}", "doc_to_choice": "{{choices}}"}
+register(LocalTask("arc_easy", "arc_easy/test.jsonl", "test_split", _ARC))
+register(LocalTask("arc_challenge", "arc_challenge/test.jsonl", "test_split", _ARC))
+
+
+def _builtin_config(name: str) -> dict:
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = TaskManager().task_index.get(name)
+    if entry is None or entry.yaml_path is None:
+        raise DataError(f"lm-eval has no YAML task named {name!r}")
+    return load_yaml(entry.yaml_path, resolve_func=True)
+
+
+def local_task_config(name: str, data_dir: Path) -> dict:
+    """lm-eval's config for ``name``, reading ``data_dir/<file>`` instead of the hub."""
+    try:
+        task = TASKS[name]
+    except KeyError:
+        raise DataError(f"no local-file adapter for task {name!r}; known: {sorted(TASKS)}") from None
+    path = (data_dir / task.file).resolve()
+    if not path.is_file():
+        raise DataError(f"{path}: data file for task {name!r} not found (evaluation.data_dir={data_dir})")
+    cfg = _builtin_config(name)
+    for key in ("tag", "group", "training_split", "validation_split", "test_split", "fewshot_split", "dataset_name"):
+        cfg.pop(key, None)
+    split = task.split.removesuffix("_split")
+    cfg.update(
+        {
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {split: str(path)}},
+            task.split: split,
+            **task.overrides,
+        }
+    )
+    return cfg

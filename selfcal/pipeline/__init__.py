@@ -1,0 +1,1 @@
+"""The four pipeline steps as library functions; ``stages/`` and the CLI are thin callers."""

@@ -1,0 +1,104 @@
+"""Step 4: one table of metrics per calibration source x method (mean +- std over seeds)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from selfcal.artifacts import atomic_write_text
+from selfcal.config import Params
+from selfcal.errors import DataError
+from selfcal.pipeline import layout
+from selfcal.tracking import stage_run
+
+log = logging.getLogger("selfcal.aggregate")
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    tasks = sorted({t for r in rows for t in r.get("zero_shot", {}).get("tasks", {})})
+    cols = [f"acc.{t}" for t in tasks]
+    if any(r.get("mean_acc") is not None for r in rows):
+        cols.append("mean_acc")
+    if any("perplexity" in r for r in rows):
+        cols.append("perplexity")
+    return cols
+
+
+def _value(r: dict, col: str) -> float | None:
+    if col.startswith("acc."):
+        return r.get("zero_shot", {}).get("tasks", {}).get(col[4:], {}).get("acc")
+    if col == "perplexity":
+        return r.get("perplexity", {}).get("perplexity")
+    return r.get(col)
+
+
+def summarise(rows: list[dict]) -> tuple[list[str], list[dict]]:
+    """Group metric files by (method, source); mean, std and count over seeds per column."""
+    cols = _columns(rows)
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["method"], r["source"])].append(r)
+    table = []
+    for (method, source), members in sorted(groups.items(), key=lambda kv: (kv[0][0] != "none", kv[0])):
+        entry = {"method": method, "source": source, "n_sets": len(members)}
+        for c in cols:
+            vals = [v for v in (_value(m, c) for m in members) if v is not None]
+            entry[c] = statistics.fmean(vals) if vals else None
+            entry[c + ".std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
+        table.append(entry)
+    return cols, table
+
+
+def _fmt(mean: float | None, std: float | None, col: str) -> str:
+    if mean is None:
+        return "-"
+    if col == "perplexity":
+        return f"{mean:.2f}" + (f" ± {std:.2f}" if std else "")
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std else "")
+
+
+def to_markdown(cols: list[str], table: list[dict]) -> str:
+    head = ["method", "source", "sets", *[c.removeprefix("acc.") for c in cols]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in table:
+        cells = [e["method"], e["source"], str(e["n_sets"]), *[_fmt(e[c], e[c + ".std"], c) for c in cols]]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = "Accuracy in % (lm-eval `acc`, zero-shot), mean ± std over calibration seeds; perplexity lower is better."
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def to_csv(cols: list[str], table: list[dict]) -> str:
+    fields = ["method", "source", "n_sets", *[x for c in cols for x in (c, c + ".std")]]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(table)
+    return buf.getvalue()
+
+
+def load_metric_files(files: list[Path]) -> list[dict]:
+    """Only the files the current params produce: stale ones from removed items stay out."""
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: metrics file missing (run the evaluate stage first)")
+    if not files:
+        raise DataError("nothing to aggregate: params define no evaluation targets")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def aggregate(params: Params) -> Path:
+    rows = load_metric_files([layout.metrics_file(params, n) for n in layout.evaluation_targets(params)])
+    cols, table = summarise(rows)
+    out = layout.report_dir(params)
+    with stage_run(params, "aggregate", "report") as run:
+        atomic_write_text(out / "results.csv", to_csv(cols, table))
+        atomic_write_text(out / "results.md", to_markdown(cols, table))
+        log.info("wrote %s (%d rows from %d metric files)", out, len(table), len(rows))
+        run.artifact(out / "results.md", "report")
+        run.artifact(out / "results.csv", "report")
+    return out

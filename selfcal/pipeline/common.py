@@ -1,0 +1,42 @@
+"""What every step does first: resolve the model and check the request fits it."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+from selfcal.config import Params
+from selfcal.errors import ConfigError, SelfcalError
+from selfcal.modelio import ModelRef, context_window, model_config, resolve_model
+
+log = logging.getLogger("selfcal")
+
+
+def base_model(params: Params) -> tuple[ModelRef, dict]:
+    ref = resolve_model(params.model.path, root=params.root, revision=params.model.revision)
+    return ref, model_config(ref)
+
+
+def check_context(config: dict, seq_len: int, key: str) -> None:
+    window = context_window(config)
+    if window is not None and seq_len > window:
+        raise ConfigError(f"{key}: {seq_len} exceeds the model's context window of {window} tokens")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def run_cli(fn: Callable[[], object]) -> int:
+    """Turn a SelfcalError into one line on stderr and exit status 2."""
+    try:
+        fn()
+    except SelfcalError as err:
+        print(f"selfcal: error: {err}", file=sys.stderr)
+        return 2
+    return 0

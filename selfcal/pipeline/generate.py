@@ -1,0 +1,60 @@
+"""Step 1: sample (or read) one calibration set for one (source, seed)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from selfcal.calibration import sources
+from selfcal.calibration.calibset import save_calibration_set
+from selfcal.config import Params
+from selfcal.errors import ConfigError
+from selfcal.modelio import fingerprint, load_model, load_tokenizer, pick_device
+from selfcal.pipeline import layout
+from selfcal.pipeline.common import base_model, check_context
+from selfcal.tracking import stage_run
+
+log = logging.getLogger("selfcal.generate")
+
+
+def generate(params: Params, source: str, seed: int, *, progress: bool = True) -> dict:
+    cal = params.calibration
+    if source not in cal.sources:
+        raise ConfigError(f"calibration.sources: no source named {source!r}; defined: {sorted(cal.sources)}")
+    spec = cal.sources[source]
+    ref, config = base_model(params)
+    check_context(config, cal.seq_len, "calibration.seq_len")
+    device = pick_device(params.model.device)
+    out = layout.calibration_dir(params, source, seed)
+    item = layout.calib_name(source, seed)
+    with stage_run(params, "generate", item) as run:
+        log.info("loading %s on %s", ref.name, device)
+        model = load_model(ref, dtype=params.model.dtype, device=device, trust_remote_code=params.model.trust_remote_code)
+        tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
+        log.info("%s: %d x %d tokens, seed %d", source, cal.n_samples, cal.seq_len, seed)
+        t0 = time.perf_counter()
+        request = sources.SourceRequest(n=cal.n_samples, seq_len=cal.seq_len, seed=seed, batch_size=cal.batch_size, progress=progress)
+        result = sources.build(spec.kind, spec, request, model=model, tokenizer=tokenizer)
+        texts = tokenizer.batch_decode(result.tokens.tolist())
+        source_params = spec.model_dump()
+        manifest = save_calibration_set(
+            out,
+            result.tokens,
+            texts,
+            source=source,
+            source_params=source_params,
+            seed=seed,
+            n_samples=cal.n_samples,
+            seq_len=cal.seq_len,
+            generator_model=fingerprint(ref),
+            device=device,
+            provenance=result.provenance,
+            wall_seconds=round(time.perf_counter() - t0, 3),
+        )
+        log.info("wrote %s (content digest %s)", out, manifest["content_digest"][:16])
+        run.params({"source": source, "seed": seed, "n_samples": cal.n_samples, "seq_len": cal.seq_len, "source_params": source_params, "model": ref.name})
+        run.tags({"selfcal.calibration_digest": manifest["content_digest"], "selfcal.base_model_digest": manifest["generator_model"]["digest"]})
+        numeric = {k: v for k, v in result.provenance.items() if isinstance(v, (int, float))}
+        run.metrics(numeric)
+        run.artifact(out / "manifest.json", "calibration")
+    return manifest

@@ -1,0 +1,50 @@
+"""Where each artifact lives. One place, so stages, dvc.yaml and tests agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from selfcal.config import Params
+
+DENSE = "dense"
+
+
+def calib_name(source: str, seed: int) -> str:
+    return f"{source}-s{seed}"
+
+
+def calibration_dir(params: Params, source: str, seed: int) -> Path:
+    return params.artifacts_dir / "calibration" / calib_name(source, seed)
+
+
+def checkpoint_name(source: str, seed: int, method: str) -> str:
+    return f"{calib_name(source, seed)}-{method}"
+
+
+def checkpoint_dir(params: Params, source: str, seed: int, method: str) -> Path:
+    return params.artifacts_dir / "checkpoints" / checkpoint_name(source, seed, method)
+
+
+def metrics_dir(params: Params) -> Path:
+    return params.artifacts_dir / "metrics"
+
+
+def metrics_file(params: Params, name: str) -> Path:
+    return metrics_dir(params) / f"{name}.json"
+
+
+def report_dir(params: Params) -> Path:
+    return params.artifacts_dir / "report"
+
+
+def evaluation_targets(params: Params) -> list[str]:
+    """Every model the current params evaluate: the dense base, then each checkpoint."""
+    names = [DENSE] if params.evaluation.evaluate_dense else []
+    cal = params.calibration
+    names += [
+        checkpoint_name(source, seed, method)
+        for source in cal.sources
+        for seed in cal.seeds
+        for method in params.compression.methods
+    ]
+    return names
