@@ -114,7 +114,6 @@ class EvaluationConfig(Strict):
     limit: int | None = Field(None, ge=1)
     batch_size: int | Literal["auto"] = 16
     perplexity: PerplexityConfig | None = None
-    evaluate_dense: bool = True
 
     @field_validator("tasks")
     @classmethod

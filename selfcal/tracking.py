@@ -8,6 +8,7 @@ run by an *execution id*: ``$SELFCAL_EXECUTION_ID`` when an orchestrator sets it
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import uuid
@@ -42,8 +43,14 @@ def _dvc_ancestor() -> str | None:
     return None
 
 
+@functools.cache
+def _process_execution_id() -> str:
+    """Outside DVC and Prefect, the steps one process runs belong to one execution."""
+    return _dvc_ancestor() or f"standalone-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def execution_id() -> str:
-    return os.environ.get(EXECUTION_ENV) or _dvc_ancestor() or f"standalone-{uuid.uuid4().hex[:12]}"
+    return os.environ.get(EXECUTION_ENV) or _process_execution_id()
 
 
 def tracking_uri(params: Params) -> str:

@@ -30,6 +30,9 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Per-request HTTP logs from Prefect's client and MLflow drown the pipeline's own.
+    for noisy in ("httpx", "httpcore", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def run_cli(fn: Callable[[], object]) -> int:

@@ -38,13 +38,11 @@ def report_dir(params: Params) -> Path:
 
 
 def evaluation_targets(params: Params) -> list[str]:
-    """Every model the current params evaluate: the dense base, then each checkpoint."""
-    names = [DENSE] if params.evaluation.evaluate_dense else []
+    """Every model the current params evaluate: the dense base (the reference row), then each checkpoint."""
     cal = params.calibration
-    names += [
+    return [DENSE] + [
         checkpoint_name(source, seed, method)
         for source in cal.sources
         for seed in cal.seeds
         for method in params.compression.methods
     ]
-    return names

@@ -1,0 +1,145 @@
+"""End to end on a tiny random model: every stage for real, in-process and through `dvc repro`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from selfcal.calibration.calibset import load_calibration_set
+from selfcal.config import parse_params
+from selfcal.pipeline import layout
+from selfcal.pipeline.aggregate import aggregate
+from selfcal.pipeline.compress import compress
+from selfcal.pipeline.evaluate import evaluate
+from selfcal.pipeline.generate import generate
+from tests.helpers import REPO, small_params, write_params
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model, tmp_path_factory):
+    """One full in-process pipeline run shared by the assertions below."""
+    work = tmp_path_factory.mktemp("pipeline")
+    params = parse_params(small_params(tiny_model, work, **{"calibration.seeds": [0, 1]}), root=work)
+    for seed in (0, 1):
+        generate(params, "self", seed, progress=False)
+        compress(params, "self", seed, "gptq")
+        evaluate(params, f"self-s{seed}-gptq", progress=False)
+    evaluate(params, "dense", progress=False)
+    aggregate(params)
+    return params
+
+
+def test_calibration_set_is_bos_started_and_hash_is_reproducible(run_dir, tiny_model, tmp_path):
+    first = load_calibration_set(layout.calibration_dir(run_dir, "self", 0))
+    assert first.tokens.shape == (4, 32)
+    assert (first.tokens[:, 0] == 1).all()
+    again = parse_params(small_params(tiny_model, tmp_path, **{"tracking.enabled": False}), root=tmp_path)
+    assert generate(again, "self", 0, progress=False)["content_digest"] == first.digest
+    other = load_calibration_set(layout.calibration_dir(run_dir, "self", 1))
+    assert other.digest != first.digest
+
+
+def test_checkpoint_manifest_links_calibration_and_reloads(run_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ckpt = layout.checkpoint_dir(run_dir, "self", 0, "gptq")
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    calib = load_calibration_set(layout.calibration_dir(run_dir, "self", 0))
+    assert manifest["calibration"]["digest"] == calib.digest
+    assert manifest["calibration"]["n_samples"] == 4 and manifest["calibration"]["seq_len"] == 32
+    assert manifest["method"] == "gptq" and manifest["method_params"]["group_size"] == 128
+    assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    model = AutoModelForCausalLM.from_pretrained(ckpt)
+    logits = model(torch.tensor([[1, 5, 9]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_metrics_and_report(run_dir):
+    dense = json.loads(layout.metrics_file(run_dir, "dense").read_text())
+    assert dense["zero_shot"]["tasks"]["arc_easy"]["n"] == 20
+    assert 0.0 <= dense["mean_acc"] <= 1.0
+    assert dense["perplexity"]["windows"] == 4 and dense["perplexity"]["perplexity"] > 1
+    quant = json.loads(layout.metrics_file(run_dir, "self-s0-gptq").read_text())
+    assert quant["calibration_digest"] == load_calibration_set(layout.calibration_dir(run_dir, "self", 0)).digest
+    md = (layout.report_dir(run_dir) / "results.md").read_text()
+    assert "| none | none | 1 |" in md and "| gptq | self | 2 |" in md
+    csv = (layout.report_dir(run_dir) / "results.csv").read_text().splitlines()
+    assert csv[0].startswith("method,source,n_sets,acc.arc_easy") and len(csv) == 3
+
+
+def test_mlflow_has_one_parent_with_nested_stage_runs(run_dir):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=run_dir.tracking.tracking_uri)
+    exp = client.get_experiment_by_name("selfcal")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("selfcal.stage") == "pipeline"]
+    children = [r for r in runs if r.data.tags.get("selfcal.stage") != "pipeline"]
+    assert len(parents) == 1
+    assert len(children) == 8  # 2 generate + 2 compress + 3 evaluate + 1 aggregate
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    compress_runs = [r for r in children if r.data.tags["selfcal.stage"] == "compress"]
+    assert all(r.data.tags["selfcal.calibration_digest"] for r in compress_runs)
+
+
+def test_failed_stage_leaves_no_half_written_artifact(tiny_model, tmp_path, monkeypatch):
+    import selfcal.calibration.calibset as calibset
+
+    params = parse_params(small_params(tiny_model, tmp_path, **{"tracking.enabled": False}), root=tmp_path)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibset, "write_manifest", boom)
+    with pytest.raises(KeyboardInterrupt):
+        generate(params, "self", 0, progress=False)
+    calib_root = tmp_path / "artifacts" / "calibration"
+    assert list(calib_root.iterdir()) == []
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    # mlflow.set_tracking_uri in the in-process tests exports MLFLOW_TRACKING_URI; keep it out.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_dvc_repro_end_to_end_then_noop_then_partial(tiny_model, tmp_path):
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    ws = tmp_path / "ws"
+    for rel in files:
+        if rel.startswith(("tests/", "README")):
+            continue
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, ws / rel)
+    (ws / "dvc.lock").unlink(missing_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
+    data = small_params(tiny_model, ws)
+    data["paths"] = {"artifacts": "artifacts", "state": ".selfcal"}
+    data["tracking"] = {"tracking_uri": None}
+    write_params(ws / "params.yaml", data)
+
+    out = _dvc(ws, "repro")
+    for stage in ("generate@self-0", "compress@self-0-gptq", "evaluate@self-0-gptq", "evaluate_dense", "aggregate"):
+        assert f"Running stage '{stage}'" in out
+    assert (ws / "artifacts" / "report" / "results.md").is_file()
+    assert (ws / ".selfcal" / "mlflow.db").is_file()
+
+    assert "Data and pipelines are up to date." in _dvc(ws, "repro")
+
+    data["evaluation"]["limit"] = 10
+    write_params(ws / "params.yaml", data)
+    out = _dvc(ws, "repro")
+    assert "Running stage 'evaluate@self-0-gptq'" in out and "Running stage 'evaluate_dense'" in out
+    assert "Running stage 'generate" not in out and "Running stage 'compress" not in out
