@@ -36,7 +36,8 @@ def _dvc_ancestor() -> str | None:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return None
-        if any(Path(part.decode(errors="replace")).name == "dvc" for part in cmd[:2]):
+        args = [part.decode(errors="replace") for part in cmd[:3]]
+        if any(Path(a).name == "dvc" for a in args[:2]) or args[1:3] == ["-m", "dvc"]:
             start = stat.rsplit(")", 1)[1].split()[19]
             return f"dvc-{pid}-{start}"
         pid = int(stat.rsplit(")", 1)[1].split()[1])

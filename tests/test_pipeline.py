@@ -115,9 +115,11 @@ def _dvc(cwd: Path, *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_dvc_repro_end_to_end_then_noop_then_partial(tiny_model, tmp_path):
+@pytest.fixture(scope="module")
+def dvc_workspace(tiny_model, tmp_path_factory):
+    """A clean copy of the repository's pipeline files, with params pointing at the tiny model."""
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    ws = tmp_path / "ws"
+    ws = tmp_path_factory.mktemp("dvc") / "ws"
     for rel in files:
         if rel.startswith(("tests/", "README")):
             continue
@@ -129,12 +131,29 @@ def test_dvc_repro_end_to_end_then_noop_then_partial(tiny_model, tmp_path):
     data["paths"] = {"artifacts": "artifacts", "state": ".selfcal"}
     data["tracking"] = {"tracking_uri": None}
     write_params(ws / "params.yaml", data)
+    return ws, data
 
+
+def _runs_by_execution(db: Path) -> dict[str, list]:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("selfcal").experiment_id])
+    by_exec: dict[str, list] = {}
+    for r in runs:
+        by_exec.setdefault(r.data.tags["selfcal.execution_id"], []).append(r)
+    return by_exec
+
+
+def test_dvc_repro_end_to_end_then_noop_then_partial(dvc_workspace):
+    ws, data = dvc_workspace
     out = _dvc(ws, "repro")
     for stage in ("generate@self-0", "compress@self-0-gptq", "evaluate@self-0-gptq", "evaluate_dense", "aggregate"):
         assert f"Running stage '{stage}'" in out
     assert (ws / "artifacts" / "report" / "results.md").is_file()
-    assert (ws / ".selfcal" / "mlflow.db").is_file()
+    (execution, runs), = _runs_by_execution(ws / ".selfcal" / "mlflow.db").items()
+    assert execution.startswith("dvc-")  # all five stage processes found the same `dvc repro`
+    assert sorted(r.data.tags["selfcal.stage"] for r in runs) == ["aggregate", "compress", "evaluate", "evaluate", "generate", "pipeline"]
 
     assert "Data and pipelines are up to date." in _dvc(ws, "repro")
 
@@ -143,3 +162,19 @@ def test_dvc_repro_end_to_end_then_noop_then_partial(tiny_model, tmp_path):
     out = _dvc(ws, "repro")
     assert "Running stage 'evaluate@self-0-gptq'" in out and "Running stage 'evaluate_dense'" in out
     assert "Running stage 'generate" not in out and "Running stage 'compress" not in out
+
+
+def test_prefect_flow_runs_the_dvc_stages_in_ephemeral_mode(dvc_workspace, tmp_path):
+    ws, _ = dvc_workspace
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API_URL"))}
+    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "selfcal.cli", "run", "--force"], cwd=ws, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage in ("generate", "compress", "evaluate", "evaluate_dense", "aggregate"):
+        assert f"dvc repro --single-item {stage} --force" in proc.stderr
+    assert "Finished in state Completed()" in proc.stderr
+    flow_runs = [runs for ex, runs in _runs_by_execution(ws / ".selfcal" / "mlflow.db").items() if ex.startswith("prefect-")]
+    assert len(flow_runs) == 1 and len(flow_runs[0]) == 6  # one parent, five stage runs
+    assert "Data and pipelines are up to date." in _dvc(ws, "repro")
