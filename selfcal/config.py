@@ -20,6 +20,13 @@ DEFAULT_PARAMS = Path("params.yaml")
 PARAMS_ENV = "SELFCAL_PARAMS"
 
 
+def _all_known(names: list[str], registry: dict, what: str) -> list[str]:
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown[0]!r}; known: {sorted(registry)}")
+    return names
+
+
 class Strict(BaseModel):
     """Unknown keys are errors: a misspelt key silently ignored is a wrong experiment."""
 
@@ -93,10 +100,7 @@ class CompressionConfig(Strict):
     def _known_methods(cls, methods: list[str]) -> list[str]:
         from selfcal.compression.registry import METHODS
 
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown method {unknown[0]!r}; known: {sorted(METHODS)}")
-        return methods
+        return _all_known(methods, METHODS, "method")
 
 
 class PerplexityConfig(Strict):
@@ -120,10 +124,7 @@ class EvaluationConfig(Strict):
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         from selfcal.evaluation.tasks import TASKS
 
-        unknown = [t for t in tasks if t not in TASKS]
-        if unknown:
-            raise ValueError(f"unknown task {unknown[0]!r}; known: {sorted(TASKS)}")
-        return tasks
+        return _all_known(tasks, TASKS, "task")
 
 
 class TrackingConfig(Strict):
@@ -161,18 +162,24 @@ class Params(Strict):
         return self.resolve(self.paths.state)
 
 
+def _error_key(loc: tuple) -> str:
+    parts = [str(p) for p in loc]
+    # A discriminated union adds the matched tag after the source name
+    # (calibration.sources.NAME.self.key); the user never wrote it.
+    if len(parts) > 3 and parts[:2] == ["calibration", "sources"]:
+        del parts[3]
+    return ".".join(parts)
+
+
 def _format_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"] if not str(p).startswith("function-after"))
-    # Discriminated unions add the tag to the location; it only adds noise.
-    key = key.replace(".self.", ".").rstrip(".")
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required key is missing"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {key}: {msg}{more}"
+    return f"{source}: {_error_key(first['loc'])}: {msg}{more}"
 
 
 def parse_params(data: object, *, source: str = "params", root: Path = Path(".")) -> Params:
