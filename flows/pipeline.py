@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 
 from selfcal.tracking import EXECUTION_ENV
 
-STAGES = ("generate", "compress", "evaluate", "evaluate_dense", "aggregate")
+STAGES = ("generate", "inspect", "compress", "evaluate", "evaluate_dense", "aggregate")
 
 
 @task(retries=1, retry_delay_seconds=5, task_run_name="dvc repro {stage}")

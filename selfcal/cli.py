@@ -45,11 +45,62 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="score 'dense' or a checkpoint name (SOURCE-sSEED-METHOD)")
     e.add_argument("target", help="'dense' or a checkpoint directory name under artifacts/checkpoints")
 
-    sub.add_parser("aggregate", help="summarise metrics into CSV and Markdown tables")
+    i = sub.add_parser(
+        "inspect",
+        help="diagnostics of a calibration set (perplexity, repetition, diversity, coverage, Zipf, activations)",
+        description="Either CALIB_SET (a calibration set directory) with --model, or --source/--seed to "
+        "inspect a set of the pipeline and write artifacts/diagnostics/NAME.json.",
+    )
+    i.add_argument("calib_set", nargs="?", help="calibration set directory (tokens.safetensors + manifest.json)")
+    i.add_argument("--model", help="model (hub id or directory); default: model.path from params")
+    i.add_argument("--reference", help="corpus file for the activation-statistics distance; default: params")
+    i.add_argument("--source")
+    i.add_argument("--seed", type=int)
+
+    sub.add_parser("aggregate", help="summarise metrics (and diagnostics) into CSV and Markdown tables")
 
     r = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (local ephemeral API)")
     r.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
     return p
+
+
+def _params_present(path: str | None) -> bool:
+    import os
+    from pathlib import Path
+
+    from selfcal.config import DEFAULT_PARAMS, PARAMS_ENV
+
+    return Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS).is_file()
+
+
+def _inspect(args, params) -> None:
+    import json
+    from pathlib import Path
+
+    from selfcal.errors import ConfigError
+    from selfcal.modelio import pick_device, resolve_model
+    from selfcal.pipeline.inspect import inspect_set, inspect_stage
+
+    if args.calib_set is None:
+        if args.source is None or args.seed is None:
+            raise ConfigError("inspect: give CALIB_SET, or --source and --seed")
+        inspect_stage(params, args.source, args.seed)
+        return
+    if args.model:
+        ref = resolve_model(args.model, root=Path.cwd(), key="--model")
+    else:
+        ref = resolve_model(params.model.path, root=params.root, revision=params.model.revision)
+    diag = params.calibration.diagnostics if params else None
+    result = inspect_set(
+        Path(args.calib_set),
+        ref,
+        device=pick_device(params.model.device if params else "auto"),
+        dtype=params.model.dtype if params else "float32",
+        reference_path=args.reference or (diag.reference_path if diag else None),
+        root=Path.cwd() if args.reference or not params else params.root,
+        batch_size=diag.batch_size if diag else 8,
+    )
+    print(json.dumps(result, indent=2, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         from selfcal.config import load_params
 
+        if args.command == "inspect" and args.calib_set and args.model and not _params_present(args.params):
+            _inspect(args, None)  # a set and a model are all a one-off inspection needs
+            return
         params = load_params(args.params)
         progress = not args.no_progress
         if args.command == "check":
@@ -79,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             from selfcal.pipeline.evaluate import evaluate
 
             evaluate(params, args.target, progress=progress)
+        elif args.command == "inspect":
+            _inspect(args, params)
         elif args.command == "aggregate":
             from selfcal.pipeline.aggregate import aggregate
 

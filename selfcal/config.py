@@ -52,9 +52,58 @@ class SelfSourceConfig(Strict):
     schedule_steps: int = Field(10, ge=0)
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
+    # For multilingual models the paper constrains the first generated token to English
+    # stop words; list the words here (their first token is allowed), or leave empty.
+    first_token_words: list[str] = Field(default_factory=list)
 
 
-SourceConfig = Annotated[Union[SelfSourceConfig], Field(discriminator="kind")]
+class CorpusSourceConfig(Strict):
+    """Windows of real text: C4, WikiText, Cosmopedia, ... from a local file or the hub."""
+
+    kind: Literal["corpus"]
+    # A local .jsonl/.json/.txt/.parquet file or a directory of them, or a hub dataset id.
+    path: str
+    text_field: str = "text"
+    hub_config: str | None = None
+    hub_split: str = "train"
+    max_documents: int = Field(100_000, ge=1)  # hub streaming only
+    # Sets for different seeds take disjoint blocks of windows. When the corpus is too
+    # small for that, refuse unless overlap between seeds is explicitly allowed.
+    allow_overlap: bool = False
+
+
+class VocabSourceConfig(Strict):
+    """Uniformly random tokens from the tokenizer's non-special vocabulary."""
+
+    kind: Literal["vocab"]
+
+
+class JiSourceConfig(Strict):
+    """Ji et al.'s self-generating synthesis: a 2-token real prompt, then top-p/top-k sampling
+    with a repetition penalty; the most perplexing `drop_fraction` of samples is discarded."""
+
+    kind: Literal["ji"]
+    prompt_path: str  # corpus whose texts give the 2-token prompts
+    text_field: str = "text"
+    prompt_tokens: int = Field(2, ge=1)
+    temperature: float = Field(0.6, gt=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=1)
+    repetition_penalty: float = Field(1.2, ge=1.0)
+    drop_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+SourceConfig = Annotated[
+    Union[SelfSourceConfig, CorpusSourceConfig, VocabSourceConfig, JiSourceConfig], Field(discriminator="kind")
+]
+
+
+class DiagnosticsConfig(Strict):
+    # Real text whose layer-input statistics the sets are compared with (n x seq_len
+    # windows of it, block 0); None skips the activation distance.
+    reference_path: str | None = None
+    reference_text_field: str = "text"
+    batch_size: int = Field(8, ge=1)
 
 
 class CalibrationConfig(Strict):
@@ -63,6 +112,7 @@ class CalibrationConfig(Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     batch_size: int = Field(32, ge=1)
     sources: dict[str, SourceConfig] = Field(min_length=1)
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 
     @field_validator("sources")
     @classmethod

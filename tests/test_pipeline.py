@@ -148,12 +148,14 @@ def _runs_by_execution(db: Path) -> dict[str, list]:
 def test_dvc_repro_end_to_end_then_noop_then_partial(dvc_workspace):
     ws, data = dvc_workspace
     out = _dvc(ws, "repro")
-    for stage in ("generate@self-0", "compress@self-0-gptq", "evaluate@self-0-gptq", "evaluate_dense", "aggregate"):
+    for stage in ("generate@self-0", "inspect@self-0", "compress@self-0-gptq", "evaluate@self-0-gptq", "evaluate_dense", "aggregate"):
         assert f"Running stage '{stage}'" in out
     assert (ws / "artifacts" / "report" / "results.md").is_file()
+    assert "| self-s0 | self |" in (ws / "artifacts" / "report" / "diagnostics.md").read_text()
     (execution, runs), = _runs_by_execution(ws / ".selfcal" / "mlflow.db").items()
     assert execution.startswith("dvc-")  # all five stage processes found the same `dvc repro`
-    assert sorted(r.data.tags["selfcal.stage"] for r in runs) == ["aggregate", "compress", "evaluate", "evaluate", "generate", "pipeline"]
+    stages = sorted(r.data.tags["selfcal.stage"] for r in runs)
+    assert stages == ["aggregate", "compress", "evaluate", "evaluate", "generate", "inspect", "pipeline"]
 
     assert "Data and pipelines are up to date." in _dvc(ws, "repro")
 
@@ -172,9 +174,9 @@ def test_prefect_flow_runs_the_dvc_stages_in_ephemeral_mode(dvc_workspace, tmp_p
         [sys.executable, "-m", "selfcal.cli", "run", "--force"], cwd=ws, env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for stage in ("generate", "compress", "evaluate", "evaluate_dense", "aggregate"):
+    for stage in ("generate", "inspect", "compress", "evaluate", "evaluate_dense", "aggregate"):
         assert f"dvc repro --single-item {stage} --force" in proc.stderr
     assert "Finished in state Completed()" in proc.stderr
     flow_runs = [runs for ex, runs in _runs_by_execution(ws / ".selfcal" / "mlflow.db").items() if ex.startswith("prefect-")]
-    assert len(flow_runs) == 1 and len(flow_runs[0]) == 6  # one parent, five stage runs
+    assert len(flow_runs) == 1 and len(flow_runs[0]) == 7  # one parent, six stage runs
     assert "Data and pipelines are up to date." in _dvc(ws, "repro")

@@ -48,6 +48,7 @@ def _fill_batch(
     schedule: LinearSchedule,
     top_k: int | None,
     top_p: float | None,
+    first_token_ids: torch.Tensor | None,
     on_tokens: Callable[[int], None],
 ) -> tuple[int, int]:
     """Fill ``out`` (b, seq_len) in place; returns (generations started, forward steps)."""
@@ -69,6 +70,10 @@ def _fill_batch(
         step = 0
         while active.numel():
             logits = model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[:, -1, :]
+            if step == 0 and first_token_ids is not None:
+                allowed = torch.full_like(logits, float("-inf"))
+                allowed[:, first_token_ids.to(logits.device)] = 0.0
+                logits = logits + allowed
             steps += 1
             pos = filled[active]
             tok = sample_tokens(
@@ -102,9 +107,15 @@ def generate_self_calibration(
     batch_size: int = 32,
     top_k: int | None = None,
     top_p: float | None = None,
+    first_token_ids: list[int] | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, GenerationStats]:
-    """Sample ``n`` sequences of ``seq_len`` tokens; row r depends only on (seed, r)."""
+    """Sample ``n`` sequences of ``seq_len`` tokens; row r depends only on (seed, r).
+
+    ``first_token_ids`` restricts the first token of every generation (the paper's
+    English stop-word constraint for multilingual models).
+    """
+    first_ids = torch.as_tensor(sorted(set(first_token_ids)), dtype=torch.long) if first_token_ids else None
     result = np.empty((n, seq_len), dtype=np.int32)
     t0 = time.perf_counter()
     generations = steps = 0
@@ -122,6 +133,7 @@ def generate_self_calibration(
                 schedule=schedule,
                 top_k=top_k,
                 top_p=top_p,
+                first_token_ids=first_ids,
                 on_tokens=bar.update,
             )
             generations += g

@@ -92,12 +92,18 @@ def load_metric_files(files: list[Path]) -> list[dict]:
 
 
 def aggregate(params: Params) -> Path:
+    from selfcal.pipeline.inspect import diagnostics_markdown
+
     rows = load_metric_files([layout.metrics_file(params, n) for n in layout.evaluation_targets(params)])
     cols, table = summarise(rows)
+    diag_files = [layout.diagnostics_file(params, layout.calib_name(s, k)) for s, k in layout.calibration_names(params)]
+    diag_rows = [json.loads(f.read_text()) for f in diag_files if f.is_file()]
     out = layout.report_dir(params)
     with stage_run(params, "aggregate", "report") as run:
         atomic_write_text(out / "results.csv", to_csv(cols, table))
         atomic_write_text(out / "results.md", to_markdown(cols, table))
+        if diag_rows:
+            atomic_write_text(out / "diagnostics.md", diagnostics_markdown(diag_rows))
         log.info("wrote %s (%d rows from %d metric files)", out, len(table), len(rows))
         run.artifact(out / "results.md", "report")
         run.artifact(out / "results.csv", "report")

@@ -27,14 +27,19 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
     device = pick_device(params.model.device)
     out = layout.calibration_dir(params, source, seed)
     item = layout.calib_name(source, seed)
+    source_impl = sources.get(spec.kind)
     with stage_run(params, "generate", item) as run:
-        log.info("loading %s on %s", ref.name, device)
-        model = load_model(ref, dtype=params.model.dtype, device=device, trust_remote_code=params.model.trust_remote_code)
+        model = None
+        if source_impl.needs_model:
+            log.info("loading %s on %s", ref.name, device)
+            model = load_model(ref, dtype=params.model.dtype, device=device, trust_remote_code=params.model.trust_remote_code)
         tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
-        log.info("%s: %d x %d tokens, seed %d", source, cal.n_samples, cal.seq_len, seed)
+        log.info("%s (%s): %d x %d tokens, seed %d", source, spec.kind, cal.n_samples, cal.seq_len, seed)
         t0 = time.perf_counter()
-        request = sources.SourceRequest(n=cal.n_samples, seq_len=cal.seq_len, seed=seed, batch_size=cal.batch_size, progress=progress)
-        result = sources.build(spec.kind, spec, request, model=model, tokenizer=tokenizer)
+        request = sources.SourceRequest(
+            n=cal.n_samples, seq_len=cal.seq_len, seed=seed, batch_size=cal.batch_size, root=params.root, name=source, progress=progress
+        )
+        result = source_impl.build(spec, request, model=model, tokenizer=tokenizer)
         texts = tokenizer.batch_decode(result.tokens.tolist())
         source_params = spec.model_dump()
         manifest = save_calibration_set(
@@ -46,14 +51,15 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
             seed=seed,
             n_samples=cal.n_samples,
             seq_len=cal.seq_len,
-            generator_model=fingerprint(ref),
-            device=device,
+            # The base model whose tokenizer (and, for generated sources, weights) made the set.
+            model=fingerprint(ref),
+            device=device if model is not None else None,
             provenance=result.provenance,
             wall_seconds=round(time.perf_counter() - t0, 3),
         )
         log.info("wrote %s (content digest %s)", out, manifest["content_digest"][:16])
         run.params({"source": source, "seed": seed, "n_samples": cal.n_samples, "seq_len": cal.seq_len, "source_params": source_params, "model": ref.name})
-        run.tags({"selfcal.calibration_digest": manifest["content_digest"], "selfcal.base_model_digest": manifest["generator_model"]["digest"]})
+        run.tags({"selfcal.calibration_digest": manifest["content_digest"], "selfcal.base_model_digest": manifest["model"]["digest"]})
         numeric = {k: v for k, v in result.provenance.items() if isinstance(v, (int, float))}
         run.metrics(numeric)
         run.artifact(out / "manifest.json", "calibration")

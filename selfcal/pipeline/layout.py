@@ -39,10 +39,16 @@ def report_dir(params: Params) -> Path:
 
 def evaluation_targets(params: Params) -> list[str]:
     """Every model the current params evaluate: the dense base (the reference row), then each checkpoint."""
-    cal = params.calibration
     return [DENSE] + [
         checkpoint_name(source, seed, method)
-        for source in cal.sources
-        for seed in cal.seeds
+        for source, seed in calibration_names(params)
         for method in params.compression.methods
     ]
+
+
+def diagnostics_file(params: Params, name: str) -> Path:
+    return params.artifacts_dir / "diagnostics" / f"{name}.json"
+
+
+def calibration_names(params: Params) -> list[tuple[str, int]]:
+    return [(source, seed) for source in params.calibration.sources for seed in params.calibration.seeds]

@@ -1,0 +1,146 @@
+"""Quality measures of a calibration set, to judge it before compressing with it.
+
+The text measures follow the self-calibration paper's Tables 4 and 8: repetition
+(Welleck et al., 2020: seq-rep-n, the share of repeated n-grams in a sequence),
+n-gram diversity (Meister et al., 2023: distinct n-grams over all n-grams, n=1..4,
+and their product), vocabulary coverage and the Zipf coefficient. All are pure
+functions of the token matrix; model-based measures live beside them and take a model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import torch
+
+
+def _ngrams(seq: np.ndarray, n: int) -> list[tuple[int, ...]]:
+    return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+
+
+def seq_rep(tokens: np.ndarray, n: int = 4) -> float:
+    """Welleck et al.'s seq-rep-n: mean over sequences of 1 - unique n-grams / n-grams."""
+    vals = []
+    for seq in tokens:
+        grams = _ngrams(seq, n)
+        if grams:
+            vals.append(1.0 - len(set(grams)) / len(grams))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def ngram_diversity(tokens: np.ndarray, max_n: int = 4) -> dict[str, float]:
+    """Distinct n-gram ratio over the whole set for n=1..max_n, and their product."""
+    out: dict[str, float] = {}
+    product = 1.0
+    for n in range(1, max_n + 1):
+        grams = [g for seq in tokens for g in _ngrams(seq, n)]
+        ratio = len(set(grams)) / len(grams) if grams else 0.0
+        out[f"distinct_{n}"] = ratio
+        product *= ratio
+    out["diversity"] = product
+    return out
+
+
+def vocab_coverage(tokens: np.ndarray, vocab_size: int) -> float:
+    return len(np.unique(tokens)) / vocab_size
+
+
+def zipf_coefficient(tokens: np.ndarray, top: int = 5000) -> float:
+    """s in freq ~ rank^-s, by least squares on log-log over the `top` most frequent tokens."""
+    counts = np.array(sorted(Counter(tokens.ravel().tolist()).values(), reverse=True)[:top], dtype=float)
+    if len(counts) < 2:
+        return float("nan")
+    ranks = np.arange(1, len(counts) + 1, dtype=float)
+    slope = np.polyfit(np.log(ranks), np.log(counts), 1)[0]
+    return float(-slope)
+
+
+def segment_lengths(tokens: np.ndarray, start_id: int | None) -> dict[str, float]:
+    """Lengths of the generations concatenated in each sequence (split at the start token)."""
+    if start_id is None:
+        return {}
+    lengths = []
+    for seq in tokens:
+        starts = np.flatnonzero(seq == start_id).tolist() + [len(seq)]
+        lengths += [b - a for a, b in zip(starts[:-1], starts[1:])]
+    if not lengths:
+        return {}
+    arr = np.asarray(lengths)
+    return {
+        "segments": int(arr.size),
+        "segment_len_mean": float(arr.mean()),
+        "segment_len_median": float(np.median(arr)),
+        "segment_len_min": int(arr.min()),
+        "segment_len_max": int(arr.max()),
+    }
+
+
+def text_measures(tokens: np.ndarray, vocab_size: int, start_id: int | None = None) -> dict:
+    return {
+        "n": int(tokens.shape[0]),
+        "seq_len": int(tokens.shape[1]),
+        "seq_rep_4": seq_rep(tokens, 4),
+        **ngram_diversity(tokens),
+        "vocab_coverage": vocab_coverage(tokens, vocab_size),
+        "zipf": zipf_coefficient(tokens),
+        **segment_lengths(tokens, start_id),
+    }
+
+
+@torch.inference_mode()
+def set_perplexity(model, tokens: np.ndarray, batch_size: int = 8) -> float:
+    """exp(mean NLL) of the set under the model: how typical the model finds it."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(tokens), batch_size):
+        ids = torch.as_tensor(tokens[i : i + batch_size], dtype=torch.long, device=device)
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return math.exp(total / count)
+
+
+@torch.inference_mode()
+def layer_input_stats(model, tokens: np.ndarray, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decoder layer, the mean and variance of its input hidden states over all tokens.
+
+    These are what GPTQ/AWQ/SparseGPT/Wanda calibrate on, so a set whose statistics are
+    far from real text's will tune the compression for inputs the model rarely sees.
+    """
+    device = next(model.parameters()).device
+    sums: list[torch.Tensor] = []
+    sq: list[torch.Tensor] = []
+    count = 0
+    for i in range(0, len(tokens), batch_size):
+        ids = torch.as_tensor(tokens[i : i + batch_size], dtype=torch.long, device=device)
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[:-1]  # inputs of each layer
+        for li, h in enumerate(hidden):
+            h = h.double().reshape(-1, h.shape[-1])
+            if li == len(sums):
+                sums.append(torch.zeros(h.shape[-1], dtype=torch.float64, device=device))
+                sq.append(torch.zeros(h.shape[-1], dtype=torch.float64, device=device))
+            sums[li] += h.sum(0)
+            sq[li] += (h * h).sum(0)
+        count += ids.numel()
+    stats = []
+    for s, q in zip(sums, sq):
+        mean = s / count
+        stats.append((mean.cpu(), (q / count - mean * mean).clamp_min(0).cpu()))
+    return stats
+
+
+def activation_distance(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
+    """Per-layer relative distance of means and of log-variances between two sets (b = reference)."""
+    mean_d, var_d = [], []
+    for (ma, va), (mb, vb) in zip(a, b):
+        mean_d.append(float((ma - mb).norm() / (mb.norm() + 1e-12)))
+        la, lb = (va + 1e-8).log(), (vb + 1e-8).log()
+        var_d.append(float((la - lb).abs().mean()))
+    return {
+        "mean_rel_distance": mean_d,
+        "logvar_abs_distance": var_d,
+        "mean_rel_distance_avg": float(np.mean(mean_d)),
+        "logvar_abs_distance_avg": float(np.mean(var_d)),
+    }

@@ -1,0 +1,117 @@
+"""Diagnostics of calibration sets: is a set any good, before GPU hours go into it?"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from selfcal.artifacts import atomic_write_text
+from selfcal.calibration import corpus, diagnostics
+from selfcal.calibration.calibset import load_calibration_set
+from selfcal.config import Params
+from selfcal.modelio import ModelRef, load_model, load_tokenizer, pick_device
+from selfcal.pipeline import layout
+from selfcal.tracking import stage_run
+
+log = logging.getLogger("selfcal.inspect")
+
+
+def reference_windows(path: str, tokenizer, *, n: int, seq_len: int, root: Path, text_field: str = "text"):
+    docs = corpus.read_documents(path, root=root, text_field=text_field, key="calibration.diagnostics.reference_path")
+    chosen, _ = corpus.pick_windows(
+        corpus.windows(corpus.token_stream(docs, tokenizer), seq_len), n, 0, allow_overlap=False, name="calibration.diagnostics.reference_path"
+    )
+    return chosen
+
+
+def inspect_set(
+    calib_dir: Path,
+    ref: ModelRef,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    reference_path: str | None = None,
+    reference_text_field: str = "text",
+    root: Path = Path("."),
+    batch_size: int = 8,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Text measures, perplexity under the model and (with a reference) activation distance."""
+    calib = load_calibration_set(calib_dir)
+    tokenizer = load_tokenizer(ref, trust_remote_code=trust_remote_code)
+    model = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    start = calib.manifest.get("provenance", {}).get("start_token_id")
+    result = {
+        "calibration": calib_dir.name,
+        "calibration_digest": calib.digest,
+        "source": calib.manifest.get("source"),
+        "kind": calib.manifest.get("source_params", {}).get("kind"),
+        **diagnostics.text_measures(calib.tokens, len(tokenizer), start),
+        "perplexity": diagnostics.set_perplexity(model, calib.tokens, batch_size),
+    }
+    if reference_path:
+        reference = reference_windows(reference_path, tokenizer, n=calib.n, seq_len=calib.seq_len, root=root, text_field=reference_text_field)
+        result["activation"] = {
+            "reference": reference_path,
+            **diagnostics.activation_distance(
+                diagnostics.layer_input_stats(model, calib.tokens, batch_size),
+                diagnostics.layer_input_stats(model, reference, batch_size),
+            ),
+        }
+    return result
+
+
+def inspect_stage(params: Params, source: str, seed: int) -> dict:
+    from selfcal.pipeline.common import base_model
+
+    ref, _ = base_model(params)
+    diag = params.calibration.diagnostics
+    name = layout.calib_name(source, seed)
+    with stage_run(params, "inspect", name) as run:
+        result = inspect_set(
+            layout.calibration_dir(params, source, seed),
+            ref,
+            device=pick_device(params.model.device),
+            dtype=params.model.dtype,
+            reference_path=diag.reference_path,
+            reference_text_field=diag.reference_text_field,
+            root=params.root,
+            batch_size=diag.batch_size,
+            trust_remote_code=params.model.trust_remote_code,
+        )
+        out = layout.diagnostics_file(params, name)
+        atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+        log.info("wrote %s", out)
+        run.metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        if "activation" in result:
+            run.metrics({f"activation.{k}": v for k, v in result["activation"].items() if isinstance(v, float)})
+        run.tags({"selfcal.calibration_digest": result["calibration_digest"]})
+        run.artifact(out, "diagnostics")
+    return result
+
+
+DIAGNOSTIC_COLUMNS = (
+    ("perplexity", "ppl", "{:.2f}"),
+    ("seq_rep_4", "seq-rep-4", "{:.3f}"),
+    ("distinct_1", "dist-1", "{:.3f}"),
+    ("distinct_4", "dist-4", "{:.3f}"),
+    ("diversity", "diversity", "{:.3f}"),
+    ("vocab_coverage", "vocab cov.", "{:.3f}"),
+    ("zipf", "zipf", "{:.2f}"),
+    ("segment_len_mean", "gen. len", "{:.0f}"),
+)
+
+
+def diagnostics_markdown(rows: list[dict]) -> str:
+    has_act = any("activation" in r for r in rows)
+    head = ["set", "kind", *[c[1] for c in DIAGNOSTIC_COLUMNS]] + (["act. mean dist", "act. logvar dist"] if has_act else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["calibration"], str(r.get("kind"))]
+        cells += [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in DIAGNOSTIC_COLUMNS]
+        if has_act:
+            act = r.get("activation", {})
+            cells += [f"{act['mean_rel_distance_avg']:.3f}" if act else "-", f"{act['logvar_abs_distance_avg']:.3f}" if act else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

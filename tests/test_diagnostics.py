@@ -1,0 +1,77 @@
+"""Calibration-set diagnostics: hand-checked values and the inspect command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from selfcal.calibration import diagnostics as d
+from selfcal.calibration.calibset import save_calibration_set
+from selfcal.cli import main
+
+
+def test_seq_rep_counts_repeated_ngrams():
+    assert d.seq_rep(np.array([[1, 2, 3, 4, 5, 6]]), 4) == 0.0
+    # 4-grams of 1 2 1 2 1 2: (1212), (2121), (1212): 2 unique of 3
+    assert d.seq_rep(np.array([[1, 2, 1, 2, 1, 2]]), 4) == pytest.approx(1 - 2 / 3)
+
+
+def test_ngram_diversity_and_coverage():
+    toks = np.array([[1, 1, 1, 1], [1, 1, 1, 1]])
+    div = d.ngram_diversity(toks)
+    assert div["distinct_1"] == pytest.approx(1 / 8)
+    assert div["distinct_4"] == pytest.approx(1 / 2)
+    assert div["diversity"] == pytest.approx((1 / 8) * (1 / 6) * (1 / 4) * (1 / 2))
+    assert d.vocab_coverage(np.array([[0, 1, 2, 2]]), 10) == pytest.approx(0.3)
+
+
+def test_zipf_recovers_the_exponent():
+    ranks = np.arange(1, 201)
+    counts = np.round(1e5 * ranks ** -1.3).astype(int)
+    tokens = np.repeat(ranks, counts)[None, :]
+    assert d.zipf_coefficient(tokens) == pytest.approx(1.3, abs=0.05)
+
+
+def test_segment_lengths_split_at_the_start_token():
+    stats = d.segment_lengths(np.array([[1, 5, 6, 2, 1, 7, 2, 1]]), 1)
+    assert stats["segments"] == 3
+    assert stats["segment_len_max"] == 4 and stats["segment_len_min"] == 1
+
+
+def test_activation_distance_is_zero_for_identical_and_grows_with_shift():
+    a = [(torch.zeros(4), torch.ones(4))]
+    assert d.activation_distance(a, a)["mean_rel_distance_avg"] == pytest.approx(0.0)
+    b = [(torch.ones(4), torch.ones(4) * 4)]
+    far = d.activation_distance(a, b)
+    assert far["mean_rel_distance_avg"] == pytest.approx(1.0)
+    assert far["logvar_abs_distance_avg"] == pytest.approx(np.log(4), rel=1e-3)
+
+
+def test_layer_input_stats_match_a_direct_computation(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    toks = np.random.default_rng(0).integers(3, 500, size=(5, 12))
+    stats = d.layer_input_stats(model, toks, batch_size=2)
+    with torch.no_grad():
+        hidden = model(input_ids=torch.as_tensor(toks), output_hidden_states=True).hidden_states
+    assert len(stats) == model.config.num_hidden_layers
+    h1 = hidden[1].double().reshape(-1, hidden[1].shape[-1])
+    torch.testing.assert_close(stats[1][0], h1.mean(0), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(stats[1][1], h1.var(0, unbiased=False), rtol=1e-5, atol=1e-8)
+
+
+def test_inspect_command_on_a_set_and_a_model(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    toks = np.random.default_rng(0).integers(3, 500, size=(4, 16)).astype(np.int32)
+    save_calibration_set(tmp_path / "set", toks, ["x"] * 4, source="test")
+    assert main(["inspect", str(tmp_path / "set"), "--model", str(tiny_model)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 4 and out["seq_len"] == 16
+    assert out["perplexity"] > 1 and 0 < out["vocab_coverage"] <= 1
+    assert "activation" not in out
+    assert main(["inspect", str(tmp_path / "missing"), "--model", str(tiny_model)]) == 2
+    assert "calibration tokens missing" in capsys.readouterr().err
