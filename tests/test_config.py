@@ -88,3 +88,10 @@ def test_cli_prints_one_line_and_exits_2(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "selfcal: error: calibration.seq_len: 4096 exceeds the model's context window of 128 tokens"
     assert not (tmp_path / "artifacts").exists(), "nothing may be written before the error"
+
+
+def test_shipped_params_and_profiles_validate():
+    from tests.helpers import REPO
+
+    for path in [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))]:
+        load_params(path)
