@@ -130,20 +130,69 @@ class CalibrationConfig(Strict):
         return seeds
 
 
-class GPTQConfig(Strict):
+class QuantConfig(Strict):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int | None = Field(128, ge=1)
     symmetric: bool = True
-    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     # Layers whose input width is not a multiple of group_size cannot be group-quantized.
     # False: refuse before loading. True: leave them dense and record them in the manifest.
     skip_indivisible: bool = False
 
 
+class GPTQConfig(QuantConfig):
+    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
+
+
+class AWQConfig(QuantConfig):
+    symmetric: bool = False  # the AWQ paper's asymmetric W4 (W4A16_ASYM)
+    duo_scaling: bool = True
+    n_grid: int = Field(20, ge=1)
+
+
+class PruneConfig(Strict):
+    sparsity: float = Field(0.5, gt=0.0, lt=1.0)
+    # "N:M" keeps at most N non-zeros in every M consecutive input weights; null = unstructured.
+    mask_structure: str | None = "2:4"
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    @field_validator("mask_structure")
+    @classmethod
+    def _n_of_m(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = value.split(":")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
+            raise ValueError(f"mask_structure must be 'N:M' with 0 < N < M, got {value!r}")
+        return value
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        if self.mask_structure is None:
+            return None
+        n, m = self.mask_structure.split(":")
+        return int(n), int(m)
+
+    def model_post_init(self, _context) -> None:
+        nm = self.n_m
+        if nm and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
+            raise ValueError(
+                f"sparsity {self.sparsity} is impossible with mask_structure {self.mask_structure} "
+                f"(which fixes it at {1 - nm[0] / nm[1]})"
+            )
+
+
+class SparseGPTConfig(PruneConfig):
+    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
+    block_size: int = Field(128, ge=1)
+
+
 class CompressionConfig(Strict):
     methods: list[str] = Field(default_factory=lambda: ["gptq"], min_length=1)
     gptq: GPTQConfig = GPTQConfig()
+    awq: AWQConfig = AWQConfig()
+    sparsegpt: SparseGPTConfig = SparseGPTConfig()
+    wanda: PruneConfig = PruneConfig()
 
     @field_validator("methods")
     @classmethod

@@ -54,6 +54,8 @@ def small_params(model_dir: Path, workdir: Path, **overrides) -> dict:
             "seeds": [0],
             "batch_size": 4,
             "sources": {"self": {"kind": "self"}},
+            # dvc.yaml tracks this key, so a params.yaml for `dvc repro` must spell it out.
+            "diagnostics": {"reference_path": None},
         },
         "compression": {"methods": ["gptq"], "gptq": {"group_size": 128}},
         "evaluation": {

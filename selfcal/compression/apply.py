@@ -7,6 +7,7 @@ re-truncate, and the lineage would name a set that was not what the model saw.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import time
@@ -62,6 +63,14 @@ def plan(method_name: str, compression_cfg, model_config: dict) -> Plan:
                 f"compression.{method.config_key}.skip_indivisible: true to leave them dense"
             )
         skipped = bad
+    if method.family == "pruning" and section.n_m:
+        m = section.n_m[1]
+        bad = [n for n, (_, cols) in targeted(linear_layers(model_config), list(section.ignore)).items() if cols % m]
+        if bad:
+            raise ConfigError(
+                f"compression.{method.config_key}.mask_structure: {section.mask_structure} needs input widths "
+                f"divisible by {m}; {bad[0]} is not"
+            )
     return Plan(method=method, section=section, skipped_layers=skipped)
 
 
@@ -71,16 +80,55 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+def _targeted_weights(model, ignore: list[str]) -> dict:
+    import torch
+
+    from selfcal.compression.layers import matches
+
+    return {
+        name: m.weight.detach().float().cpu().clone()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not matches(name, ignore)
+    }
+
+
+def _verify(the_plan: Plan, checkpoint: Path, reference: dict) -> dict:
+    from selfcal.compression import verify
+
+    cfg = the_plan.section
+    ignore = [*cfg.ignore, *[f"re:^{re.escape(n)}$" for n in the_plan.skipped_layers]]
+    weights = verify.load_dense(checkpoint)
+    targeted = {n: w for n, w in _targeted_weights(weights, ignore).items()}
+    if the_plan.method.family == "pruning":
+        layers = verify.check_pruning(targeted, cfg.sparsity, cfg.n_m)
+    else:
+        layers = verify.check_quantization(targeted, reference, cfg.bits, cfg.group_size)
+    return {"family": the_plan.method.family, "layers": layers, **verify.summary(layers, the_plan.method.family)}
+
+
 def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path, *, manifest_fields: dict, base_dir: Path | None) -> dict:
-    """Compress ``model`` in place with ``tokens`` and write the checkpoint atomically."""
+    """Compress ``model`` in place with ``tokens``, verify, and write the checkpoint atomically.
+
+    The checkpoint directory appears only if verification passes; ``compression.json``
+    inside it holds the per-layer measurements.
+    """
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
 
+    from selfcal.compression import verify
+    from selfcal.compression.cpu_compat import allow_awq_without_cuda
+
+    if the_plan.method.name == "awq":
+        allow_awq_without_cuda()
+    cfg = the_plan.section
+    ignore = [*cfg.ignore, *[f"re:^{re.escape(n)}$" for n in the_plan.skipped_layers]]
+    reference = _targeted_weights(model, ignore) if the_plan.method.error_reference == "base" else None
     n, seq_len = tokens.shape
-    ids = tokens.astype(np.int64).tolist()
-    dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len for _ in range(n)]})
-    recipe = the_plan.method.build_recipe(the_plan.section, [f"re:^{re.escape(name)}$" for name in the_plan.skipped_layers])
+    dataset = Dataset.from_dict({"input_ids": tokens.astype(np.int64).tolist(), "attention_mask": [[1] * seq_len for _ in range(n)]})
+    recipe = the_plan.method.build_recipe(cfg, [f"re:^{re.escape(name)}$" for name in the_plan.skipped_layers])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     oneshot(
         model=model,
@@ -92,19 +140,37 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
         batch_size=1,
     )
     seconds = time.perf_counter() - t0
+    if reference is None:
+        reference = _targeted_weights(model, ignore)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
         if base_dir is not None:
             _copy_tokenizer(base_dir, tmp)
+        t1 = time.perf_counter()
+        report = _verify(the_plan, tmp, reference)
+        report.update(
+            {
+                "verify_seconds": round(time.perf_counter() - t1, 3),
+                "method": the_plan.method.name,
+                "compress_seconds": round(seconds, 3),
+                "size_bytes": verify.size_on_disk(tmp),
+                "dense_size_bytes": verify.size_on_disk(base_dir) if base_dir else None,
+                "peak_rss_bytes": verify.peak_rss_bytes(),
+                "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                "skipped_layers": the_plan.skipped_layers,
+            }
+        )
+        (tmp / "compression.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         manifest = write_manifest(
             tmp,
             kind="checkpoint",
             method=the_plan.method.name,
-            method_params=the_plan.section.model_dump(),
+            method_params=cfg.model_dump(),
+            recipe=(tmp / "recipe.yaml").read_text() if (tmp / "recipe.yaml").is_file() else None,
             skipped_layers=the_plan.skipped_layers,
             compress_seconds=round(seconds, 3),
-            peak_cuda_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+            verification={k: v for k, v in report.items() if k != "layers"},
             **manifest_fields,
         )
     return manifest

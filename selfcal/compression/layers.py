@@ -21,7 +21,7 @@ def linear_layers(config: dict) -> dict[str, tuple[int, int]]:
     }
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
+def matches(name: str, patterns: list[str]) -> bool:
     for p in patterns:
         if p.startswith("re:"):
             if re.match(p[3:], name):
@@ -41,4 +41,4 @@ def indivisible_layers(layers: dict[str, tuple[int, int]], group_size: int, igno
 
 
 def targeted(layers: dict[str, tuple[int, int]], ignore: list[str]) -> dict[str, tuple[int, int]]:
-    return {name: shape for name, shape in layers.items() if not _matches(name, ignore)}
+    return {name: shape for name, shape in layers.items() if not matches(name, ignore)}

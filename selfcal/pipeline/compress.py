@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from selfcal.calibration.calibset import load_calibration_set
 from selfcal.compression.apply import compress as apply_compression
@@ -53,7 +54,7 @@ def compress(params: Params, source: str, seed: int, method: str) -> dict:
                     "digest": calib.digest,
                     "source": source,
                     "seed": seed,
-                    "path": str(layout.calibration_dir(params, source, seed).relative_to(params.root)),
+                    "path": os.path.relpath(layout.calibration_dir(params, source, seed), params.root),
                     "n_samples": calib.n,
                     "seq_len": calib.seq_len,
                 },
