@@ -51,7 +51,7 @@ def direct(path, device, tokens, the_plan, out: Path) -> float:
     n, seq_len = tokens.shape
     t0 = time.perf_counter()
     ds = Dataset.from_dict({"input_ids": tokens.astype(np.int64).tolist(), "attention_mask": np.ones_like(tokens).tolist()})
-    oneshot(model=model, dataset=ds, recipe=the_plan.method.build_recipe(the_plan.section, []), num_calibration_samples=n,
+    oneshot(model=model, dataset=ds, recipe=the_plan.method.build_recipe(the_plan.section, the_plan.context), num_calibration_samples=n,
             max_seq_length=seq_len, shuffle_calibration_samples=False, batch_size=1)
     model.save_pretrained(out, save_compressed=True)
     return time.perf_counter() - t0

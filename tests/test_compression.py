@@ -96,3 +96,13 @@ def test_verification_rejects_broken_patterns_and_grids():
         verify.check_quantization({"layer": many}, {"layer": many}, 4, 32)
     ok = verify.check_quantization({"layer": many}, {"layer": many}, 4, 2)
     assert ok["layer"]["max_values_per_group"] == 2 and ok["layer"]["rel_error"] == 0.0
+
+
+def test_awq_drops_mappings_whose_balance_layers_are_all_left_dense():
+    from selfcal.compression.registry import RecipeContext, _awq_mappings
+
+    layers = tuple(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    skipped = tuple(n for n in layers if n.endswith("down_proj"))
+    kept = _awq_mappings(RecipeContext("LlamaForCausalLM", layers, skipped))
+    assert [m.smooth_layer for m in kept] == ["re:.*input_layernorm$", "re:.*v_proj$", "re:.*post_attention_layernorm$"]
+    assert _awq_mappings(RecipeContext("LlamaForCausalLM", layers, ())) is None

@@ -8,7 +8,6 @@ re-truncate, and the lineage would name a set that was not what the model saw.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ import numpy as np
 
 from selfcal.artifacts import atomic_dir, write_manifest
 from selfcal.compression.layers import indivisible_layers, linear_layers, targeted
-from selfcal.compression.registry import METHODS, Method
+from selfcal.compression.registry import METHODS, Method, RecipeContext
 from selfcal.errors import ConfigError
 
 _TOKENIZER_FILES = (
@@ -38,6 +37,7 @@ class Plan:
     method: Method
     section: object
     skipped_layers: list[str]
+    context: RecipeContext
 
 
 def plan(method_name: str, compression_cfg, model_config: dict) -> Plan:
@@ -47,9 +47,9 @@ def plan(method_name: str, compression_cfg, model_config: dict) -> Plan:
         raise ConfigError(f"compression.methods: unknown method {method_name!r}; known: {sorted(METHODS)}") from None
     section = getattr(compression_cfg, method.config_key)
     skipped: list[str] = []
+    layers = linear_layers(model_config)
     group = method.group_size(section)
     if group:
-        layers = linear_layers(model_config)
         bad = indivisible_layers(layers, group, list(section.ignore))
         if bad and len(bad) == len(targeted(layers, list(section.ignore))):
             raise ConfigError(
@@ -65,13 +65,15 @@ def plan(method_name: str, compression_cfg, model_config: dict) -> Plan:
         skipped = bad
     if method.family == "pruning" and section.n_m:
         m = section.n_m[1]
-        bad = [n for n, (_, cols) in targeted(linear_layers(model_config), list(section.ignore)).items() if cols % m]
+        bad = [n for n, (_, cols) in targeted(layers, list(section.ignore)).items() if cols % m]
         if bad:
             raise ConfigError(
                 f"compression.{method.config_key}.mask_structure: {section.mask_structure} needs input widths "
                 f"divisible by {m}; {bad[0]} is not"
             )
-    return Plan(method=method, section=section, skipped_layers=skipped)
+    arch = (model_config.get("architectures") or [None])[0]
+    context = RecipeContext(architecture=arch, layers=tuple(layers), skipped_layers=tuple(skipped))
+    return Plan(method=method, section=section, skipped_layers=skipped, context=context)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -96,7 +98,7 @@ def _verify(the_plan: Plan, checkpoint: Path, reference: dict) -> dict:
     from selfcal.compression import verify
 
     cfg = the_plan.section
-    ignore = [*cfg.ignore, *[f"re:^{re.escape(n)}$" for n in the_plan.skipped_layers]]
+    ignore = [*cfg.ignore, *the_plan.context.skip_patterns]
     weights = verify.load_dense(checkpoint)
     targeted = {n: w for n, w in _targeted_weights(weights, ignore).items()}
     if the_plan.method.family == "pruning":
@@ -122,11 +124,11 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
     if the_plan.method.name == "awq":
         allow_awq_without_cuda()
     cfg = the_plan.section
-    ignore = [*cfg.ignore, *[f"re:^{re.escape(n)}$" for n in the_plan.skipped_layers]]
+    ignore = [*cfg.ignore, *the_plan.context.skip_patterns]
     reference = _targeted_weights(model, ignore) if the_plan.method.error_reference == "base" else None
     n, seq_len = tokens.shape
     dataset = Dataset.from_dict({"input_ids": tokens.astype(np.int64).tolist(), "attention_mask": [[1] * seq_len for _ in range(n)]})
-    recipe = the_plan.method.build_recipe(cfg, [f"re:^{re.escape(name)}$" for name in the_plan.skipped_layers])
+    recipe = the_plan.method.build_recipe(cfg, the_plan.context)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
