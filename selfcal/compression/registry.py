@@ -100,32 +100,26 @@ def _awq(cfg, ctx: RecipeContext) -> list:
     ]
 
 
+def _pruning_args(cfg, ctx: RecipeContext) -> dict:
+    # "0:0" is llm-compressor's spelling of "unstructured".
+    return {
+        "sparsity": cfg.sparsity,
+        "mask_structure": cfg.mask_structure or "0:0",
+        "targets": ["Linear"],
+        "ignore": [*cfg.ignore, *ctx.skip_patterns],
+    }
+
+
 def _sparsegpt(cfg, ctx: RecipeContext) -> list:
     from llmcompressor.modifiers.pruning import SparseGPTModifier
 
-    return [
-        SparseGPTModifier(
-            sparsity=cfg.sparsity,
-            mask_structure=cfg.mask_structure or "0:0",
-            targets=["Linear"],
-            ignore=[*cfg.ignore, *ctx.skip_patterns],
-            dampening_frac=cfg.dampening_frac,
-            block_size=cfg.block_size,
-        )
-    ]
+    return [SparseGPTModifier(**_pruning_args(cfg, ctx), dampening_frac=cfg.dampening_frac, block_size=cfg.block_size)]
 
 
 def _wanda(cfg, ctx: RecipeContext) -> list:
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 
-    return [
-        WandaPruningModifier(
-            sparsity=cfg.sparsity,
-            mask_structure=cfg.mask_structure or "0:0",
-            targets=["Linear"],
-            ignore=[*cfg.ignore, *ctx.skip_patterns],
-        )
-    ]
+    return [WandaPruningModifier(**_pruning_args(cfg, ctx))]
 
 
 register(Method("gptq", "gptq", "quantization", _gptq))
