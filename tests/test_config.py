@@ -95,3 +95,30 @@ def test_shipped_params_and_profiles_validate():
 
     for path in [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))]:
         load_params(path)
+
+
+def test_every_local_task_builds_with_lm_evals_prompts_and_full_counts():
+    """Each adapter is lm-eval's own config with only the data source swapped: the docs
+    load from ../shared/data with the split sizes lm-eval uses."""
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    from selfcal.errors import DataError
+    from selfcal.evaluation.tasks import TASKS, local_task_config
+    from tests.helpers import DATA
+
+    if not Path(DATA).is_dir():
+        pytest.skip("no ../shared/data")
+    expected = {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "boolq": 3270, "hellaswag": 10042,
+                "lambada_openai": 5153, "piqa": 1838, "rte": 277, "winogrande": 1267}
+    manager = TaskManager()
+    for name, count in expected.items():
+        task = manager.load([local_task_config(name, DATA)])["tasks"][name]
+        docs = list(task.eval_docs)
+        assert len(docs) == count, name
+    hs = manager.load([local_task_config("hellaswag", DATA)])["tasks"]["hellaswag"]
+    assert hs.doc_to_text(next(iter(hs.eval_docs))) == "Roof shingle removal: A man is sitting on a roof. He"
+    assert set(TASKS) - set(expected) == {"storycloze_2016"}
+    with pytest.raises(DataError, match="storycloze/validation.jsonl: data file for task 'storycloze_2016' not found"):
+        local_task_config("storycloze_2016", DATA)

@@ -7,6 +7,7 @@ so prompts, preprocessing and metrics stay exactly lm-eval's.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,17 +30,34 @@ def register(task: LocalTask) -> LocalTask:
     return task
 
 
-# The local ARC copies store choices as a plain list and the answer as an index.
-_ARC = {"doc_to_target": "{{gold}}", "doc_to_choice": "{{choices}}"}
-register(LocalTask("arc_easy", "arc_easy/test.jsonl", "test_split", _ARC))
-register(LocalTask("arc_challenge", "arc_challenge/test.jsonl", "test_split", _ARC))
+# The local ARC and OpenBookQA copies store choices as a plain list and the answer as an
+# index; every other local copy keeps the hub dataset's field names, so nothing changes.
+_LIST_CHOICES = {"doc_to_target": "{{gold}}", "doc_to_choice": "{{choices}}"}
+register(LocalTask("arc_easy", "arc_easy/test.jsonl", "test_split", _LIST_CHOICES))
+register(LocalTask("arc_challenge", "arc_challenge/test.jsonl", "test_split", _LIST_CHOICES))
+register(LocalTask("openbookqa", "openbookqa/test.jsonl", "test_split", _LIST_CHOICES))
+register(LocalTask("boolq", "boolq/validation.jsonl", "validation_split"))
+register(LocalTask("hellaswag", "hellaswag/validation.jsonl", "validation_split"))
+register(LocalTask("lambada_openai", "lambada_openai/lambada_test.jsonl", "test_split"))
+register(LocalTask("piqa", "piqa/validation.jsonl", "validation_split"))
+register(LocalTask("rte", "rte/validation.jsonl", "validation_split"))
+register(LocalTask("winogrande", "winogrande/validation.jsonl", "validation_split"))
+# Distributed on request only: put the 2016 validation set (the hub's field names) here.
+register(LocalTask("storycloze_2016", "storycloze/validation.jsonl", "validation_split"))
+
+
+@functools.cache
+def _task_index() -> dict:
+    """lm-eval's index of its task YAMLs; building it walks every task folder (~5 s)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager().task_index
 
 
 def _builtin_config(name: str) -> dict:
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = TaskManager().task_index.get(name)
+    entry = _task_index().get(name)
     if entry is None or entry.yaml_path is None:
         raise DataError(f"lm-eval has no YAML task named {name!r}")
     return load_yaml(entry.yaml_path, resolve_func=True)
