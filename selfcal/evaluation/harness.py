@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-from selfcal.evaluation.tasks import local_task_config
-
 
 def run_tasks(
     model,
     tokenizer,
-    tasks: list[str],
+    specs: list,
     *,
-    data_dir: Path | None,
     limit: int | None,
     batch_size: int | str,
     seed: int = 1234,
 ) -> dict:
-    """Zero-shot ``acc`` (and stderr, counts, timings) per task; hub names when data_dir is None."""
+    """Zero-shot ``acc`` (and stderr, counts, timings) per task; ``specs`` from ``resolve_tasks``."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    specs = [local_task_config(t, data_dir) if data_dir else t for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     t0 = time.perf_counter()
     out = simple_evaluate(
@@ -39,7 +33,7 @@ def run_tasks(
     )
     seconds = time.perf_counter() - t0
     results = {}
-    for name in tasks:
+    for name in [spec["task"] if isinstance(spec, dict) else spec for spec in specs]:
         r = out["results"][name]
         n = out.get("n-samples", {}).get(name, {})
         results[name] = {

@@ -20,6 +20,9 @@ class LocalTask:
     file: str  # relative to the data directory
     split: str  # the split key lm-eval's config evaluates (test_split / validation_split)
     overrides: dict = field(default_factory=dict)
+    # Data distributed on request only: a missing file skips the task (and says so)
+    # instead of failing the evaluation.
+    on_request: bool = False
 
 
 TASKS: dict[str, LocalTask] = {}
@@ -43,7 +46,7 @@ register(LocalTask("piqa", "piqa/validation.jsonl", "validation_split"))
 register(LocalTask("rte", "rte/validation.jsonl", "validation_split"))
 register(LocalTask("winogrande", "winogrande/validation.jsonl", "validation_split"))
 # Distributed on request only: put the 2016 validation set (the hub's field names) here.
-register(LocalTask("storycloze_2016", "storycloze/validation.jsonl", "validation_split"))
+register(LocalTask("storycloze_2016", "storycloze/validation.jsonl", "validation_split", on_request=True))
 
 
 @functools.cache
@@ -85,3 +88,20 @@ def local_task_config(name: str, data_dir: Path) -> dict:
         }
     )
     return cfg
+
+
+def resolve_tasks(names: list[str], data_dir: Path | None) -> tuple[list, dict[str, str]]:
+    """Task specs for lm-eval (hub names, or local configs) and the tasks skipped, with why.
+
+    Runs before any model is loaded, so a missing data file costs nothing.
+    """
+    if data_dir is None:
+        return list(names), {}
+    specs, skipped = [], {}
+    for name in names:
+        task = TASKS.get(name)
+        if task is not None and task.on_request and not (data_dir / task.file).is_file():
+            skipped[name] = f"{data_dir / task.file} not found; its data is distributed on request only"
+            continue
+        specs.append(local_task_config(name, data_dir))
+    return specs, skipped

@@ -11,6 +11,7 @@ from selfcal.config import Params
 from selfcal.errors import ConfigError, DataError
 from selfcal.evaluation.harness import run_tasks
 from selfcal.evaluation.perplexity import perplexity_of_file
+from selfcal.evaluation.tasks import resolve_tasks
 from selfcal.modelio import ModelRef, context_window, fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
 from selfcal.pipeline.common import base_model, check_context
@@ -52,6 +53,9 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> dict:
         check_context(config, ppl_len, "evaluation.perplexity.seq_len")
         if not params.resolve(ev.perplexity.path).is_file():
             raise DataError(f"evaluation.perplexity.path: {params.resolve(ev.perplexity.path)} not found")
+    specs, skipped = resolve_tasks(ev.tasks, data_dir)
+    for task, why in skipped.items():
+        log.warning("%s skipped: %s", task, why)
     device = pick_device(params.model.device)
     with stage_run(params, "evaluate", name) as run:
         log.info("evaluating %s on %s", name, device)
@@ -62,8 +66,10 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> dict:
             raise DataError(f"{ref.load_id}: model does not load: {str(err).splitlines()[0]}") from None
         t0 = time.perf_counter()
         result: dict = {"name": name, **ident, "device": device}
-        if ev.tasks:
-            result["zero_shot"] = run_tasks(model, tokenizer, ev.tasks, data_dir=data_dir, limit=ev.limit, batch_size=ev.batch_size)
+        if skipped:
+            result["skipped_tasks"] = skipped
+        if specs:
+            result["zero_shot"] = run_tasks(model, tokenizer, specs, limit=ev.limit, batch_size=ev.batch_size)
             accs = [t["acc"] for t in result["zero_shot"]["tasks"].values() if t["acc"] is not None]
             result["mean_acc"] = sum(accs) / len(accs) if accs else None
         if ev.perplexity:

@@ -1,0 +1,107 @@
+"""Evaluation: local tasks score like lm-eval's built-in ones, perplexity by hand, skips and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from selfcal.config import parse_params
+from selfcal.errors import DataError
+from selfcal.evaluation.perplexity import perplexity_of_windows, token_windows
+from selfcal.evaluation.tasks import _builtin_config, local_task_config, resolve_tasks
+from tests.helpers import DATA, small_params
+
+
+class UniformLM(torch.nn.Module):
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    ids = torch.arange(100) % 7
+    windows = token_windows(ids, 10)
+    assert windows.shape == (10, 10)
+    out = perplexity_of_windows(UniformLM(7), windows, batch_size=3, progress=False)
+    assert out["perplexity"] == pytest.approx(7.0)
+    assert out["tokens"] == 10 * 9  # each window predicts its tokens 2..10
+
+
+def test_perplexity_matches_a_hand_computed_value(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    ids = torch.tensor([1, 40, 41, 42, 43, 44, 45, 46, 47])
+    windows = token_windows(ids, 4, max_windows=2)  # [1,40,41,42], [43,44,45,46]; 47 dropped
+    nll = 0.0
+    with torch.no_grad():
+        for w in windows:
+            logp = torch.log_softmax(model(input_ids=w[None]).logits[0].double(), -1)
+            nll -= sum(float(logp[i, w[i + 1]]) for i in range(3))
+    out = perplexity_of_windows(model, windows, progress=False)
+    assert out["perplexity"] == pytest.approx(math.exp(nll / 6), rel=1e-5)
+
+
+def _hub_layout(rows, question_key):
+    """The same examples in the hub dataset's layout (choices {text, label}, answerKey)."""
+    out = []
+    for r in rows:
+        labels = [chr(ord("A") + i) for i in range(len(r["choices"]))]
+        out.append({question_key: r[question_key], "choices": {"text": r["choices"], "label": labels}, "answerKey": labels[r["gold"]]})
+    return out
+
+
+@pytest.mark.parametrize("task,file,question_key", [("arc_easy", "arc_easy/test.jsonl", "question"), ("openbookqa", "openbookqa/test.jsonl", "question_stem")])
+def test_local_task_scores_like_the_builtin_task_on_the_same_examples(tiny_model, tmp_path, task, file, question_key):
+    """Local adapter vs lm-eval's unmodified config (only data_files swapped) fed the hub layout."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [json.loads(line) for line in open(DATA / file)][:40]
+    (tmp_path / "local" / file).parent.mkdir(parents=True)
+    (tmp_path / "local" / file).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "hub.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _hub_layout(rows, question_key)))
+    builtin = _builtin_config(task)
+    for key in ("tag", "training_split", "validation_split", "fewshot_split", "dataset_name"):
+        builtin.pop(key, None)
+    builtin.update({"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "hub.jsonl")}}, "test_split": "test"})
+    local = local_task_config(task, tmp_path / "local")
+    assert {k: v for k, v in local.items() if k not in ("doc_to_target", "doc_to_choice", "dataset_kwargs")} == {
+        k: v for k, v in builtin.items() if k not in ("doc_to_target", "doc_to_choice", "dataset_kwargs")
+    }
+    lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_model).eval(), tokenizer=AutoTokenizer.from_pretrained(tiny_model), batch_size=16)
+    scores = []
+    for spec in (builtin, local):
+        out = simple_evaluate(model=lm, tasks=[spec], num_fewshot=0, log_samples=True, bootstrap_iters=0)
+        samples = out["samples"][task]
+        scores.append((out["results"][task]["acc,none"], [s["target"] for s in samples], [s["resps"] for s in samples]))
+    assert scores[0] == scores[1]
+
+
+def test_storycloze_without_data_is_skipped_and_said(tmp_path):
+    (tmp_path / "arc_easy").mkdir()
+    (tmp_path / "arc_easy" / "test.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "gold": 0}) + "\n")
+    specs, skipped = resolve_tasks(["arc_easy", "storycloze_2016"], tmp_path)
+    assert [s["task"] for s in specs] == ["arc_easy"]
+    assert "distributed on request only" in skipped["storycloze_2016"]
+    with pytest.raises(DataError, match=r"boolq/validation.jsonl: data file for task 'boolq' not found"):
+        resolve_tasks(["boolq"], tmp_path)
+
+
+def test_missing_task_file_fails_before_the_model_loads(tiny_model, tmp_path):
+    from selfcal.pipeline.evaluate import evaluate
+
+    (tmp_path / "data").mkdir()
+    params = parse_params(small_params(tiny_model, tmp_path, **{"evaluation.data_dir": str(tmp_path / "data"), "tracking.enabled": False}), root=tmp_path)
+    with pytest.raises(DataError, match="arc_easy/test.jsonl: data file for task 'arc_easy' not found"):
+        evaluate(params, "dense", progress=False)
+    assert not (tmp_path / "artifacts" / "metrics").exists()
