@@ -82,25 +82,12 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def _targeted_weights(model, ignore: list[str]) -> dict:
-    import torch
-
-    from selfcal.compression.layers import matches
-
-    return {
-        name: m.weight.detach().float().cpu().clone()
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not matches(name, ignore)
-    }
-
-
-def _verify(the_plan: Plan, checkpoint: Path, reference: dict) -> dict:
+def _verify(the_plan: Plan, checkpoint: Path, reference: dict | None) -> dict:
     from selfcal.compression import verify
 
     cfg = the_plan.section
     ignore = [*cfg.ignore, *the_plan.context.skip_patterns]
-    weights = verify.load_dense(checkpoint)
-    targeted = {n: w for n, w in _targeted_weights(weights, ignore).items()}
+    targeted = verify.targeted_weights(verify.load_dense(checkpoint), ignore)
     if the_plan.method.family == "pruning":
         layers = verify.check_pruning(targeted, cfg.sparsity, cfg.n_m)
     else:
@@ -125,7 +112,9 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
         allow_awq_without_cuda()
     cfg = the_plan.section
     ignore = [*cfg.ignore, *the_plan.context.skip_patterns]
-    reference = _targeted_weights(model, ignore) if the_plan.method.error_reference == "base" else None
+    # Reconstruction error needs the weights before (GPTQ) or just before saving (AWQ); pruning does not.
+    quantizing = the_plan.method.family == "quantization"
+    reference = verify.targeted_weights(model, ignore) if quantizing and the_plan.method.error_reference == "base" else None
     n, seq_len = tokens.shape
     dataset = Dataset.from_dict({"input_ids": tokens.astype(np.int64).tolist(), "attention_mask": [[1] * seq_len for _ in range(n)]})
     recipe = the_plan.method.build_recipe(cfg, the_plan.context)
@@ -142,8 +131,8 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
         batch_size=1,
     )
     seconds = time.perf_counter() - t0
-    if reference is None:
-        reference = _targeted_weights(model, ignore)
+    if quantizing and reference is None:
+        reference = verify.targeted_weights(model, ignore)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)

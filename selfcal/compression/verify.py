@@ -30,9 +30,10 @@ def load_dense(checkpoint: Path):
     return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, **kwargs)
 
 
-def _targeted(model, ignore: list[str]) -> dict[str, torch.Tensor]:
+def targeted_weights(model, ignore: list[str]) -> dict[str, torch.Tensor]:
+    """CPU float32 copies of every nn.Linear weight not matched by ``ignore``."""
     return {
-        name: m.weight.detach().float()
+        name: m.weight.detach().float().cpu().clone()
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear) and not matches(name, ignore)
     }
