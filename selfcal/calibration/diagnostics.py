@@ -9,7 +9,6 @@ functions of the token matrix; model-based measures live beside them and take a 
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 import numpy as np
@@ -89,17 +88,15 @@ def text_measures(tokens: np.ndarray, vocab_size: int, start_id: int | None = No
     }
 
 
-@torch.inference_mode()
 def set_perplexity(model, tokens: np.ndarray, batch_size: int = 8) -> float:
-    """exp(mean NLL) of the set under the model: how typical the model finds it."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, len(tokens), batch_size):
-        ids = torch.as_tensor(tokens[i : i + batch_size], dtype=torch.long, device=device)
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"))
-        count += ids[:, 1:].numel()
-    return math.exp(total / count)
+    """exp(mean NLL) of the set under the model: how typical the model finds it.
+
+    Each row is one window, scored exactly as evaluation scores perplexity windows.
+    """
+    from selfcal.evaluation.perplexity import perplexity_of_windows
+
+    windows = torch.as_tensor(tokens, dtype=torch.long)
+    return perplexity_of_windows(model, windows, batch_size=batch_size, progress=False)["perplexity"]
 
 
 @torch.inference_mode()
