@@ -36,8 +36,11 @@ class Plan:
 
     method: Method
     section: object
-    skipped_layers: list[str]
     context: RecipeContext
+
+    @property
+    def skipped_layers(self) -> list[str]:
+        return list(self.context.skipped_layers)
 
 
 def plan(method_name: str, compression_cfg, model_config: dict) -> Plan:
@@ -73,7 +76,7 @@ def plan(method_name: str, compression_cfg, model_config: dict) -> Plan:
             )
     arch = (model_config.get("architectures") or [None])[0]
     context = RecipeContext(architecture=arch, layers=tuple(layers), skipped_layers=tuple(skipped))
-    return Plan(method=method, section=section, skipped_layers=skipped, context=context)
+    return Plan(method=method, section=section, context=context)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
