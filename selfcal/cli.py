@@ -64,15 +64,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _params_present(path: str | None) -> bool:
-    import os
-    from pathlib import Path
-
-    from selfcal.config import DEFAULT_PARAMS, PARAMS_ENV
-
-    return Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS).is_file()
-
-
 def _inspect(args, params) -> None:
     import json
     from pathlib import Path
@@ -108,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
 
     def go() -> None:
-        from selfcal.config import load_params
+        from selfcal.config import load_params, params_path
 
-        if args.command == "inspect" and args.calib_set and args.model and not _params_present(args.params):
+        if args.command == "inspect" and args.calib_set and args.model and not params_path(args.params).is_file():
             _inspect(args, None)  # a set and a model are all a one-off inspection needs
             return
         params = load_params(args.params)

@@ -291,9 +291,14 @@ def parse_params(data: object, *, source: str = "params", root: Path = Path(".")
     return params
 
 
+def params_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """The params file to use: ``path``, else $SELFCAL_PARAMS, else ./params.yaml."""
+    return Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
+
+
 def load_params(path: str | os.PathLike[str] | None = None) -> Params:
     """Read and validate params.yaml ($SELFCAL_PARAMS overrides the default location)."""
-    p = Path(path or os.environ.get(PARAMS_ENV) or DEFAULT_PARAMS)
+    p = params_path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: params file not found")
     try:
