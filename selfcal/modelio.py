@@ -15,7 +15,8 @@ from pathlib import Path
 from selfcal.errors import ModelNotFoundError
 from selfcal.hashing import sha256_file, sha256_json
 
-_LOCAL_PREFIXES = ("/", "./", "../", "~")
+# A value starting like this is a path, never a hub id: missing means an error, not a download.
+LOCAL_PREFIXES = ("/", "./", "../", "~")
 _WEIGHT_FILES = (".safetensors", ".json", ".model", ".txt")
 
 
@@ -47,7 +48,7 @@ def resolve_model(name: str, *, root: Path = Path("."), revision: str | None = N
         if not (candidate / "config.json").is_file():
             raise ModelNotFoundError(f"{key}: {name!r} is a directory without config.json, not a Hugging Face model")
         return ModelRef(name=name, local_dir=candidate.resolve(), revision=revision)
-    if name.startswith(_LOCAL_PREFIXES) or candidate.exists():
+    if name.startswith(LOCAL_PREFIXES) or candidate.exists():
         raise ModelNotFoundError(f"{key}: local model directory {str(candidate)!r} does not exist")
     return _resolve_hub(name, revision=revision, key=key)
 

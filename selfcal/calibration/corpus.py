@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from selfcal.errors import DataError
+from selfcal.modelio import LOCAL_PREFIXES
 
 TEXT_SUFFIXES = {".txt", ".raw", ".utf8", ".md"}
 JSON_SUFFIXES = {".jsonl", ".json"}
@@ -61,7 +62,7 @@ def read_documents(spec_path: str, *, root: Path, text_field: str = "text", hub_
         if not docs:
             raise DataError(f"{local}: corpus is empty")
         return docs
-    if spec_path.startswith(("/", "./", "../", "~")):
+    if spec_path.startswith(LOCAL_PREFIXES):
         raise DataError(f"{key}: corpus {str(local)!r} does not exist")
     return _read_hub(spec_path, hub_config, hub_split, text_field, max_documents, key)
 
