@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfcal.evaluation.harness import run_tasks  # noqa: E402
-from selfcal.evaluation.perplexity import perplexity_of_file  # noqa: E402
+from selfcal.evaluation.perplexity import perplexity_of_text, read_perplexity_text  # noqa: E402
 from selfcal.evaluation.tasks import resolve_tasks  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -32,8 +32,8 @@ def main() -> None:
     p.add_argument("--model", default=str(SHARED / "models/stories260K"))
     p.add_argument("--data-dir", default=str(SHARED / "data"))
     p.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
-    p.add_argument("--limit", type=int, default=200)
-    p.add_argument("--batch-size", default="32")
+    p.add_argument("--limit", type=int, default=200, help="examples per task; 0 = full sets")
+    p.add_argument("--batch-size", default="auto", help="an integer, or auto (lm-eval's search on GPU, 16 on CPU)")
     p.add_argument("--ppl-file", default=str(SHARED / "data/wikitext2_raw/test_joined_gptq_style.txt"))
     p.add_argument("--ppl-windows", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -45,25 +45,20 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model)
     batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
     specs, skipped = resolve_tasks(args.tasks, Path(args.data_dir))
-    rows = {}
-    for spec in specs:
-        name = spec["task"]
-        t0 = time.perf_counter()
-        try:
-            out = run_tasks(model, tok, [spec], limit=args.limit, batch_size=batch)
-        except AssertionError:
-            # lm-eval refuses continuations longer than the model's context (e.g. PIQA's
-            # longest solutions in stories260K's 512 tokens); record it and go on.
-            rows[name] = {"error": f"a continuation exceeds the model's {model.config.max_position_embeddings}-token context"}
-            print(f"| {name} | - | - | {rows[name]['error']} |", flush=True)
-            continue
-        seconds = time.perf_counter() - t0
-        n = out["tasks"][name]["n"]
-        rows[name] = {"examples": n, "seconds": seconds, "examples_per_s": n / seconds, "acc": out["tasks"][name]["acc"]}
-        print(f"| {name} | {n} | {seconds:.1f} s | {n / seconds:.1f} ex/s |", flush=True)
+    out = run_tasks(model, tok, specs, limit=args.limit or None, batch_size=batch)
+    rows: dict = {}
+    print("| task | examples | seconds (incl. lm-eval set-up) | examples/s | acc |")
+    print("|---|---|---|---|---|")
+    for name, r in out["tasks"].items():
+        rows[name] = {"examples": r["n"], "seconds": r["seconds"], "examples_per_s": r["examples_per_s"], "acc": r["acc"], "batch_size": r["batch_size"]}
+        print(f"| {name} | {r['n']} | {r['seconds']:.1f} | {r['examples_per_s']:.1f} | {100 * r['acc']:.1f} |", flush=True)
+    for name, why in out["failed"].items():
+        rows[name] = {"error": why}
+        print(f"| {name} | - | - | - | {why} |")
     ctx = model.config.max_position_embeddings
     t0 = time.perf_counter()
-    ppl = perplexity_of_file(model, tok, Path(args.ppl_file), seq_len=min(ctx, 2048), max_windows=args.ppl_windows, progress=False)
+    text = read_perplexity_text(args.ppl_file, root=Path.cwd())
+    ppl = perplexity_of_text(model, tok, text, seq_len=min(ctx, 2048), max_windows=args.ppl_windows, progress=False)
     seconds = time.perf_counter() - t0
     rows["perplexity"] = {"tokens": ppl["tokens"], "seconds": seconds, "tokens_per_s": ppl["tokens"] / seconds}
     print(f"| perplexity ({ppl['windows']} x {ppl['seq_len']}) | {ppl['tokens']} tokens | {seconds:.1f} s | {ppl['tokens'] / seconds:,.0f} tok/s |")

@@ -203,7 +203,14 @@ class CompressionConfig(Strict):
 
 
 class PerplexityConfig(Strict):
+    # A .txt file is scored as one string (GPTQ's WikiText-2 protocol); any other corpus
+    # (.jsonl/.json/.parquet, a folder, or a hub dataset id) is its documents joined by
+    # blank lines, as GPTQ's C4 validation perplexity joins them.
     path: str
+    text_field: str = "text"
+    hub_config: str | None = None
+    hub_split: str = "validation"
+    max_documents: int = Field(100_000, ge=1)
     # Non-overlapping windows of this many tokens (the GPTQ/SparseGPT protocol);
     # None means the model's context window, capped at 2048.
     seq_len: int | None = Field(None, ge=2)
@@ -215,8 +222,10 @@ class EvaluationConfig(Strict):
     # Local copies of the task data (see selfcal.evaluation.tasks); None = the hub.
     data_dir: str | None = None
     limit: int | None = Field(None, ge=1)
-    batch_size: int | Literal["auto"] = 16
-    perplexity: PerplexityConfig | None = None
+    # "auto": lm-eval's largest-batch search on a GPU, a fixed 16 on CPU (see harness).
+    batch_size: int | Literal["auto"] = "auto"
+    # Named perplexity sets, e.g. {wikitext2: {...}, c4: {...}}; each is a metric.
+    perplexity: dict[str, PerplexityConfig] = Field(default_factory=dict)
 
     @field_validator("tasks")
     @classmethod

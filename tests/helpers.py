@@ -63,7 +63,7 @@ def small_params(model_dir: Path, workdir: Path, **overrides) -> dict:
             "data_dir": str(DATA),
             "limit": 20,
             "batch_size": 8,
-            "perplexity": {"path": str(DATA / "wikitext2_raw" / "test_joined_gptq_style.txt"), "seq_len": 64, "max_windows": 4},
+            "perplexity": {"wikitext2": {"path": str(DATA / "wikitext2_raw" / "test_joined_gptq_style.txt"), "seq_len": 64, "max_windows": 4}},
         },
         "tracking": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"},
         "paths": {"artifacts": str(workdir / "artifacts"), "state": str(workdir / "state")},

@@ -105,3 +105,45 @@ def test_missing_task_file_fails_before_the_model_loads(tiny_model, tmp_path):
     with pytest.raises(DataError, match="arc_easy/test.jsonl: data file for task 'arc_easy' not found"):
         evaluate(params, "dense", progress=False)
     assert not (tmp_path / "artifacts" / "metrics").exists()
+
+
+def test_a_task_lm_eval_cannot_score_fails_alone_with_its_reason(tmp_path):
+    """PIQA's first answers run to 93 tokens, ARC-Easy's to 38: a 64-token model scores only ARC."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfcal.evaluation.harness import run_tasks
+    from tests.helpers import build_tiny_model
+
+    short = build_tiny_model(tmp_path / "short", max_positions=64)
+    specs, _ = resolve_tasks(["arc_easy", "piqa"], DATA)
+    model = AutoModelForCausalLM.from_pretrained(short).eval()
+    out = run_tasks(model, AutoTokenizer.from_pretrained(short), specs, limit=5, batch_size="auto")
+    assert list(out["tasks"]) == ["arc_easy"] and out["tasks"]["arc_easy"]["n"] == 5
+    assert out["tasks"]["arc_easy"]["seconds"] > 0 and out["tasks"]["arc_easy"]["batch_size"] == 16  # CPU "auto"
+    assert out["failed"] == {"piqa": "lm-eval cannot score it: a request exceeds the model's 64-token context"}
+
+
+def test_report_names_tasks_that_were_not_scored():
+    from selfcal.pipeline.aggregate import summarise, to_markdown, unscored_tasks
+
+    rows = [
+        {"name": "dense", "method": "none", "source": "none", "mean_acc": 0.5,
+         "zero_shot": {"tasks": {"arc_easy": {"acc": 0.5}}, "failed": {"piqa": "too long"}},
+         "skipped_tasks": {"storycloze_2016": "no data"}, "perplexity": {"wikitext2": {"perplexity": 12.5}}},
+    ]
+    cols, table = summarise(rows)
+    assert cols == ["acc.arc_easy", "mean_acc", "ppl.wikitext2"]
+    md = to_markdown(cols, table, unscored_tasks(rows))
+    assert "| none | none | 1 | 50.0 | 50.0 | 12.50 |" in md
+    assert "- `piqa` not scored (dense: too long)" in md and "- `storycloze_2016` not scored (dense: no data)" in md
+
+
+def test_perplexity_sets_read_txt_verbatim_and_jsonl_documents_joined(tmp_path):
+    from selfcal.evaluation.perplexity import read_perplexity_text
+
+    (tmp_path / "a.txt").write_text("line one\n\nline two\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "doc one"}) + "\n" + json.dumps({"text": "doc two"}) + "\n")
+    assert read_perplexity_text("a.txt", root=tmp_path) == "line one\n\nline two\n"
+    assert read_perplexity_text("b.jsonl", root=tmp_path) == "doc one\n\ndoc two"
+    with pytest.raises(DataError, match="does not exist"):
+        read_perplexity_text("./missing.jsonl", root=tmp_path, key="evaluation.perplexity.c4.path")

@@ -67,7 +67,7 @@ def test_metrics_and_report(run_dir):
     dense = json.loads(layout.metrics_file(run_dir, "dense").read_text())
     assert dense["zero_shot"]["tasks"]["arc_easy"]["n"] == 20
     assert 0.0 <= dense["mean_acc"] <= 1.0
-    assert dense["perplexity"]["windows"] == 4 and dense["perplexity"]["perplexity"] > 1
+    assert dense["perplexity"]["wikitext2"]["windows"] == 4 and dense["perplexity"]["wikitext2"]["perplexity"] > 1
     quant = json.loads(layout.metrics_file(run_dir, "self-s0-gptq").read_text())
     assert quant["calibration_digest"] == load_calibration_set(layout.calibration_dir(run_dir, "self", 0)).digest
     md = (layout.report_dir(run_dir) / "results.md").read_text()

@@ -1,27 +1,42 @@
-"""Run lm-evaluation-harness zero-shot on an already-loaded model."""
+"""Run lm-evaluation-harness zero-shot on an already-loaded model, one task at a time.
+
+Tasks run one by one through the same lm-eval model wrapper so that each gets its own
+timing and a task lm-eval cannot score on this model (a continuation longer than the
+context window, as PIQA's longest answers are for a 512-token model) is recorded as
+failed with its reason instead of taking the other tasks down with it.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
-def run_tasks(
-    model,
-    tokenizer,
-    specs: list,
-    *,
-    limit: int | None,
-    batch_size: int | str,
-    seed: int = 1234,
-) -> dict:
-    """Zero-shot ``acc`` (and stderr, counts, timings) per task; ``specs`` from ``resolve_tasks``."""
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
+log = logging.getLogger("selfcal.evaluate")
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+# lm-eval's "auto" finds the largest batch by catching CUDA out-of-memory errors; a CPU
+# has no such signal (the process is killed instead), so on CPU "auto" means this.
+CPU_AUTO_BATCH = 16
+GPU_MAX_AUTO_BATCH = 256
+
+
+def effective_batch_size(batch_size: int | str, device: str) -> int | str:
+    if batch_size != "auto":
+        return int(batch_size)
+    return "auto" if str(device).startswith("cuda") else CPU_AUTO_BATCH
+
+
+def task_name(spec) -> str:
+    return spec["task"] if isinstance(spec, dict) else spec
+
+
+def _one_task(lm, spec, *, limit: int | None, seed: int) -> dict:
+    from lm_eval import simple_evaluate
+
+    name = task_name(spec)
     t0 = time.perf_counter()
     out = simple_evaluate(
         model=lm,
-        tasks=specs,
+        tasks=[spec],
         num_fewshot=0,
         limit=limit,
         log_samples=False,
@@ -32,15 +47,60 @@ def run_tasks(
         fewshot_random_seed=seed,
     )
     seconds = time.perf_counter() - t0
-    results = {}
-    for name in [spec["task"] if isinstance(spec, dict) else spec for spec in specs]:
-        r = out["results"][name]
-        n = out.get("n-samples", {}).get(name, {})
-        results[name] = {
-            "acc": r.get("acc,none"),
-            "acc_stderr": r.get("acc_stderr,none"),
-            "acc_norm": r.get("acc_norm,none"),
-            "n": n.get("effective"),
-            "n_total": n.get("original"),
-        }
-    return {"tasks": results, "seconds": round(seconds, 3), "lm_eval_version": out.get("lm_eval_version")}
+    r = out["results"][name]
+    n = out.get("n-samples", {}).get(name, {})
+    return {
+        "acc": r.get("acc,none"),
+        "acc_stderr": r.get("acc_stderr,none"),
+        "acc_norm": r.get("acc_norm,none"),
+        "n": n.get("effective"),
+        "n_total": n.get("original"),
+        "seconds": round(seconds, 3),
+        "examples_per_s": round(n["effective"] / seconds, 2) if n.get("effective") else None,
+        # lm-eval's "auto" stores what it found per request schedule.
+        "batch_size": max(lm.batch_sizes.values()) if getattr(lm, "batch_sizes", None) else lm.batch_size,
+    }
+
+
+def run_tasks(
+    model,
+    tokenizer,
+    specs: list,
+    *,
+    limit: int | None,
+    batch_size: int | str,
+    seed: int = 1234,
+) -> dict:
+    """Zero-shot ``acc`` (stderr, counts, timings) per task; ``specs`` from ``resolve_tasks``.
+
+    A task lm-eval refuses (its assertion on over-long continuations) lands in
+    ``failed`` with the reason; any other error propagates, naming the task.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    device = str(next(model.parameters()).device)
+    batch = effective_batch_size(batch_size, device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch, max_batch_size=GPU_MAX_AUTO_BATCH)
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    t0 = time.perf_counter()
+    for i, spec in enumerate(specs, 1):
+        name = task_name(spec)
+        log.info("task %d/%d: %s (limit %s, batch %s)", i, len(specs), name, limit, batch)
+        try:
+            results[name] = _one_task(lm, spec, limit=limit, seed=seed)
+        except AssertionError:
+            failed[name] = f"lm-eval cannot score it: a request exceeds the model's {lm.max_length}-token context"
+            log.warning("%s failed: %s", name, failed[name])
+            continue
+        except Exception as err:  # noqa: BLE001 - re-raised with the task's name
+            raise RuntimeError(f"task {name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        log.info("%s: acc %.4f on %s examples in %.1f s", name, results[name]["acc"] or float("nan"), results[name]["n"], results[name]["seconds"])
+    return {
+        "tasks": results,
+        "failed": failed,
+        "batch_size": batch,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+    }

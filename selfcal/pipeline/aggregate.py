@@ -24,16 +24,15 @@ def _columns(rows: list[dict]) -> list[str]:
     cols = [f"acc.{t}" for t in tasks]
     if any(r.get("mean_acc") is not None for r in rows):
         cols.append("mean_acc")
-    if any("perplexity" in r for r in rows):
-        cols.append("perplexity")
+    cols += [f"ppl.{name}" for name in sorted({n for r in rows for n in r.get("perplexity", {})})]
     return cols
 
 
 def _value(r: dict, col: str) -> float | None:
     if col.startswith("acc."):
         return r.get("zero_shot", {}).get("tasks", {}).get(col[4:], {}).get("acc")
-    if col == "perplexity":
-        return r.get("perplexity", {}).get("perplexity")
+    if col.startswith("ppl."):
+        return r.get("perplexity", {}).get(col[4:], {}).get("perplexity")
     return r.get(col)
 
 
@@ -57,19 +56,30 @@ def summarise(rows: list[dict]) -> tuple[list[str], list[dict]]:
 def _fmt(mean: float | None, std: float | None, col: str) -> str:
     if mean is None:
         return "-"
-    if col == "perplexity":
+    if col.startswith("ppl."):
         return f"{mean:.2f}" + (f" ± {std:.2f}" if std else "")
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std else "")
 
 
-def to_markdown(cols: list[str], table: list[dict]) -> str:
-    head = ["method", "source", "sets", *[c.removeprefix("acc.") for c in cols]]
+def unscored_tasks(rows: list[dict]) -> dict[str, str]:
+    """Tasks some model did not score, with the first reason given: a table must not hide them."""
+    out: dict[str, str] = {}
+    for r in rows:
+        reasons = {**r.get("skipped_tasks", {}), **r.get("zero_shot", {}).get("failed", {})}
+        for task, why in reasons.items():
+            out.setdefault(task, f"{r['name']}: {why}")
+    return out
+
+
+def to_markdown(cols: list[str], table: list[dict], unscored: dict[str, str] | None = None) -> str:
+    head = ["method", "source", "sets", *[c.removeprefix("acc.").replace("ppl.", "ppl ") for c in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
         cells = [e["method"], e["source"], str(e["n_sets"]), *[_fmt(e[c], e[c + ".std"], c) for c in cols]]
         lines.append("| " + " | ".join(cells) + " |")
     note = "Accuracy in % (lm-eval `acc`, zero-shot), mean ± std over calibration seeds; perplexity lower is better."
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    notes = [note] + [f"- `{task}` not scored ({why})" for task, why in sorted((unscored or {}).items())]
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
 def to_csv(cols: list[str], table: list[dict]) -> str:
@@ -101,7 +111,7 @@ def aggregate(params: Params) -> Path:
     out = layout.report_dir(params)
     with stage_run(params, "aggregate", "report") as run:
         atomic_write_text(out / "results.csv", to_csv(cols, table))
-        atomic_write_text(out / "results.md", to_markdown(cols, table))
+        atomic_write_text(out / "results.md", to_markdown(cols, table, unscored_tasks(rows)))
         if diag_rows:
             atomic_write_text(out / "diagnostics.md", diagnostics_markdown(diag_rows))
         log.info("wrote %s (%d rows from %d metric files)", out, len(table), len(rows))

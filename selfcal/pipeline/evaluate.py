@@ -10,7 +10,7 @@ from selfcal.artifacts import atomic_write_text, read_manifest
 from selfcal.config import Params
 from selfcal.errors import ConfigError, DataError
 from selfcal.evaluation.harness import run_tasks
-from selfcal.evaluation.perplexity import perplexity_of_file
+from selfcal.evaluation.perplexity import perplexity_of_text, read_perplexity_text
 from selfcal.evaluation.tasks import resolve_tasks
 from selfcal.modelio import ModelRef, context_window, fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
@@ -47,12 +47,17 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> dict:
     data_dir = params.resolve(ev.data_dir) if ev.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise ConfigError(f"evaluation.data_dir: {data_dir} is not a directory")
-    ppl_len = None
-    if ev.perplexity:
-        ppl_len = ev.perplexity.seq_len or min(context_window(config) or _PPL_CAP, _PPL_CAP)
-        check_context(config, ppl_len, "evaluation.perplexity.seq_len")
-        if not params.resolve(ev.perplexity.path).is_file():
-            raise DataError(f"evaluation.perplexity.path: {params.resolve(ev.perplexity.path)} not found")
+    # Read every perplexity text now: a missing file fails before the model loads.
+    ppl_sets: dict[str, tuple[str, int]] = {}
+    for set_name, cfg in ev.perplexity.items():
+        key = f"evaluation.perplexity.{set_name}"
+        seq_len = cfg.seq_len or min(context_window(config) or _PPL_CAP, _PPL_CAP)
+        check_context(config, seq_len, f"{key}.seq_len")
+        text = read_perplexity_text(
+            cfg.path, root=params.root, text_field=cfg.text_field, hub_config=cfg.hub_config,
+            hub_split=cfg.hub_split, max_documents=cfg.max_documents, key=f"{key}.path",
+        )
+        ppl_sets[set_name] = (text, seq_len)
     specs, skipped = resolve_tasks(ev.tasks, data_dir)
     for task, why in skipped.items():
         log.warning("%s skipped: %s", task, why)
@@ -69,21 +74,25 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> dict:
         if skipped:
             result["skipped_tasks"] = skipped
         if specs:
-            result["zero_shot"] = run_tasks(model, tokenizer, specs, limit=ev.limit, batch_size=ev.batch_size)
-            accs = [t["acc"] for t in result["zero_shot"]["tasks"].values() if t["acc"] is not None]
+            zs = run_tasks(model, tokenizer, specs, limit=ev.limit, batch_size=ev.batch_size)
+            result["zero_shot"] = zs
+            accs = [t["acc"] for t in zs["tasks"].values() if t["acc"] is not None]
             result["mean_acc"] = sum(accs) / len(accs) if accs else None
-        if ev.perplexity:
-            result["perplexity"] = perplexity_of_file(
-                model, tokenizer, params.resolve(ev.perplexity.path), seq_len=ppl_len, max_windows=ev.perplexity.max_windows, progress=progress
-            )
+            result["mean_acc_tasks"] = sorted(t for t, v in zs["tasks"].items() if v["acc"] is not None)
+        for set_name, (text, seq_len) in ppl_sets.items():
+            cfg = ev.perplexity[set_name]
+            log.info("perplexity %s: windows of %d tokens", set_name, seq_len)
+            t_ppl = time.perf_counter()
+            ppl = perplexity_of_text(model, tokenizer, text, seq_len=seq_len, max_windows=cfg.max_windows, progress=progress)
+            result.setdefault("perplexity", {})[set_name] = {**ppl, "source": cfg.path, "seconds": round(time.perf_counter() - t_ppl, 3)}
         result["wall_seconds"] = round(time.perf_counter() - t0, 3)
         out = layout.metrics_file(params, name)
         atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
         log.info("wrote %s", out)
         metrics = {f"acc.{t}": v["acc"] for t, v in result.get("zero_shot", {}).get("tasks", {}).items()}
         metrics["mean_acc"] = result.get("mean_acc")
-        if "perplexity" in result:
-            metrics["perplexity"] = result["perplexity"]["perplexity"]
+        for set_name, ppl in result.get("perplexity", {}).items():
+            metrics[f"perplexity.{set_name}"] = ppl["perplexity"]
         run.metrics(metrics)
         run.tags({k: v for k, v in ident.items() if k.endswith("digest") or k == "method"})
         run.artifact(out, "metrics")
