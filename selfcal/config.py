@@ -18,6 +18,7 @@ from selfcal.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
 PARAMS_ENV = "SELFCAL_PARAMS"
+REGISTERED_NAME_FIELDS = ("base", "method", "source", "seed")
 
 
 def _all_known(names: list[str], registry: dict, what: str) -> list[str]:
@@ -240,6 +241,22 @@ class TrackingConfig(Strict):
     experiment: str = "selfcal"
     # None: $MLFLOW_TRACKING_URI if set, else a sqlite file under `paths.state`.
     tracking_uri: str | None = None
+    # Registry name of each checkpoint; seeds (and re-runs) become its versions.
+    registered_model_name: str = "{base}-{method}-{source}"
+
+    @field_validator("registered_model_name")
+    @classmethod
+    def _known_fields(cls, template: str) -> str:
+        import string
+
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as err:
+            raise ValueError(f"not a valid template: {err}") from None
+        unknown = sorted(fields - set(REGISTERED_NAME_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field {{{unknown[0]}}}; use {', '.join('{' + f + '}' for f in REGISTERED_NAME_FIELDS)}")
+        return template
 
 
 class PathsConfig(Strict):

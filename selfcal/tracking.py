@@ -14,15 +14,19 @@ import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from selfcal.config import Params
+from selfcal.errors import ConfigError
 
 log = logging.getLogger(__name__)
 EXECUTION_ENV = "SELFCAL_EXECUTION_ID"
 _TAG_EXEC = "selfcal.execution_id"
 _TAG_STAGE = "selfcal.stage"
+_MODELS_SCHEME = "models:/"
 
 
 def _dvc_ancestor() -> str | None:
@@ -63,6 +67,41 @@ def tracking_uri(params: Params) -> str:
     return f"sqlite:///{(params.state_dir / 'mlflow.db').resolve()}"
 
 
+def open_client(uri: str):
+    """A client for reading an existing store; a missing sqlite file is an error, not a new store."""
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+        if db is not None and not db.is_file():
+            raise ConfigError(f"tracking.tracking_uri: no MLflow store at {db} (run the pipeline with tracking enabled first)")
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A model version and the MLflow 3 LoggedModel it was registered from."""
+
+    name: str
+    version: str
+    model_id: str | None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+def model_id_of(version) -> str | None:
+    """The LoggedModel behind a model version: stores that drop ``model_id`` still keep the ``models:/`` source."""
+    if getattr(version, "model_id", None):
+        return version.model_id
+    source = version.source or ""
+    rest = source.removeprefix(_MODELS_SCHEME)
+    return rest if source.startswith(_MODELS_SCHEME) and rest and "/" not in rest else None
+
+
 def _experiment_id(mlflow, params: Params) -> str:
     name = params.tracking.experiment
     exp = mlflow.get_experiment_by_name(name)
@@ -100,9 +139,10 @@ class StageRun:
             flat = {k: str(v)[:6000] for k, v in flatten(values).items()}
             self._mlflow.log_params(flat)
 
-    def metrics(self, values: dict[str, float]) -> None:
+    def metrics(self, values: dict[str, float | None], *, model_id: str | None = None) -> None:
+        """Log to this run; with ``model_id`` MLflow also attaches them to that LoggedModel."""
         if self._mlflow is not None:
-            self._mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None})
+            self._mlflow.log_metrics({k: float(v) for k, v in values.items() if v is not None}, model_id=model_id)
 
     def tags(self, values: dict[str, Any]) -> None:
         if self._mlflow is not None:
@@ -111,6 +151,76 @@ class StageRun:
     def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self._mlflow is not None:
             self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def dataset(self, name: str, digest: str, source: Path, *, context: str, tags: dict[str, str]) -> None:
+        """Record a directory on disk as an MLflow dataset (metadata only: the data stays where it is)."""
+        if self._mlflow is None:
+            return
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        with warnings.catch_warnings():
+            # Two registered source types accept file URIs; they are the same class of source.
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
+            src = resolve_dataset_source(source.resolve().as_uri())
+        ds = MetaDataset(source=src, name=name, digest=digest)
+        self._mlflow.log_input(ds, context=context, tags=tags)
+
+    def register_model(self, name: str, *, tags: dict[str, str], params: dict[str, str], model_type: str) -> RegisteredVersion | None:
+        """Register a model whose files stay outside MLflow, as a new version of ``name``.
+
+        An *external* LoggedModel (MLflow keeps only a stub MLmodel file) is the output
+        of this run; the version's source is ``models:/<model_id>``, which a tracking
+        server accepts where it refuses a local path. Where the files are is the
+        caller's business, recorded in ``tags``.
+        """
+        if self._mlflow is None:
+            return None
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+        mlflow = self._mlflow
+        run = mlflow.active_run()
+        client = mlflow.MlflowClient()
+        logged = mlflow.create_external_model(
+            # LoggedModel names may not contain dots; registry names may.
+            name=name.replace(".", "-"),
+            source_run_id=run.info.run_id,
+            tags=tags,
+            params=params,
+            model_type=model_type,
+            experiment_id=run.info.experiment_id,
+        )
+        client.log_outputs(run.info.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        try:
+            client.create_registered_model(name)
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        mv = client.create_model_version(
+            name, source=f"{_MODELS_SCHEME}{logged.model_id}", run_id=run.info.run_id, tags=tags, model_id=logged.model_id
+        )
+        return RegisteredVersion(name=mv.name, version=str(mv.version), model_id=logged.model_id)
+
+    def find_model_version(self, tag: str, value: str) -> RegisteredVersion | None:
+        """The newest version carrying ``tag = value`` (e.g. the one registered for a checkpoint digest)."""
+        if self._mlflow is None:
+            return None
+        found = self._mlflow.MlflowClient().search_model_versions(f"tags.`{tag}` = '{value}'")
+        if not found:
+            return None
+        mv = max(found, key=lambda v: (v.creation_timestamp, int(v.version)))
+        return RegisteredVersion(name=mv.name, version=str(mv.version), model_id=model_id_of(mv))
+
+    def tag_model_version(self, version: RegisteredVersion, tags: dict[str, str]) -> None:
+        if self._mlflow is None:
+            return
+        client = self._mlflow.MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(version.name, version.version, key, value)
 
 
 @contextmanager

@@ -10,6 +10,8 @@ from selfcal.compression.apply import compress as apply_compression
 from selfcal.compression.apply import plan
 from selfcal.config import Params
 from selfcal.errors import ConfigError
+from selfcal.lineage import tags as T
+from selfcal.lineage.registry import log_calibration, register_checkpoint
 from selfcal.modelio import fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
 from selfcal.pipeline.common import base_model
@@ -23,7 +25,8 @@ def compress(params: Params, source: str, seed: int, method: str) -> dict:
         raise ConfigError(f"compression.methods: {method!r} is not listed ({params.compression.methods})")
     ref, config = base_model(params)
     the_plan = plan(method, params.compression, config)
-    calib = load_calibration_set(layout.calibration_dir(params, source, seed))
+    calib_dir = layout.calibration_dir(params, source, seed)
+    calib = load_calibration_set(calib_dir)
     base = fingerprint(ref)
     made_with = calib.manifest.get("model", {}).get("digest")
     if made_with != base["digest"]:
@@ -54,7 +57,7 @@ def compress(params: Params, source: str, seed: int, method: str) -> dict:
                     "digest": calib.digest,
                     "source": source,
                     "seed": seed,
-                    "path": os.path.relpath(layout.calibration_dir(params, source, seed), params.root),
+                    "path": os.path.relpath(calib_dir, params.root),
                     "n_samples": calib.n,
                     "seq_len": calib.seq_len,
                 },
@@ -65,12 +68,14 @@ def compress(params: Params, source: str, seed: int, method: str) -> dict:
         run.params({"method": method, "method_params": manifest["method_params"], "calibration": f"{source}-s{seed}", "model": ref.name})
         run.tags(
             {
-                "selfcal.calibration_digest": calib.digest,
-                "selfcal.base_model_digest": base["digest"],
-                "selfcal.checkpoint_digest": manifest["content_digest"],
-                "selfcal.method": method,
+                T.CALIBRATION_DIGEST: calib.digest,
+                T.BASE_DIGEST: base["digest"],
+                T.CHECKPOINT_DIGEST: manifest["content_digest"],
+                T.METHOD: method,
             }
         )
         run.metrics({"compress_seconds": manifest["compress_seconds"]})
         run.artifact(out / "manifest.json", "checkpoint")
+        log_calibration(run, layout.calib_name(source, seed), calib_dir, calib.digest, context="calibration")
+        register_checkpoint(run, params, ref=ref, base=base, checkpoint=out, manifest=manifest, calib=calib, calib_dir=calib_dir)
     return manifest

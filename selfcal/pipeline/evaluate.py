@@ -12,6 +12,7 @@ from selfcal.errors import ConfigError, DataError
 from selfcal.evaluation.harness import run_tasks
 from selfcal.evaluation.perplexity import perplexity_of_text, read_perplexity_text
 from selfcal.evaluation.tasks import resolve_tasks
+from selfcal.lineage.registry import link_evaluation
 from selfcal.modelio import ModelRef, context_window, fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
 from selfcal.pipeline.common import base_model, check_context
@@ -93,7 +94,9 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> dict:
         metrics["mean_acc"] = result.get("mean_acc")
         for set_name, ppl in result.get("perplexity", {}).items():
             metrics[f"perplexity.{set_name}"] = ppl["perplexity"]
-        run.metrics(metrics)
+        # A checkpoint's metrics also land on the LoggedModel of its registered version.
+        version = link_evaluation(run, ident["checkpoint_digest"], out) if "checkpoint_digest" in ident else None
+        run.metrics(metrics, model_id=version.model_id if version else None)
         run.tags({k: v for k, v in ident.items() if k.endswith("digest") or k == "method"})
         run.artifact(out, "metrics")
     return result

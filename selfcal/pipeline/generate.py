@@ -9,6 +9,8 @@ from selfcal.calibration import sources
 from selfcal.calibration.calibset import save_calibration_set
 from selfcal.config import Params
 from selfcal.errors import ConfigError
+from selfcal.lineage import tags as T
+from selfcal.lineage.registry import log_calibration
 from selfcal.modelio import fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
 from selfcal.pipeline.common import base_model, check_context
@@ -59,7 +61,14 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
         )
         log.info("wrote %s (content digest %s)", out, manifest["content_digest"][:16])
         run.params({"source": source, "seed": seed, "n_samples": cal.n_samples, "seq_len": cal.seq_len, "source_params": source_params, "model": ref.name})
-        run.tags({"selfcal.calibration_digest": manifest["content_digest"], "selfcal.base_model_digest": manifest["model"]["digest"]})
+        run.tags(
+            {
+                T.CALIBRATION_DIGEST: manifest["content_digest"],
+                T.BASE_DIGEST: manifest["model"]["digest"],
+                T.GENERATOR_USES_WEIGHTS: str(source_impl.needs_model).lower(),
+            }
+        )
+        log_calibration(run, item, out, manifest["content_digest"], context="generated")
         numeric = {k: v for k, v in result.provenance.items() if isinstance(v, (int, float))}
         run.metrics(numeric)
         run.artifact(out / "manifest.json", "calibration")

@@ -1,0 +1,129 @@
+"""What the pipeline records so an auditor can trace a checkpoint: datasets, versions, links.
+
+Checkpoints are registered *by reference*: the registry holds the checkpoint's URI,
+its content digest and its manifest's sha256, never a second copy of the weights
+(DVC already caches them once). ``selfcal verify`` recomputes the hashes on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+from pathlib import Path
+
+from selfcal.artifacts import MANIFEST
+from selfcal.calibration.calibset import CalibrationSet
+from selfcal.config import Params
+from selfcal.hashing import sha256_file
+from selfcal.lineage import tags as T
+from selfcal.modelio import ModelRef
+from selfcal.tracking import RegisteredVersion, StageRun, flatten
+
+log = logging.getLogger("selfcal.lineage")
+MODEL_TYPE = "selfcal-checkpoint"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def base_label(ref: ModelRef, root: Path) -> str:
+    """The base model's short name: a local directory's name, or the hub id."""
+    local = (root / Path(ref.name).expanduser()).is_dir()
+    return Path(ref.name).name if local else ref.name
+
+
+def registered_name(template: str, *, base: str, method: str, source: str, seed: int) -> str:
+    """Fill the params template, then replace anything MLflow or ``NAME:VERSION`` would trip on."""
+    name = template.format(base=base, method=method, source=source, seed=seed)
+    return _UNSAFE.sub("-", name).strip("-") or "model"
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def code_state(root: Path) -> dict[str, str]:
+    """Commit, whether tracked files differ from it, and the dvc.lock the stage ran under.
+
+    dvc.lock is left out of the dirty check: ``dvc repro`` rewrites it between stages,
+    and its own hash is recorded beside the commit.
+    """
+    commit = _git(root, "rev-parse", "HEAD")
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock") if commit else None
+    lock = root / "dvc.lock"
+    return {
+        T.GIT_COMMIT: commit or T.UNKNOWN,
+        T.GIT_DIRTY: T.UNKNOWN if status is None else str(bool(status)).lower(),
+        T.DVC_LOCK_SHA: sha256_file(lock) if lock.is_file() else "absent",
+    }
+
+
+def log_calibration(run: StageRun, name: str, directory: Path, content_digest: str, *, context: str) -> None:
+    """The calibration set as an MLflow dataset: the digest identifies it, the path says where it is."""
+    run.dataset(name, T.dataset_digest(content_digest), directory, context=context, tags={T.CALIBRATION_DIGEST: content_digest})
+
+
+def checkpoint_tags(params: Params, *, base: dict, checkpoint: Path, manifest: dict, calib: CalibrationSet, calib_dir: Path) -> dict[str, str]:
+    """Everything a version must carry to be traced and verified without the run that made it."""
+    recipe_sha = manifest["files"].get("recipe.yaml")
+    return {
+        T.CALIBRATION_DIGEST: calib.digest,
+        T.CALIBRATION_NAME: f"{calib.manifest['source']}-s{calib.manifest['seed']}",
+        T.CALIBRATION_URI: calib_dir.resolve().as_uri(),
+        T.CALIBRATION_MANIFEST_SHA: sha256_file(calib_dir / MANIFEST),
+        T.CHECKPOINT_DIGEST: manifest["content_digest"],
+        T.CHECKPOINT_URI: checkpoint.resolve().as_uri(),
+        T.CHECKPOINT_MANIFEST_SHA: sha256_file(checkpoint / MANIFEST),
+        T.BASE_MODEL: base["name"],
+        T.BASE_REVISION: base["revision"] or "none",
+        T.BASE_DIGEST: base["digest"],
+        T.METHOD: manifest["method"],
+        T.METHOD_PARAMS: json.dumps(manifest["method_params"], sort_keys=True),
+        T.RECIPE: manifest.get("recipe") or "",
+        T.RECIPE_SHA: recipe_sha or "absent",
+        T.VERSIONS: json.dumps(manifest["versions"], sort_keys=True),
+        **code_state(params.root),
+    }
+
+
+def register_checkpoint(
+    run: StageRun, params: Params, *, ref: ModelRef, base: dict, checkpoint: Path, manifest: dict, calib: CalibrationSet, calib_dir: Path
+) -> RegisteredVersion | None:
+    if run.run_id is None:
+        return None  # tracking off: no registry, and no hashing for it
+    name = registered_name(
+        params.tracking.registered_model_name,
+        base=base_label(ref, params.root),
+        method=manifest["method"],
+        source=calib.manifest["source"],
+        seed=calib.manifest["seed"],
+    )
+    tags = checkpoint_tags(params, base=base, checkpoint=checkpoint, manifest=manifest, calib=calib, calib_dir=calib_dir)
+    model_params = {k: str(v) for k, v in flatten({"method": manifest["method"], **manifest["method_params"]}).items()}
+    version = run.register_model(name, tags=tags, params=model_params, model_type=MODEL_TYPE)
+    if version is not None:
+        log.info("registered %s (calibration %s)", version.ref, calib.digest[:16])
+    return version
+
+
+def link_evaluation(run: StageRun, checkpoint_digest: str, metrics_file: Path) -> RegisteredVersion | None:
+    """Find the version registered for this checkpoint and point it at this evaluation.
+
+    The metrics themselves go to the run with the version's ``model_id`` (MLflow 3
+    then lists them on the LoggedModel); the version gets the run id and the
+    metrics file's hash so ``verify`` can check the file too.
+    """
+    version = run.find_model_version(T.CHECKPOINT_DIGEST, checkpoint_digest)
+    if version is None:
+        if run.run_id is not None:
+            log.warning("no registered version for checkpoint %s; metrics stay on the run only", checkpoint_digest[:16])
+        return None
+    run.tag_model_version(
+        version,
+        {T.EVALUATE_RUN: run.run_id or "", T.METRICS_URI: metrics_file.resolve().as_uri(), T.METRICS_SHA: sha256_file(metrics_file)},
+    )
+    return version

@@ -1,0 +1,46 @@
+"""The names under which lineage is recorded in MLflow: one place for writers and readers.
+
+Run tags and model version tags share these keys, so a search by calibration digest
+finds generate runs, compress runs and registered versions alike.
+"""
+
+from __future__ import annotations
+
+STAGE = "selfcal.stage"
+
+CALIBRATION_DIGEST = "selfcal.calibration_digest"
+CALIBRATION_NAME = "selfcal.calibration"
+CALIBRATION_URI = "selfcal.calibration_uri"
+CALIBRATION_MANIFEST_SHA = "selfcal.calibration_manifest_sha256"
+
+CHECKPOINT_DIGEST = "selfcal.checkpoint_digest"
+CHECKPOINT_URI = "selfcal.checkpoint_uri"
+CHECKPOINT_MANIFEST_SHA = "selfcal.checkpoint_manifest_sha256"
+
+BASE_MODEL = "selfcal.base_model"
+BASE_REVISION = "selfcal.base_model_revision"
+BASE_DIGEST = "selfcal.base_model_digest"
+GENERATOR_USES_WEIGHTS = "selfcal.generator_uses_weights"
+
+METHOD = "selfcal.method"
+METHOD_PARAMS = "selfcal.method_params"
+RECIPE = "selfcal.recipe"
+RECIPE_SHA = "selfcal.recipe_sha256"
+VERSIONS = "selfcal.versions"
+
+GIT_COMMIT = "selfcal.git_commit"
+GIT_DIRTY = "selfcal.git_dirty"
+DVC_LOCK_SHA = "selfcal.dvc_lock_sha256"
+
+EVALUATE_RUN = "selfcal.evaluate_run_id"
+METRICS_URI = "selfcal.metrics_uri"
+METRICS_SHA = "selfcal.metrics_sha256"
+
+UNKNOWN = "unknown"
+# MLflow stores a dataset digest in 36 characters; the first 32 hex digits of the
+# sha256 identify the set there, and the full digest rides along as an input tag.
+DATASET_DIGEST_CHARS = 32
+
+
+def dataset_digest(content_digest: str) -> str:
+    return content_digest[:DATASET_DIGEST_CHARS]
