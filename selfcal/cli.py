@@ -24,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         "  selfcal compress --source self --seed 0 --method gptq\n"
         "  selfcal evaluate dense                     score the uncompressed model\n"
         "  selfcal aggregate                          write artifacts/report/results.{csv,md}\n"
-        "  selfcal run                                the whole pipeline (Prefect flow over dvc repro)\n",
+        "  selfcal run                                the whole pipeline (Prefect flow over dvc repro)\n"
+        "  selfcal lineage stories260K-gptq-self:1    model -> calibration set -> generator, commit, metrics\n"
+        "  selfcal verify stories260K-gptq-self       recompute every registered hash on disk\n",
     )
     p.add_argument("--params", help="params file (default: $SELFCAL_PARAMS or ./params.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -59,9 +61,79 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("aggregate", help="summarise metrics (and diagnostics) into CSV and Markdown tables")
 
+    store_help = "MLflow store (default: tracking.tracking_uri in params, else $MLFLOW_TRACKING_URI, else .selfcal/mlflow.db)"
+    lg = sub.add_parser(
+        "lineage",
+        help="trace a registered model to its calibration set, generator, code, params and metrics",
+        description="MODEL[:VERSION] prints the chain model -> checkpoint -> calibration set -> generator, "
+        "with commit, params, library versions and metrics (default version: the newest). "
+        "--calibration DIGEST lists every model version made from that calibration set.",
+    )
+    lg.add_argument("model", nargs="?", metavar="MODEL[:VERSION]", help="a registered model name, optionally :VERSION")
+    lg.add_argument("--calibration", metavar="DIGEST", help="calibration content digest (or a prefix of 8+ hex digits)")
+    lg.add_argument("--json", action="store_true", help="print JSON instead of text")
+    lg.add_argument("--tracking-uri", help=store_help)
+    vf = sub.add_parser(
+        "verify",
+        help="recompute the hashes of a registered model's checkpoint, calibration set and metrics on disk",
+        description="Exit 0 when every file matches what was registered; otherwise one line per problem "
+        "naming the file, and exit status 2.",
+    )
+    vf.add_argument("model", metavar="MODEL[:VERSION]", help="a registered model name, optionally :VERSION")
+    vf.add_argument("--tracking-uri", help=store_help)
+
     r = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (local ephemeral API)")
     r.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
     return p
+
+
+def _audit_client(args):
+    """The store to audit: --tracking-uri, else the params' own, else $MLFLOW_TRACKING_URI; no params file needed."""
+    import os
+
+    from selfcal.config import load_params, params_path
+    from selfcal.errors import ConfigError
+    from selfcal.tracking import open_client, tracking_uri
+
+    if args.tracking_uri:
+        return open_client(args.tracking_uri)
+    if params_path(args.params).is_file():
+        return open_client(tracking_uri(load_params(args.params)))
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return open_client(os.environ["MLFLOW_TRACKING_URI"])
+    raise ConfigError(f"{args.command}: no params file, --tracking-uri or $MLFLOW_TRACKING_URI to find the MLflow store")
+
+
+def _lineage(args) -> None:
+    import json
+
+    from selfcal.errors import ConfigError
+    from selfcal.lineage import store, trace
+
+    if (args.model is None) == (args.calibration is None):
+        raise ConfigError("lineage: give MODEL[:VERSION] or --calibration DIGEST (one of them)")
+    client = _audit_client(args)
+    if args.calibration is not None:
+        digest = store.check_digest(args.calibration)
+        models = trace.models_from_calibration(client, digest)
+        print(json.dumps(models, indent=2) if args.json else trace.format_models(digest, models))
+        return
+    chain = trace.trace(client, store.resolve_version(client, args.model))
+    print(json.dumps(chain, indent=2) if args.json else trace.format_text(chain))
+
+
+def _verify(args) -> None:
+    from selfcal.errors import VerificationError
+    from selfcal.lineage import store
+    from selfcal.lineage.verify import verify
+
+    client = _audit_client(args)
+    report = verify(client, store.resolve_version(client, args.model))
+    for line in report.problems:
+        print(f"verify: {line}", file=sys.stderr)
+    if not report.ok:
+        raise VerificationError(f"{report.ref} failed verification: {len(report.problems)} problem(s) listed above")
+    print(f"verify: ok: {report.ref}: {', '.join(report.checked)} match the registry")
 
 
 def _inspect(args, params) -> None:
@@ -101,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         from selfcal.config import load_params, params_path
 
+        if args.command in ("lineage", "verify"):
+            (_lineage if args.command == "lineage" else _verify)(args)  # an auditor may have no params.yaml
+            return
         if args.command == "inspect" and args.calib_set and args.model and not params_path(args.params).is_file():
             _inspect(args, None)  # a set and a model are all a one-off inspection needs
             return

@@ -1,0 +1,121 @@
+"""Reading the lineage back: model versions, the runs they link to, and where files are."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from selfcal.errors import ConfigError, DataError
+from selfcal.lineage import tags as T
+
+_HEX = re.compile(r"[0-9a-f]{8,64}")
+_STAGE_GENERATE = "generate"
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None]:
+    """``NAME`` or ``NAME:VERSION``; registry names cannot contain ':' so the split is unambiguous."""
+    name, _, version = ref.partition(":")
+    if not name or "'" in name:
+        raise ConfigError(f"{ref!r}: expected MODEL or MODEL:VERSION (a registered model name)")
+    if version and not version.isdigit():
+        raise ConfigError(f"{ref!r}: version must be a number, got {version!r}")
+    return name, version or None
+
+
+def resolve_version(client, ref: str):
+    """The model version ``ref`` names; without a version, the newest one."""
+    from mlflow.exceptions import MlflowException
+
+    name, version = parse_model_ref(ref)
+    if version is not None:
+        try:
+            return client.get_model_version(name, version)
+        except MlflowException:
+            raise DataError(f"{ref}: no such model version in the registry") from None
+    found = client.search_model_versions(f"name = '{name}'")
+    if not found:
+        known = sorted({m.name for m in client.search_registered_models()})
+        raise DataError(f"{name}: no registered model of that name; registered: {known}")
+    return max(found, key=lambda v: int(v.version))
+
+
+def check_digest(digest: str) -> str:
+    digest = digest.lower()
+    if not _HEX.fullmatch(digest):
+        raise ConfigError(f"--calibration: {digest!r} is not a sha256 digest or a prefix of at least 8 hex digits")
+    return digest
+
+
+def versions_for_calibration(client, digest: str) -> list:
+    """Every version whose calibration digest is ``digest`` (or starts with it), oldest first."""
+    found = client.search_model_versions(f"tags.`{T.CALIBRATION_DIGEST}` LIKE '{check_digest(digest)}%'")
+    return sorted(found, key=lambda v: (v.name, int(v.version)))
+
+
+def local_path(uri: str | None) -> Path | None:
+    """A ``file://`` URI or plain path as a Path; None for anything not on this machine."""
+    if not uri:
+        return None
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    return Path(uri) if parsed.scheme == "" else None
+
+
+def get_run(client, run_id: str | None):
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def generate_run(client, digest: str):
+    """The newest generate run that produced the calibration set with this digest, in any experiment."""
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    if not exp_ids:
+        return None
+    runs = client.search_runs(
+        exp_ids,
+        filter_string=f"tags.`{T.STAGE}` = '{_STAGE_GENERATE}' and tags.`{T.CALIBRATION_DIGEST}` = '{digest}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def run_artifact_json(client, run_id: str, path: str) -> dict | None:
+    """A JSON artifact as the run recorded it (the copy in the tracking store, not the file on disk)."""
+    quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(quiet)
+    os.environ[quiet] = "false"  # a progress bar per manifest would bury the report
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, path, tmp)
+            return json.loads(Path(local).read_text())
+    except Exception:  # a missing artifact raises store-specific types; all mean "not recorded"
+        return None
+    finally:
+        if before is None:
+            os.environ.pop(quiet, None)
+        else:
+            os.environ[quiet] = before
+
+
+def dataset_input(run, digest: str) -> dict | None:
+    """The calibration dataset this run logged as an input, if it did."""
+    if run is None:
+        return None
+    for entry in run.inputs.dataset_inputs:
+        tags = {t.key: t.value for t in entry.tags}
+        if tags.get(T.CALIBRATION_DIGEST) == digest:
+            ds = entry.dataset
+            return {"name": ds.name, "digest": ds.digest, "source": json.loads(ds.source).get("uri", ds.source), "context": tags.get("mlflow.data.context")}
+    return None

@@ -1,0 +1,200 @@
+"""The chain an auditor asks for: model version -> checkpoint -> calibration set -> generator, code, metrics.
+
+Everything comes from the tracking store (version tags, the runs they name and the
+manifests those runs logged); the calibration manifest on disk is read only when no
+generate run was recorded. Broken or absent links are listed under ``missing``
+instead of failing, so a partial lineage is still printed in full.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from selfcal.lineage import store
+from selfcal.lineage import tags as T
+from selfcal.tracking import model_id_of
+
+NO_CALIBRATION = "no calibration lineage recorded"
+_CALIB_ARTIFACT = "calibration/manifest.json"
+
+
+def _utc(ms: int | None) -> str | None:
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds") if ms else None
+
+
+def _json_tag(tags: dict, key: str):
+    try:
+        return json.loads(tags[key]) if key in tags else None
+    except ValueError:
+        return tags[key]
+
+
+def _calibration(client, tags: dict, compress_run, missing: list[str]) -> dict | None:
+    digest = tags.get(T.CALIBRATION_DIGEST)
+    if not digest:
+        missing.append(f"{NO_CALIBRATION} (version has no {T.CALIBRATION_DIGEST} tag)")
+        return None
+    path = store.local_path(tags.get(T.CALIBRATION_URI))
+    dataset = store.dataset_input(compress_run, digest)
+    if dataset is None:
+        missing.append(f"calibration dataset {digest} is not an input of the compress run")
+    gen = store.generate_run(client, digest)
+    manifest, recorded_in = None, None
+    if gen is not None:
+        manifest, recorded_in = store.run_artifact_json(client, gen.info.run_id, _CALIB_ARTIFACT), f"generate run {gen.info.run_id}"
+    else:
+        missing.append(f"no generate run recorded for calibration {digest}")
+    if manifest is None and path is not None and (path / "manifest.json").is_file():
+        manifest, recorded_in = json.loads((path / "manifest.json").read_text()), f"manifest on disk ({path})"
+    if manifest is None:
+        missing.append(f"calibration {digest}: no manifest in the tracking store or on disk")
+        manifest = {}
+    generator = manifest.get("model") or {}
+    uses_weights = gen.data.tags.get(T.GENERATOR_USES_WEIGHTS) if gen is not None else None
+    return {
+        "digest": digest,
+        "name": tags.get(T.CALIBRATION_NAME),
+        "path": str(path) if path else tags.get(T.CALIBRATION_URI),
+        "source": manifest.get("source"),
+        "seed": manifest.get("seed"),
+        "n_samples": manifest.get("n_samples"),
+        "seq_len": manifest.get("seq_len"),
+        "params": manifest.get("source_params"),
+        "generator": {**generator, "uses_weights": None if uses_weights is None else uses_weights == "true"},
+        "generate_run_id": gen.info.run_id if gen is not None else None,
+        "dataset": dataset,
+        "details_from": recorded_in,
+    }
+
+
+def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
+    """The evaluation linked to the version: its LoggedModel's metrics from the newest evaluate run."""
+    by_run: dict[str, dict] = {}
+    if model_id:
+        for m in client.get_logged_model(model_id).metrics or []:
+            by_run.setdefault(m.run_id, {})[m.key] = (m.value, m.timestamp)
+    run_id = tags.get(T.EVALUATE_RUN)
+    if run_id not in by_run and by_run:
+        run_id = max(by_run, key=lambda r: max(ts for _, ts in by_run[r].values()))
+    if run_id in by_run:
+        values = {k: v for k, (v, _) in sorted(by_run[run_id].items())}
+    else:
+        run = store.get_run(client, run_id)
+        if run is None:
+            return None
+        values = dict(sorted(run.data.metrics.items()))
+    return {"evaluate_run_id": run_id, "values": values, "file": str(store.local_path(tags.get(T.METRICS_URI)) or "") or None}
+
+
+def trace(client, version) -> dict:
+    """The full lineage of one model version, JSON-ready."""
+    tags = dict(version.tags)
+    missing: list[str] = []
+    model_id = model_id_of(version)
+    compress_run = store.get_run(client, version.run_id)
+    if compress_run is None:
+        missing.append("no compress run linked to the version")
+    if T.CHECKPOINT_DIGEST not in tags:
+        missing.append(f"no checkpoint recorded (version has no {T.CHECKPOINT_DIGEST} tag)")
+    checkpoint_path = store.local_path(tags.get(T.CHECKPOINT_URI))
+    return {
+        "model": {
+            "name": version.name,
+            "version": str(version.version),
+            "model_id": model_id,
+            "source": version.source,
+            "registered_utc": _utc(version.creation_timestamp),
+            "compress_run_id": version.run_id,
+            "pipeline_run_id": compress_run.data.tags.get("mlflow.parentRunId") if compress_run else None,
+        },
+        "checkpoint": {
+            "path": str(checkpoint_path) if checkpoint_path else tags.get(T.CHECKPOINT_URI),
+            "digest": tags.get(T.CHECKPOINT_DIGEST),
+            "manifest_sha256": tags.get(T.CHECKPOINT_MANIFEST_SHA),
+            "method": tags.get(T.METHOD),
+            "method_params": _json_tag(tags, T.METHOD_PARAMS),
+            "recipe_sha256": tags.get(T.RECIPE_SHA),
+            "recipe": tags.get(T.RECIPE),
+            "library_versions": _json_tag(tags, T.VERSIONS),
+        },
+        "base_model": {"name": tags.get(T.BASE_MODEL), "revision": tags.get(T.BASE_REVISION), "digest": tags.get(T.BASE_DIGEST)},
+        "code": {"git_commit": tags.get(T.GIT_COMMIT), "git_dirty": tags.get(T.GIT_DIRTY), "dvc_lock_sha256": tags.get(T.DVC_LOCK_SHA)},
+        "calibration": _calibration(client, tags, compress_run, missing),
+        "metrics": _metrics(client, model_id, tags),
+        "missing": missing,
+    }
+
+
+def _kv(d: dict | None) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted((d or {}).items())) or "-"
+
+
+def format_text(lineage: dict) -> str:
+    m, c, b, code = lineage["model"], lineage["checkpoint"], lineage["base_model"], lineage["code"]
+    dirty = {"true": " (uncommitted changes)", "false": ""}.get(code["git_dirty"] or "", " (dirty: unknown)")
+    lines = [
+        f"model        {m['name']}:{m['version']}  ({m['source']}, registered {m['registered_utc']})",
+        f"  compress   run {m['compress_run_id']}  (pipeline run {m['pipeline_run_id']})",
+        f"checkpoint   {c['path']}",
+        f"  digest     {c['digest']}  (manifest sha256 {c['manifest_sha256']})",
+        f"  method     {c['method']}  {_kv(c['method_params'])}",
+        f"  recipe     sha256 {c['recipe_sha256']}",
+        f"  libraries  {_kv(c['library_versions'])}",
+        f"base model   {b['name']}  revision {b['revision']}  digest {b['digest']}",
+        f"code         git {code['git_commit']}{dirty}  dvc.lock sha256 {code['dvc_lock_sha256']}",
+    ]
+    cal = lineage["calibration"]
+    if cal is None:
+        lines.append(f"calibration  {NO_CALIBRATION}")
+    else:
+        gen = cal["generator"]
+        role = {True: "weights and tokenizer", False: "tokenizer only"}.get(gen.get("uses_weights"), "role unknown")
+        same = "  = base model" if gen.get("digest") and gen.get("digest") == b["digest"] else ""
+        ds = cal["dataset"]
+        lines += [
+            f"calibration  {cal['name']}  {cal['path']}",
+            f"  digest     {cal['digest']}",
+            f"  source     {cal['source']}  seed {cal['seed']}  {cal['n_samples']} x {cal['seq_len']} tokens",
+            f"  params     {_kv(cal['params'])}",
+            f"  generator  {gen.get('name')}  revision {gen.get('revision') or 'none'}  digest {gen.get('digest')}  ({role}){same}",
+            f"  recorded   {cal['details_from']}",
+            f"  dataset    " + (f"MLflow dataset {ds['name']} digest {ds['digest']} ({ds['context']} input of the compress run)" if ds else "-"),
+        ]
+    met = lineage["metrics"]
+    if met is None:
+        lines.append("metrics      none linked (no evaluate run recorded for this version)")
+    else:
+        lines.append(f"metrics      evaluate run {met['evaluate_run_id']}  {met['file'] or ''}".rstrip())
+        width = max((len(k) for k in met["values"]), default=0)
+        lines += [f"  {k:<{width}}  {v:.6g}" for k, v in met["values"].items()]
+    lines += [f"MISSING      {why}" for why in lineage["missing"]]
+    return "\n".join(lines)
+
+
+def models_from_calibration(client, digest: str) -> list[dict]:
+    """Every registered version made from the calibration set ``digest`` (a prefix is enough)."""
+    out = []
+    for v in store.versions_for_calibration(client, digest):
+        tags = dict(v.tags)
+        out.append(
+            {
+                "model": f"{v.name}:{v.version}",
+                "calibration_digest": tags.get(T.CALIBRATION_DIGEST),
+                "calibration": tags.get(T.CALIBRATION_NAME),
+                "method": tags.get(T.METHOD),
+                "base_model": tags.get(T.BASE_MODEL),
+                "checkpoint": str(store.local_path(tags.get(T.CHECKPOINT_URI)) or tags.get(T.CHECKPOINT_URI)),
+                "registered_utc": _utc(v.creation_timestamp),
+            }
+        )
+    return out
+
+
+def format_models(digest: str, models: list[dict]) -> str:
+    if not models:
+        return f"no registered model was made from calibration {digest}"
+    lines = [f"{len(models)} model version(s) made from calibration {digest}:"]
+    for m in models:
+        lines.append(f"  {m['model']}  {m['method']}  {m['calibration']} ({m['calibration_digest'][:16]})  {m['checkpoint']}  registered {m['registered_utc']}")
+    return "\n".join(lines)

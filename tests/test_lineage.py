@@ -1,0 +1,217 @@
+"""Lineage on a real pipeline run: two calibration sets, two registered checkpoints, one store.
+
+The pipeline runs once (tiny model, in-process) into a temporary sqlite store; each
+test then audits it through the library or `selfcal.cli.main`, and every tampering
+test restores the byte it flipped.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from selfcal.calibration.calibset import TOKENS, load_calibration_set
+from selfcal.cli import main
+from selfcal.config import parse_params
+from selfcal.errors import ConfigError
+from selfcal.lineage import store, trace
+from selfcal.lineage import tags as T
+from selfcal.lineage.registry import registered_name
+from selfcal.modelio import fingerprint, resolve_model
+from selfcal.pipeline import layout
+from selfcal.pipeline.compress import compress
+from selfcal.pipeline.evaluate import evaluate
+from selfcal.pipeline.generate import generate
+from selfcal.tracking import open_client
+from tests.helpers import small_params
+
+SOURCES = ("self", "vocab")
+
+
+@pytest.fixture(scope="module")
+def audited(tiny_model, tmp_path_factory):
+    """generate -> compress -> evaluate for self-s0 and vocab-s0 (GPTQ), perplexity only."""
+    work = tmp_path_factory.mktemp("lineage")
+    overrides = {
+        "calibration.sources": {"self": {"kind": "self"}, "vocab": {"kind": "vocab"}},
+        "evaluation.tasks": [],
+    }
+    params = parse_params(small_params(tiny_model, work, **overrides), root=work)
+    for source in SOURCES:
+        generate(params, source, 0, progress=False)
+        compress(params, source, 0, "gptq")
+        evaluate(params, f"{source}-s0-gptq", progress=False)
+    return params
+
+
+def _uri(params) -> str:
+    return params.tracking.tracking_uri
+
+
+def _name(source: str) -> str:
+    return f"tiny-llama-gptq-{source}"
+
+
+def _cli(capsys, params, *args: str) -> tuple[int, str, str]:
+    code = main([*args, "--tracking-uri", _uri(params)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@contextmanager
+def flipped(path: Path, offset: int = -1) -> Iterator[None]:
+    """One byte of ``path`` inverted for the duration, then the original restored."""
+    original = path.read_bytes()
+    data = bytearray(original)
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+def test_lineage_names_the_calibration_set_each_model_was_made_from(audited, tiny_model):
+    client = open_client(_uri(audited))
+    base = fingerprint(resolve_model(str(tiny_model)))
+    digests = {s: load_calibration_set(layout.calibration_dir(audited, s, 0)).digest for s in SOURCES}
+    assert digests["self"] != digests["vocab"]
+    for source in SOURCES:
+        chain = trace.trace(client, store.resolve_version(client, _name(source)))
+        assert chain["missing"] == []
+        cal = chain["calibration"]
+        assert cal["digest"] == digests[source]
+        assert (cal["name"], cal["source"], cal["seed"], cal["n_samples"], cal["seq_len"]) == (f"{source}-s0", source, 0, 4, 32)
+        assert cal["params"]["kind"] == source
+        assert cal["generator"]["digest"] == base["digest"]
+        assert cal["generator"]["uses_weights"] is (source == "self")
+        assert cal["dataset"]["digest"] == digests[source][:32] and cal["dataset"]["context"] == "calibration"
+        assert cal["generate_run_id"] and cal["details_from"].startswith("generate run")
+        assert chain["checkpoint"]["path"] == str(layout.checkpoint_dir(audited, source, 0, "gptq"))
+        assert chain["checkpoint"]["method_params"]["group_size"] == 128
+        assert chain["base_model"]["digest"] == base["digest"]
+        assert chain["code"]["git_commit"] == T.UNKNOWN  # the temporary workdir is no git repository
+        assert chain["code"]["dvc_lock_sha256"] == "absent"
+        assert chain["model"]["model_id"] and chain["model"]["pipeline_run_id"]
+        scored = json.loads(layout.metrics_file(audited, f"{source}-s0-gptq").read_text())
+        assert chain["metrics"]["values"]["perplexity.wikitext2"] == pytest.approx(scored["perplexity"]["wikitext2"]["perplexity"])
+        # MLflow 3 keeps the same metrics on the LoggedModel behind the version.
+        logged = client.get_logged_model(chain["model"]["model_id"])
+        assert {m.key for m in logged.metrics} >= {"perplexity.wikitext2"}
+
+
+def test_calibration_digest_lists_only_the_models_made_from_it(audited, capsys):
+    digest = load_calibration_set(layout.calibration_dir(audited, "self", 0)).digest
+    code, out, _ = _cli(capsys, audited, "lineage", "--calibration", digest[:12])
+    assert code == 0
+    assert f"{_name('self')}:1" in out and _name("vocab") not in out
+    code, out, _ = _cli(capsys, audited, "lineage", "--calibration", digest, "--json")
+    assert [m["model"] for m in json.loads(out)] == [f"{_name('self')}:1"]
+    code, out, _ = _cli(capsys, audited, "lineage", "--calibration", "0" * 64)
+    assert code == 0 and "no registered model was made from calibration" in out
+
+
+def test_cli_lineage_text_and_json(audited, capsys):
+    digest = load_calibration_set(layout.calibration_dir(audited, "vocab", 0)).digest
+    code, out, _ = _cli(capsys, audited, "lineage", f"{_name('vocab')}:1")
+    assert code == 0
+    assert f"model        {_name('vocab')}:1" in out
+    assert f"  digest     {digest}" in out
+    assert "(tokenizer only)" in out and "perplexity.wikitext2" in out and "MISSING" not in out
+    code, out, _ = _cli(capsys, audited, "lineage", _name("vocab"), "--json")
+    chain = json.loads(out)
+    assert chain["calibration"]["digest"] == digest and chain["model"]["version"] == "1"
+
+
+def test_verify_passes_on_untouched_artifacts(audited, capsys):
+    for source in SOURCES:
+        code, out, err = _cli(capsys, audited, "verify", _name(source))
+        assert code == 0, err
+        assert out.startswith(f"verify: ok: {_name(source)}:1: checkpoint ") and "calibration " in out and "metrics " in out
+
+
+@pytest.mark.parametrize("target", ["checkpoint", "calibration"])
+def test_one_flipped_byte_fails_verify_naming_the_file(audited, capsys, target):
+    if target == "checkpoint":
+        path = layout.checkpoint_dir(audited, "self", 0, "gptq") / "model.safetensors"
+    else:
+        path = layout.calibration_dir(audited, "self", 0) / TOKENS
+    with flipped(path):
+        code, _, err = _cli(capsys, audited, "verify", _name("self"))
+        assert code == 2
+        assert f"verify: {path}: sha256 mismatch" in err
+        assert "failed verification: 1 problem(s)" in err
+        code, _, err = _cli(capsys, audited, "verify", _name("vocab"))
+        assert code == 0, err  # the other model's files are untouched
+    assert _cli(capsys, audited, "verify", _name("self"))[0] == 0
+
+
+def test_rewriting_the_manifest_too_is_still_caught(audited, capsys):
+    ckpt = layout.checkpoint_dir(audited, "vocab", 0, "gptq")
+    manifest_path = ckpt / "manifest.json"
+    weights = ckpt / "model.safetensors"
+    original_manifest = manifest_path.read_text()
+    with flipped(weights):
+        from selfcal.hashing import sha256_file
+
+        forged = json.loads(original_manifest)
+        forged["files"]["model.safetensors"] = sha256_file(weights)
+        manifest_path.write_text(json.dumps(forged))
+        try:
+            code, _, err = _cli(capsys, audited, "verify", _name("vocab"))
+        finally:
+            manifest_path.write_text(original_manifest)
+    assert code == 2
+    assert f"verify: {manifest_path}: sha256 mismatch (registered " in err
+
+
+def test_model_registered_without_lineage_is_reported(audited, capsys):
+    client = open_client(_uri(audited))
+    client.create_registered_model("hand-made")
+    client.create_model_version("hand-made", source=str(layout.checkpoint_dir(audited, "self", 0, "gptq")))
+    code, out, _ = _cli(capsys, audited, "lineage", "hand-made:1")
+    assert code == 0
+    assert "calibration  no calibration lineage recorded" in out
+    assert "MISSING      no calibration lineage recorded" in out
+    code, _, err = _cli(capsys, audited, "verify", "hand-made:1")
+    assert code == 2
+    assert "verify: hand-made:1: no calibration lineage recorded" in err
+    assert "verify: hand-made:1: no checkpoint recorded" in err
+
+
+def test_unknown_model_and_bad_arguments_fail_in_one_line(audited, capsys):
+    code, _, err = _cli(capsys, audited, "lineage", "no-such-model")
+    assert code == 2 and "no-such-model: no registered model of that name" in err
+    code, _, err = _cli(capsys, audited, "verify", f"{_name('self')}:9")
+    assert code == 2 and "no such model version" in err
+    code, _, err = _cli(capsys, audited, "lineage", "--calibration", "xyz")
+    assert code == 2 and "not a sha256 digest" in err
+    code, _, err = _cli(capsys, audited, "lineage")
+    assert code == 2 and "give MODEL[:VERSION] or --calibration DIGEST" in err
+
+
+def test_missing_store_is_an_error_not_a_new_store(tmp_path, capsys):
+    db = tmp_path / "absent.db"
+    assert main(["lineage", "x", "--tracking-uri", f"sqlite:///{db}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and not db.exists()
+
+
+def test_tracking_off_registers_nothing_and_writes_no_store(tiny_model, tmp_path):
+    params = parse_params(
+        small_params(tiny_model, tmp_path, **{"tracking.enabled": False, "calibration.sources": {"vocab": {"kind": "vocab"}}}), root=tmp_path
+    )
+    generate(params, "vocab", 0, progress=False)
+    manifest = compress(params, "vocab", 0, "gptq")
+    assert manifest["calibration"]["source"] == "vocab"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "state").exists()
+
+
+def test_registered_name_template_and_sanitising(tiny_model, tmp_path):
+    assert registered_name("{base}-{method}-{source}", base="org/Model.v1", method="gptq", source="self", seed=0) == "org-Model.v1-gptq-self"
+    assert registered_name("{base}:{seed}", base="m", method="x", source="y", seed=3) == "m-3"
+    with pytest.raises(ConfigError, match=r"tracking.registered_model_name.*unknown field \{nope\}"):
+        parse_params(small_params(tiny_model, tmp_path, **{"tracking.registered_model_name": "{base}-{nope}"}), root=tmp_path)
