@@ -66,6 +66,16 @@ def local_path(uri: str | None) -> Path | None:
     return Path(uri) if parsed.scheme == "" else None
 
 
+def show(path: Path | str | None) -> str | None:
+    """A local path relative to the working directory when inside it, as a user would type it."""
+    if path is None or (isinstance(path, str) and not path.startswith("/")):
+        return path  # absent, or a remote URI
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def get_run(client, run_id: str | None):
     from mlflow.exceptions import MlflowException
 

@@ -136,7 +136,7 @@ def format_text(lineage: dict) -> str:
     lines = [
         f"model        {m['name']}:{m['version']}  ({m['source']}, registered {m['registered_utc']})",
         f"  compress   run {m['compress_run_id']}  (pipeline run {m['pipeline_run_id']})",
-        f"checkpoint   {c['path']}",
+        f"checkpoint   {store.show(c['path'])}",
         f"  digest     {c['digest']}  (manifest sha256 {c['manifest_sha256']})",
         f"  method     {c['method']}  {_kv(c['method_params'])}",
         f"  recipe     sha256 {c['recipe_sha256']}",
@@ -153,7 +153,7 @@ def format_text(lineage: dict) -> str:
         same = "  = base model" if gen.get("digest") and gen.get("digest") == b["digest"] else ""
         ds = cal["dataset"]
         lines += [
-            f"calibration  {cal['name']}  {cal['path']}",
+            f"calibration  {cal['name']}  {store.show(cal['path'])}",
             f"  digest     {cal['digest']}",
             f"  source     {cal['source']}  seed {cal['seed']}  {cal['n_samples']} x {cal['seq_len']} tokens",
             f"  params     {_kv(cal['params'])}",
@@ -165,7 +165,7 @@ def format_text(lineage: dict) -> str:
     if met is None:
         lines.append("metrics      none linked (no evaluate run recorded for this version)")
     else:
-        lines.append(f"metrics      evaluate run {met['evaluate_run_id']}  {met['file'] or ''}".rstrip())
+        lines.append(f"metrics      evaluate run {met['evaluate_run_id']}  {store.show(met['file']) or ''}".rstrip())
         width = max((len(k) for k in met["values"]), default=0)
         lines += [f"  {k:<{width}}  {v:.6g}" for k, v in met["values"].items()]
     lines += [f"MISSING      {why}" for why in lineage["missing"]]
@@ -196,5 +196,5 @@ def format_models(digest: str, models: list[dict]) -> str:
         return f"no registered model was made from calibration {digest}"
     lines = [f"{len(models)} model version(s) made from calibration {digest}:"]
     for m in models:
-        lines.append(f"  {m['model']}  {m['method']}  {m['calibration']} ({m['calibration_digest'][:16]})  {m['checkpoint']}  registered {m['registered_utc']}")
+        lines.append(f"  {m['model']}  {m['method']}  {m['calibration']} ({m['calibration_digest'][:16]})  {store.show(m['checkpoint'])}  registered {m['registered_utc']}")
     return "\n".join(lines)

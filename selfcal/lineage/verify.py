@@ -16,6 +16,7 @@ from selfcal.artifacts import MANIFEST
 from selfcal.errors import SelfcalError
 from selfcal.hashing import file_digests, sha256_file, tree_digest
 from selfcal.lineage import store
+from selfcal.lineage.store import show
 from selfcal.lineage import tags as T
 from selfcal.lineage.trace import NO_CALIBRATION
 
@@ -29,14 +30,6 @@ class Report:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def show(path: Path) -> str:
-    """Paths relative to the working directory when inside it, as a user typed them."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def _mismatch(path: Path, what: str, registered: str | None, actual: str) -> str:
