@@ -130,12 +130,12 @@ def _kv(d: dict | None) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted((d or {}).items())) or "-"
 
 
-def format_text(lineage: dict) -> str:
-    m, c, b, code = lineage["model"], lineage["checkpoint"], lineage["base_model"], lineage["code"]
+def _checkpoint_lines(lineage: dict) -> list[str]:
+    c, b, code = lineage["checkpoint"], lineage["base_model"], lineage["code"]
+    if c["digest"] is None:
+        return ["checkpoint   not recorded (the version carries no selfcal lineage tags)"]
     dirty = {"true": " (uncommitted changes)", "false": ""}.get(code["git_dirty"] or "", " (dirty: unknown)")
-    lines = [
-        f"model        {m['name']}:{m['version']}  ({m['source']}, registered {m['registered_utc']})",
-        f"  compress   run {m['compress_run_id']}  (pipeline run {m['pipeline_run_id']})",
+    return [
         f"checkpoint   {store.show(c['path'])}",
         f"  digest     {c['digest']}  (manifest sha256 {c['manifest_sha256']})",
         f"  method     {c['method']}  {_kv(c['method_params'])}",
@@ -144,13 +144,23 @@ def format_text(lineage: dict) -> str:
         f"base model   {b['name']}  revision {b['revision']}  digest {b['digest']}",
         f"code         git {code['git_commit']}{dirty}  dvc.lock sha256 {code['dvc_lock_sha256']}",
     ]
+
+
+def format_text(lineage: dict) -> str:
+    m = lineage["model"]
+    run = f"run {m['compress_run_id']}  (pipeline run {m['pipeline_run_id']})" if m["compress_run_id"] else "no run linked"
+    lines = [
+        f"model        {m['name']}:{m['version']}  ({m['source']}, registered {m['registered_utc']})",
+        f"  compress   {run}",
+        *_checkpoint_lines(lineage),
+    ]
     cal = lineage["calibration"]
     if cal is None:
         lines.append(f"calibration  {NO_CALIBRATION}")
     else:
         gen = cal["generator"]
         role = {True: "weights and tokenizer", False: "tokenizer only"}.get(gen.get("uses_weights"), "role unknown")
-        same = "  = base model" if gen.get("digest") and gen.get("digest") == b["digest"] else ""
+        same = "  = base model" if gen.get("digest") and gen.get("digest") == lineage["base_model"]["digest"] else ""
         ds = cal["dataset"]
         lines += [
             f"calibration  {cal['name']}  {store.show(cal['path'])}",
