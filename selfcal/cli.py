@@ -82,9 +82,63 @@ def _parser() -> argparse.ArgumentParser:
     vf.add_argument("model", metavar="MODEL[:VERSION]", help="a registered model name, optionally :VERSION")
     vf.add_argument("--tracking-uri", help=store_help)
 
-    r = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (local ephemeral API)")
+    r = sub.add_parser(
+        "run",
+        help="run the whole pipeline as a Prefect flow (local ephemeral API)",
+        description="The Prefect flow in flows/pipeline.py on Prefect's temporary local API: one retried "
+        "task per DVC stage item, holding the workspace lock (.selfcal/run.lock) for the whole run.",
+    )
+    r.add_argument("--profile", help="profiles/NAME.yaml (or a path) to validate and install as params.yaml first")
     r.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
+    r.add_argument("--sync-remote", action="store_true", help="dvc pull before and dvc push after (default remote, run-cache)")
+    r.add_argument("--retries", type=int, default=2, help="retries per stage item (default 2)")
+    r.add_argument("--retry-delay", type=float, default=30, metavar="SECONDS", help="pause before a retry (default 30)")
+    r.add_argument("--timeout", type=float, metavar="SECONDS", help="limit per attempt of one stage item (default none)")
+    r.add_argument(
+        "--lock-timeout", type=float, default=0, metavar="SECONDS", help="wait this long for a run holding the workspace (default 0: fail)"
+    )
     return p
+
+
+def _run(args) -> None:
+    """Refuse at once, in one line, what the flow would refuse only after Prefect started.
+
+    The flow checks all of this again (a deployment has no CLI in front of it);
+    here it only spares the user a server start and a traceback.
+    """
+    import logging
+    import os
+    from pathlib import Path
+
+    from selfcal.errors import ConfigError
+    from selfcal.profiles import read_profile
+    from selfcal.workspace_lock import workspace_lock
+
+    if args.params:  # the flow reads ./params.yaml, as DVC does
+        raise ConfigError("run: DVC reads ./params.yaml; choose other params with --profile, not --params")
+    if args.profile:
+        read_profile(Path.cwd(), args.profile)
+    if args.lock_timeout <= 0:
+        with workspace_lock(Path.cwd(), label="selfcal run (start-up check)"):
+            pass
+    # A temporary local server has nobody to report usage to (and no network on many GPU boxes).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    # Prefect prints its own console lines, naming the task run (the stage item), only
+    # when it finds the root logger free; everything this command logs goes through it.
+    logging.getLogger().handlers.clear()
+    from flows.pipeline import pipeline
+
+    summary = pipeline(
+        profile=args.profile,
+        force=args.force,
+        sync_remote=args.sync_remote,
+        retries=args.retries,
+        retry_delay_seconds=args.retry_delay,
+        timeout_seconds=args.timeout,
+        lock_timeout=args.lock_timeout,
+    )
+    print(summary)
 
 
 def _audit_client(args):
@@ -176,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("lineage", "verify"):
             (_lineage if args.command == "lineage" else _verify)(args)  # an auditor may have no params.yaml
             return
+        if args.command == "run":
+            _run(args)  # before load_params: the profile may replace params.yaml
+            return
         if args.command == "inspect" and args.calib_set and args.model and not params_path(args.params).is_file():
             _inspect(args, None)  # a set and a model are all a one-off inspection needs
             return
@@ -205,10 +262,6 @@ def main(argv: list[str] | None = None) -> int:
             from selfcal.pipeline.aggregate import aggregate
 
             aggregate(params)
-        elif args.command == "run":
-            from flows.pipeline import pipeline
-
-            pipeline(force=args.force)
 
     return run_cli(go)
 

@@ -80,3 +80,26 @@ def small_params(model_dir: Path, workdir: Path, **overrides) -> dict:
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def pipeline_workspace(dest: Path, model_dir: Path, **overrides) -> tuple[Path, dict]:
+    """A copy of the checkout's pipeline files (tracked and new, as in the working tree) at ``dest``,
+    its params.yaml pointing at ``model_dir``, no dvc.lock: a workspace where nothing ran yet."""
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for rel in listed:
+        if rel.startswith(("tests/", "README")) or not (REPO / rel).is_file():
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    data = small_params(model_dir, dest, **overrides)
+    data["paths"] = {"artifacts": "artifacts", "state": ".selfcal"}
+    if "tracking.tracking_uri" not in overrides:
+        data["tracking"]["tracking_uri"] = None  # the workspace's own .selfcal/mlflow.db
+    write_params(dest / "params.yaml", data)
+    return dest, data

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from selfcal.pipeline.aggregate import aggregate
 from selfcal.pipeline.compress import compress
 from selfcal.pipeline.evaluate import evaluate
 from selfcal.pipeline.generate import generate
-from tests.helpers import REPO, small_params, write_params
+from tests.helpers import pipeline_workspace, small_params, write_params
 
 
 @pytest.fixture(scope="module")
@@ -118,20 +117,7 @@ def _dvc(cwd: Path, *args: str) -> str:
 @pytest.fixture(scope="module")
 def dvc_workspace(tiny_model, tmp_path_factory):
     """A clean copy of the repository's pipeline files, with params pointing at the tiny model."""
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    ws = tmp_path_factory.mktemp("dvc") / "ws"
-    for rel in files:
-        if rel.startswith(("tests/", "README")):
-            continue
-        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, ws / rel)
-    (ws / "dvc.lock").unlink(missing_ok=True)
-    subprocess.run(["git", "init", "-q"], cwd=ws, check=True)
-    data = small_params(tiny_model, ws)
-    data["paths"] = {"artifacts": "artifacts", "state": ".selfcal"}
-    data["tracking"] = {"tracking_uri": None}
-    write_params(ws / "params.yaml", data)
-    return ws, data
+    return pipeline_workspace(tmp_path_factory.mktemp("dvc") / "ws", tiny_model)
 
 
 def _runs_by_execution(db: Path) -> dict[str, list]:
@@ -164,19 +150,3 @@ def test_dvc_repro_end_to_end_then_noop_then_partial(dvc_workspace):
     out = _dvc(ws, "repro")
     assert "Running stage 'evaluate@self-0-gptq'" in out and "Running stage 'evaluate_dense'" in out
     assert "Running stage 'generate" not in out and "Running stage 'compress" not in out
-
-
-def test_prefect_flow_runs_the_dvc_stages_in_ephemeral_mode(dvc_workspace, tmp_path):
-    ws, _ = dvc_workspace
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API_URL"))}
-    env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "selfcal.cli", "run", "--force"], cwd=ws, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for stage in ("generate", "inspect", "compress", "evaluate", "evaluate_dense", "aggregate"):
-        assert f"dvc repro --single-item {stage} --force" in proc.stderr
-    assert "Finished in state Completed()" in proc.stderr
-    flow_runs = [runs for ex, runs in _runs_by_execution(ws / ".selfcal" / "mlflow.db").items() if ex.startswith("prefect-")]
-    assert len(flow_runs) == 1 and len(flow_runs[0]) == 7  # one parent, six stage runs
-    assert "Data and pipelines are up to date." in _dvc(ws, "repro")

@@ -1,0 +1,52 @@
+"""The pipeline's stage items, in an order DVC can run one at a time.
+
+Read from DVC's own graph rather than listed here: dvc.yaml's matrices expand
+from params.yaml, so the items change with the profile, and only DVC knows them
+all and which depends on which. (Named ``dvc_items``, not ``dvc``: Prefect puts
+this folder on ``sys.path`` when it loads the flow, and ``dvc`` would shadow DVC.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+# What `dvc repro` prints about an item -> what happened to it.
+OUTCOMES = {
+    "Running stage '{}'": "ran",
+    "Stage '{}' is cached - skipping run": "restored from run-cache",
+    "Stage '{}' didn't change, skipping": "up to date",
+}
+
+
+def stage_items(root: Path) -> list[str]:
+    """Every stage item (``generate@self-0``, ``aggregate``…), dependencies first.
+
+    Ties are broken by dvc.yaml's order, so all items of one stage stay together
+    whenever the graph allows it; that is what a reader of the run expects to see.
+    """
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        stages = list(repo.index.stages)
+        position = {stage: i for i, stage in enumerate(stages)}
+        # DVC's edges point from a stage to what it depends on; reversed, dependencies come first.
+        graph = repo.index.graph.reverse(copy=True)
+        return [_target(stage, Path(root)) for stage in nx.lexicographical_topological_sort(graph, key=position.__getitem__)]
+
+
+def _target(stage, root: Path) -> str:
+    """The item as ``dvc repro`` run in ``root`` names it (DVC's own ``addressing`` is relative to the cwd)."""
+    dvcfile = os.path.relpath(stage.dvcfile.path, root)
+    return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
+
+
+def outcome(item: str, lines: list[str]) -> str:
+    """What ``dvc repro --single-item ITEM`` did, from its output."""
+    for pattern, meaning in OUTCOMES.items():
+        needle = re.escape(pattern.format(item))
+        if any(re.search(needle, line) for line in lines):
+            return meaning
+    return "unknown"

@@ -1,0 +1,34 @@
+"""The run's summary artifact: the aggregate table, and what happened to each item.
+
+One keyed markdown artifact per run, so the Prefect UI's Artifacts page lists
+every night's table under the same key, newest first.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+RESULTS_ARTIFACT = "selfcal-results"
+
+
+def _items_table(results: list[dict]) -> str:
+    rows = [f"| {r['item']} | {r['outcome']} | {r['attempts']} | {r['seconds']:.1f} |" for r in results]
+    return "\n".join(["| item | outcome | attempts | seconds |", "|---|---|---|---|", *rows])
+
+
+def run_summary(results: list[dict], artifacts: Path, profile: str | None) -> str:
+    counts = Counter(r["outcome"] for r in results)
+    report = artifacts / "report" / "results.md"
+    table = report.read_text().strip() if report.is_file() else "_no aggregate report was written_"
+    counted = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+    return "\n\n".join(
+        [
+            f"# selfcal run: {len(results)} stage items ({counted})",
+            f"Profile: `{profile}`" if profile else "Profile: params.yaml as checked out",
+            "## Results",
+            table,
+            "## Stage items",
+            _items_table(results),
+        ]
+    ) + "\n"

@@ -1,0 +1,56 @@
+"""Profiles: complete params files under ``profiles/`` that a run installs as params.yaml.
+
+Why copy instead of pointing DVC at another file: dvc.yaml reads params.yaml and
+dvc.lock records the values each stage used, so a copied profile is tracked like
+a hand edit (``git diff params.yaml``, ``dvc params diff``) — exactly what
+``cp profiles/paper.yaml params.yaml && dvc repro`` does, but validated first, so
+a broken profile stops the run before it replaces anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from selfcal.artifacts import atomic_write_text
+from selfcal.config import DEFAULT_PARAMS, parse_params
+from selfcal.errors import ConfigError
+
+PROFILE_DIR = Path("profiles")
+
+
+def known_profiles(root: Path) -> list[str]:
+    return sorted(p.stem for p in (Path(root) / PROFILE_DIR).glob("*.yaml"))
+
+
+def resolve_profile(root: Path, profile: str) -> Path:
+    """``paper`` means profiles/paper.yaml; anything with a slash or suffix is a path from ``root``."""
+    looks_like_path = "/" in profile or profile.endswith((".yaml", ".yml"))
+    path = Path(root) / (profile if looks_like_path else PROFILE_DIR / f"{profile}.yaml")
+    if not path.is_file():
+        raise ConfigError(f"profile '{profile}': {path} not found; known profiles: {known_profiles(root)}")
+    return path
+
+
+def read_profile(root: Path, profile: str) -> str:
+    """The profile's text, once it validates as the params.yaml it would become."""
+    path = resolve_profile(root, profile)
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    # Relative paths in it resolve from the workspace root, as they will in params.yaml.
+    parse_params(data, source=str(path), root=Path(root).resolve())
+    return text
+
+
+def apply_profile(root: Path, profile: str) -> bool:
+    """Validate the profile, then make it params.yaml. Returns whether params.yaml changed."""
+    text = read_profile(root, profile)
+    target = Path(root) / DEFAULT_PARAMS
+    if target.is_file() and target.read_text() == text:
+        return False
+    atomic_write_text(target, text)
+    return True

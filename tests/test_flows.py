@@ -1,0 +1,424 @@
+"""The Prefect flow over DVC, for real: `selfcal run` on a tiny model in Prefect's ephemeral mode.
+
+One workspace ("worker A") runs the whole flow once while a stage item fails on purpose and two
+more runs try the same workspace; a second workspace is killed mid-compress and resumed; a third
+("worker B") shares A's DVC remote and MLflow store. Everything else here takes seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.dvc_items import stage_items
+from selfcal.errors import ConfigError
+from selfcal.profiles import apply_profile
+from selfcal.scratch import find_scratch
+from selfcal.workspace_lock import WorkspaceBusyError, lock_path, read_holder, workspace_lock
+from tests.helpers import REPO, pipeline_workspace, small_params, write_params
+
+FLAKY_ITEM = "compress@self-0-wanda"
+METHODS = {"compression.methods": ["gptq", "wanda"], "compression.wanda": {"sparsity": 0.5, "mask_structure": "2:4"}}
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _env(prefect_home: Path, *, path_first: Path | None = None, **extra: str) -> dict[str, str]:
+    """What a worker's shell would have: the venv on PATH, its own Prefect home, no leaked test state."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "SELFCAL_PARAMS"))}
+    path = [str(Path(sys.executable).parent), env["PATH"]]
+    if path_first is not None:
+        path.insert(0, str(path_first))
+    env.update(PATH=os.pathsep.join(path), PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    return env
+
+
+def _start(ws: Path, env: dict, *args: str) -> subprocess.Popen:
+    """`selfcal run ARGS` in its own process group, so a test can kill all of it like a worker dying."""
+    cmd = [sys.executable, "-m", "selfcal.cli", "run", "--retry-delay", "1", *args]
+    return subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _ran(output: str) -> Counter:
+    """How often DVC started each stage item's command."""
+    return Counter(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _dvc(ws: Path, env: dict, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _digests(ws: Path) -> dict[str, object]:
+    """What must not depend on how a run went: set contents, checkpoint files, scores.
+
+    Left out on purpose: timings, and the files that record them (a checkpoint's
+    compression.json and manifest, hence its tree digest).
+    """
+    art = ws / "artifacts"
+    out: dict[str, object] = {}
+    for d in sorted((art / "calibration").iterdir()):
+        out[f"calibration/{d.name}"] = json.loads((d / "manifest.json").read_text())["content_digest"]
+    for d in sorted((art / "checkpoints").iterdir()):
+        files = json.loads((d / "manifest.json").read_text())["files"]
+        out[f"checkpoints/{d.name}"] = {k: v for k, v in files.items() if k != "compression.json"}
+    for f in sorted((art / "metrics").glob("*.json")):
+        m = json.loads(f.read_text())
+        scores = {t: r["acc"] for t, r in m["zero_shot"]["tasks"].items()}
+        out[f"metrics/{f.stem}"] = (m.get("calibration_digest"), scores, {k: v["nll"] for k, v in m["perplexity"].items()})
+    return out
+
+
+def _mlflow_stages(uri: str) -> dict[str, list[str]]:
+    """Execution id -> sorted stage tags of its runs, in one tracking store."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("selfcal").experiment_id])
+    by_exec: dict[str, list[str]] = {}
+    for r in runs:
+        by_exec.setdefault(r.data.tags["selfcal.execution_id"], []).append(r.data.tags["selfcal.stage"])
+    return {k: sorted(v) for k, v in by_exec.items()}
+
+
+def _python_shim(directory: Path, marker: Path) -> Path:
+    """A `python` first on PATH that makes the stage of FLAKY_ITEM fail once, then steps aside.
+
+    DVC starts stage commands (`python -m stages.compress ...`) through PATH, so this is a real
+    failure of that one stage as DVC sees it, and nothing test-only lives in the package.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    shim = directory / "python"
+    shim.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *"stages.compress --source self --seed 0 --method wanda"*)\n'
+        f'  if mkdir "{marker}" 2>/dev/null; then echo "injected failure" >&2; exit 3; fi ;;\n'
+        "esac\n"
+        f'exec "{sys.executable}" "$@"\n'
+    )
+    shim.chmod(0o755)
+    return directory
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# --- worker A: one full run, a failing item, two more runs against the same workspace -------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """What several workers share: a DVC remote, an MLflow store with one artifact root, Prefect's home."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("shared")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    # The one config step a shared store needs: create the experiment with an artifact root every worker reaches.
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment("selfcal", artifact_location=(root / "mlartifacts").as_uri())
+    return {"remote": root / "dvc-remote", "mlflow_uri": uri, "prefect_home": root / "prefect"}
+
+
+@pytest.fixture(scope="module")
+def worker_a(tiny_model, tmp_path_factory, shared):
+    ws, data = pipeline_workspace(tmp_path_factory.mktemp("worker-a") / "ws", tiny_model, **METHODS)
+    # The profile is the run's params: params.yaml itself starts out as something else entirely.
+    (ws / "profiles" / "tiny.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    write_params(ws / "params.yaml", {**data, "calibration": {**data["calibration"], "seeds": [7]}})
+    env_plain = _env(shared["prefect_home"], MLFLOW_TRACKING_URI=shared["mlflow_uri"])
+    _dvc(ws, env_plain, "remote", "add", "--local", "-d", "shared", str(shared["remote"]))
+    marker = ws.parent / "injected"
+    env = _env(shared["prefect_home"], path_first=_python_shim(ws.parent / "shim", marker), MLFLOW_TRACKING_URI=shared["mlflow_uri"])
+
+    first = _start(ws, env, "--profile", "tiny", "--sync-remote")
+    holder = _wait_for(lambda: (h := read_holder(ws)) and h.label.startswith("selfcal-pipeline") and h, 120, "run 1 to hold the workspace")
+    refused = subprocess.run(
+        [sys.executable, "-m", "selfcal.cli", "run"], cwd=ws, env=env, capture_output=True, text=True, timeout=120
+    )
+    waiting = _start(ws, env, "--lock-timeout", "600")
+    rc1, out1 = _finish(first)
+    rc3, out3 = _finish(waiting)
+    return {
+        "ws": ws, "env": env, "holder": holder, "marker": marker,
+        "first": (rc1, out1), "refused": refused, "waiting": (rc3, out3), "pid": first.pid,
+    }
+
+
+def test_flow_runs_every_stage_item_in_ephemeral_mode(worker_a, shared):
+    ws, (rc, out) = worker_a["ws"], worker_a["first"]
+    assert rc == 0, out[-4000:]
+    assert "Starting temporary server" in out and "Flow run" in out and "Finished in state Completed()" in out
+    items = stage_items(ws)
+    assert len(items) == 8 and items[-1] == "aggregate"
+    for item in items:
+        assert f"Task run '{item}' - attempt 1: dvc repro --single-item {item} --pull" in out
+    # the profile was installed before anything ran, and the stages used it (seed 0, not 7)
+    assert (ws / "params.yaml").read_text() == (ws / "profiles" / "tiny.yaml").read_text()
+    assert "| gptq | self | 1 |" in (ws / "artifacts" / "report" / "results.md").read_text()
+    # the summary artifact, as the Prefect API stores it
+    proc = subprocess.run(
+        [sys.executable, "-m", "prefect", "artifact", "inspect", "selfcal-results", "-o", "json"],
+        env=worker_a["env"], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    markdowns = [a["data"] for a in json.loads(proc.stdout)]  # one per run in this Prefect home
+    assert any("| wanda | self | 1 |" in md and f"| {FLAKY_ITEM} | ran | 2 |" in md for md in markdowns)
+    # one MLflow parent for the whole flow run, one child per stage item it ran
+    (stages,) = [v for k, v in _mlflow_stages(shared["mlflow_uri"]).items() if k.startswith("prefect-") and "generate" in v]
+    assert stages == sorted(["pipeline", "generate", "inspect", "compress", "compress", "evaluate", "evaluate", "evaluate", "aggregate"])
+    assert "Data and pipelines are up to date." in _dvc(ws, worker_a["env"], "status")
+
+
+def test_a_failed_compress_item_is_retried_and_only_it_runs_again(worker_a):
+    rc, out = worker_a["first"]
+    assert rc == 0 and worker_a["marker"].is_dir()  # the failure was injected, and the run still completed
+    assert "injected failure" in out
+    ran = _ran(out)
+    assert ran.pop(FLAKY_ITEM) == 2
+    assert set(ran.values()) == {1} and len(ran) == 7  # every other item ran exactly once
+    assert re.findall(r"attempt 2: dvc repro --single-item (\S+)", out) == [FLAKY_ITEM]
+
+
+def test_a_second_run_fails_at_once_naming_the_first(worker_a):
+    refused = worker_a["refused"]
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()  # one line, no Prefect server started, no traceback
+    assert line.startswith(f"selfcal: error: workspace {worker_a['ws']} is in use by selfcal-pipeline flow run")
+    assert f"pid {worker_a['pid']} " in line and worker_a["holder"].started_utc in line
+
+
+def test_a_run_that_waits_for_the_workspace_then_finds_nothing_to_do(worker_a):
+    rc, out = worker_a["waiting"]
+    assert rc == 0, out[-4000:]
+    assert "workspace busy (selfcal-pipeline flow run" in out and "waiting up to 600 s" in out
+    assert not _ran(out)  # it started after run 1 finished: DVC found every item done
+    assert out.count("didn't change, skipping") == 8
+    lock = yaml.safe_load((worker_a["ws"] / "dvc.lock").read_text())
+    assert len(lock["stages"]) == 8
+    assert not find_scratch(worker_a["ws"] / "artifacts")
+
+
+# --- a run killed mid-compress, then resumed ------------------------------------------------------
+
+
+def test_killed_run_leaves_no_half_output_and_resumes_to_the_same_hashes(worker_a, tiny_model, tmp_path, shared):
+    ws, _ = pipeline_workspace(tmp_path / "ws", tiny_model, **{"tracking.enabled": False})  # GPTQ only
+    env = _env(tmp_path / "prefect")
+    run = _start(ws, env)
+    checkpoints = ws / "artifacts" / "checkpoints"
+    scratch = _wait_for(lambda: checkpoints.is_dir() and find_scratch(checkpoints), 300, "a checkpoint being written", poll=0.01)
+    os.killpg(run.pid, signal.SIGKILL)  # the worker dies: flow, Prefect server, dvc and the stage, at once
+    run.communicate()
+
+    assert scratch[0].exists() and not (checkpoints / "self-s0-gptq").exists()  # only scratch, never half an output
+    lock = yaml.safe_load((ws / "dvc.lock").read_text())
+    assert "compress@self-0-gptq" not in lock["stages"] and "generate@self-0" in lock["stages"]
+
+    rc, out = _finish(_start(ws, env))
+    assert rc == 0, out[-4000:]
+    assert "removed scratch left by an interrupted stage" in out and not find_scratch(ws / "artifacts")
+    ran = _ran(out)
+    assert "generate@self-0" not in ran and "inspect@self-0" not in ran  # finished before the kill: kept
+    assert ran["compress@self-0-gptq"] == 1
+    resumed, uninterrupted = _digests(ws), _digests(worker_a["ws"])
+    assert set(resumed) == {"calibration/self-s0", "checkpoints/self-s0-gptq", "metrics/self-s0-gptq", "metrics/dense"}
+    assert resumed == {k: uninterrupted[k] for k in resumed}  # the same as worker A's, which nobody killed
+
+
+# --- worker B: shares A's DVC remote and MLflow store --------------------------------------------
+
+
+def test_a_second_worker_reuses_the_first_ones_results_through_the_shared_remote(worker_a, tiny_model, tmp_path, shared):
+    assert worker_a["first"][0] == 0
+    # A's params for GPTQ, another evaluation slice: B evaluates again and computes nothing else.
+    ws, _ = pipeline_workspace(tmp_path / "ws", tiny_model, **{"evaluation.limit": 10})
+    env = _env(shared["prefect_home"], MLFLOW_TRACKING_URI=shared["mlflow_uri"])
+    _dvc(ws, env, "remote", "add", "--local", "-d", "shared", str(shared["remote"]))
+    rc, out = _finish(_start(ws, env, "--sync-remote"))
+    assert rc == 0, out[-4000:]
+    assert set(_ran(out)) == {"evaluate@self-0-gptq", "evaluate_dense", "aggregate"}
+    for item in ("generate@self-0", "inspect@self-0", "compress@self-0-gptq"):
+        assert f"Stage '{item}' is cached - skipping run" in out
+    a, b = _digests(worker_a["ws"]), _digests(ws)
+    for key in ("calibration/self-s0", "checkpoints/self-s0-gptq"):
+        assert b[key] == a[key]  # A's files, fetched, not recomputed
+    # both workers' executions are in the one store
+    flows = sorted(v for k, v in _mlflow_stages(shared["mlflow_uri"]).items() if k.startswith("prefect-"))
+    assert sorted(["pipeline", "evaluate", "evaluate", "aggregate"]) in flows and len(flows) == 2
+
+
+# --- the pieces, in seconds ---------------------------------------------------------------------
+
+
+def test_workspace_lock_names_its_holder_waits_and_survives_a_killed_holder(tmp_path):
+    code = (
+        "import sys, time; from pathlib import Path; from selfcal.workspace_lock import workspace_lock\n"
+        "with workspace_lock(Path(sys.argv[1]), label='holder'):\n"
+        "    print('held', flush=True); time.sleep(float(sys.argv[2]))\n"
+        "    with open(Path(sys.argv[1]) / 'order', 'a') as f: f.write('holder leaves\\n')\n"
+    )
+
+    def hold(seconds: float) -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(seconds)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    holder = hold(60)
+    with pytest.raises(WorkspaceBusyError, match=rf"in use by holder \(pid {holder.pid} on .*; gave up after 0 s"):
+        with workspace_lock(tmp_path, label="second"):
+            pass
+    holder.kill()  # kill -9: the kernel drops the lock, nobody cleans up
+    holder.wait()
+    with workspace_lock(tmp_path, label="after the kill") as me:
+        assert read_holder(tmp_path) == me
+    assert read_holder(tmp_path) is None and lock_path(tmp_path).exists()
+
+    waited: list = []
+    holder = hold(1.0)
+    with workspace_lock(tmp_path, label="patient", timeout=60, poll_seconds=0.05, on_wait=waited.append):
+        with open(tmp_path / "order", "a") as f:
+            f.write("patient enters\n")
+    assert (tmp_path / "order").read_text() == "holder leaves\npatient enters\n"
+    assert [h.label for h in waited] == ["holder"] and holder.wait(timeout=30) == 0
+
+
+def test_profile_is_validated_before_it_replaces_params(tiny_model, tmp_path):
+    good = small_params(tiny_model, tmp_path)
+    write_params(tmp_path / "params.yaml", good)
+    before = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "broken.yaml").write_text(yaml.safe_dump({**good, "calibration": {**good["calibration"], "n_sample": 3}}))
+    with pytest.raises(ConfigError, match=r"broken.yaml: calibration.n_sample: unknown key"):
+        apply_profile(tmp_path, "broken")
+    with pytest.raises(ConfigError, match=r"profile 'nope': .* not found; known profiles: \['broken'\]"):
+        apply_profile(tmp_path, "nope")
+    assert (tmp_path / "params.yaml").read_text() == before
+    text = "# a comment survives\n" + yaml.safe_dump({**good, "calibration": {**good["calibration"], "seeds": [3]}})
+    (tmp_path / "profiles" / "other.yaml").write_text(text)
+    assert apply_profile(tmp_path, "other") is True
+    assert (tmp_path / "params.yaml").read_text() == text  # the file itself, as `cp` would
+    assert apply_profile(tmp_path, "profiles/other.yaml") is False
+
+
+def test_scratch_of_a_killed_writer_is_found_and_ignored_by_dvc(tmp_path):
+    """What selfcal.artifacts leaves when killed mid-write is what selfcal.scratch sweeps and DVC ignores."""
+    code = (
+        "import os, sys; from pathlib import Path; from selfcal.artifacts import atomic_dir, atomic_write_text\n"
+        "root = Path(sys.argv[1])\n"
+        "with atomic_dir(root / 'checkpoints' / 'a') as tmp:\n"
+        "    (tmp / 'model.safetensors').write_bytes(b'half')\n"
+        "    atomic_write_text(root / 'metrics' / 'b.json', '{}')\n"
+        "    os._exit(9)\n"
+    )
+    art = tmp_path / "artifacts"
+    subprocess.run([sys.executable, "-c", code, str(art)], cwd=REPO, check=False)
+    found = find_scratch(art)
+    assert [p.parent.name for p in found] == ["checkpoints"] and found[0].name.startswith(".a.tmp-")
+    assert not (art / "checkpoints" / "a").exists()
+    (art / "metrics" / ".b.json.tmp-0123abcd").write_text("{")  # a killed atomic_write_text
+    assert len(find_scratch(art)) == 2
+    (tmp_path / ".dvcignore").write_text((REPO / ".dvcignore").read_text())
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    rel = [str(p.relative_to(tmp_path)) for p in find_scratch(art)]
+    ignored = subprocess.run([sys.executable, "-m", "dvc", "check-ignore", *rel], cwd=tmp_path, capture_output=True, text=True)
+    assert ignored.stdout.split() == rel
+
+
+def test_deployment_file_matches_the_flow():
+    from prefect.cli.deploy._models import PrefectYamlModel
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    model = PrefectYamlModel.model_validate(spec)  # the schema `prefect deploy` reads it with
+    assert model.deployments
+    for dep in model.deployments:
+        flow = load_flow_from_entrypoint(str(REPO / dep.entrypoint))
+        assert flow.name == "selfcal-pipeline"
+        signature = inspect.signature(flow.fn).parameters
+        assert set(dep.parameters) <= set(signature) - {"workdir"}
+        assert dep.parameters["sync_remote"] is True
+        (schedule,) = dep.schedules
+        CronSchedule(cron=schedule.cron, timezone=schedule.timezone)  # raises on a bad expression
+        assert dep.work_pool.name == "gpu-pool" and dep.work_pool.job_variables["working_dir"]
+        assert dep.concurrency_limit.limit == 1
+    profiles = [d.parameters["profile"] for d in model.deployments]
+    assert None in profiles and all(p is None or (REPO / "profiles" / f"{p}.yaml").is_file() for p in profiles)
+
+
+def test_deployment_pull_steps_sync_code_only_while_no_run_holds_the_workspace(tmp_path, monkeypatch):
+    """Run prefect.yaml's own pull steps, as a worker would, against a local git repository.
+
+    Each step's function is called with its inputs as written (they use no templates); Prefect's
+    own step runner would also resolve templates through its API, i.e. start a server in pytest.
+    """
+    from prefect.utilities.importtools import import_object
+
+    origin = tmp_path / "origin"
+    (origin / "flows").mkdir(parents=True)
+    (origin / "flows" / "sync_workspace.sh").write_text((REPO / "flows" / "sync_workspace.sh").read_text())
+    (origin / "dvc.lock").write_text("v1\n")
+
+    def git(*args: str, cwd: Path = origin) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q", "-b", "main")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1")
+    steps = yaml.safe_load((REPO / "prefect.yaml").read_text())["pull"]
+    worker = tmp_path / "worker"
+    worker.mkdir()
+    monkeypatch.setenv("SELFCAL_GIT_URL", str(origin))
+    monkeypatch.setenv("SELFCAL_GIT_REF", "main")
+    monkeypatch.chdir(worker)
+
+    def pull() -> None:
+        for step in steps:
+            ((fqn, inputs),) = step.items()
+            result = import_object(fqn)(**{k: v for k, v in inputs.items() if k != "id"})
+            if inspect.iscoroutine(result):
+                asyncio.run(result)
+
+    pull()
+    ws = worker / "workspace"
+    assert Path.cwd() == ws and (ws / "dvc.lock").read_text() == "v1\n"
+    (ws / "dvc.lock").write_text("last night's run\n")  # what a run leaves behind
+    (ws / "artifacts").mkdir()
+    (origin / "dvc.lock").write_text("v2\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "v2")
+
+    monkeypatch.chdir(worker)
+    with workspace_lock(ws, label="a run still going"):
+        with pytest.raises(RuntimeError, match=r'is in use by \{"pid": \d+, .*"label": "a run still going"\}; code not synced'):
+            pull()
+    assert (ws / "dvc.lock").read_text() == "last night's run\n"  # untouched while the run held it
+
+    monkeypatch.chdir(worker)
+    pull()
+    assert (ws / "dvc.lock").read_text() == "v2\n" and (ws / "artifacts").is_dir()
