@@ -21,11 +21,12 @@ from urllib.parse import urlparse
 
 from selfcal.config import Params
 from selfcal.errors import ConfigError
+from selfcal.lineage.tags import STAGE
 
 log = logging.getLogger(__name__)
 EXECUTION_ENV = "SELFCAL_EXECUTION_ID"
 _TAG_EXEC = "selfcal.execution_id"
-_TAG_STAGE = "selfcal.stage"
+_TAG_STAGE = STAGE  # lineage reads stage runs back by this tag
 _MODELS_SCHEME = "models:/"
 
 
