@@ -42,9 +42,16 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
-def _last_error(lines: list[str]) -> str:
-    errors = [line.strip() for line in lines if "ERROR" in line or "error:" in line]
-    return errors[-1] if errors else (lines[-1].strip() if lines else "no output")
+# Where the reason for a failure is, most telling first: the stage's own one-line error, then DVC's.
+ERROR_MARKERS = ("selfcal: error:", "ERROR:")
+
+
+def _reason(lines: list[str]) -> str:
+    for marker in ERROR_MARKERS:
+        found = [line.strip() for line in lines if marker in line]
+        if found:
+            return found[-1]
+    return lines[-1].strip() if lines else "no output"
 
 
 def run_dvc(
@@ -96,5 +103,5 @@ def run_dvc(
     finally:
         reader.join(timeout=10)
     if proc.returncode != 0:
-        raise DvcCommandError(f"{shown} exited with {proc.returncode}: {_last_error(lines)}")
+        raise DvcCommandError(f"{shown} exited with {proc.returncode}: {_reason(lines)}")
     return lines

@@ -100,23 +100,33 @@ def _mlflow_stages(uri: str) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in by_exec.items()}
 
 
-def _python_shim(directory: Path, marker: Path) -> Path:
-    """A `python` first on PATH that makes the stage of FLAKY_ITEM fail once, then steps aside.
+def _python_shim(directory: Path, match: str, then: str) -> Path:
+    """A `python` first on PATH that runs shell ``then`` when its arguments contain ``match``.
 
-    DVC starts stage commands (`python -m stages.compress ...`) through PATH, so this is a real
-    failure of that one stage as DVC sees it, and nothing test-only lives in the package.
+    DVC starts stage commands (`python -m stages.compress ...`) through PATH, so this acts on one
+    stage item exactly as DVC runs it, and nothing test-only lives in the package.
     """
     directory.mkdir(parents=True, exist_ok=True)
     shim = directory / "python"
-    shim.write_text(
-        "#!/bin/sh\n"
-        'case "$*" in *"stages.compress --source self --seed 0 --method wanda"*)\n'
-        f'  if mkdir "{marker}" 2>/dev/null; then echo "injected failure" >&2; exit 3; fi ;;\n'
-        "esac\n"
-        f'exec "{sys.executable}" "$@"\n'
-    )
+    shim.write_text(f'#!/bin/sh\ncase "$*" in *"{match}"*) {then} ;; esac\nexec "{sys.executable}" "$@"\n')
     shim.chmod(0o755)
     return directory
+
+
+# Run a stage, but stop it dead just before it renames its finished checkpoint into place.
+HANG_BEFORE_PUBLISH = """
+import os, runpy, sys, time
+real_replace = os.replace
+def replace(src, dst, *args, **kwargs):
+    if os.path.basename(os.path.dirname(str(dst))) == "checkpoints":
+        open(os.environ["AT_PUBLISH"], "w").write(str(src))
+        time.sleep(3600)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = replace
+sys.path.insert(0, os.getcwd())
+sys.argv = sys.argv[2:]  # [this file, "-m", MODULE, ARGS...] -> [MODULE, ARGS...]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
 
 
 def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
@@ -153,7 +163,9 @@ def worker_a(tiny_model, tmp_path_factory, shared):
     env_plain = _env(shared["prefect_home"], MLFLOW_TRACKING_URI=shared["mlflow_uri"])
     _dvc(ws, env_plain, "remote", "add", "--local", "-d", "shared", str(shared["remote"]))
     marker = ws.parent / "injected"
-    env = _env(shared["prefect_home"], path_first=_python_shim(ws.parent / "shim", marker), MLFLOW_TRACKING_URI=shared["mlflow_uri"])
+    fail_once = f'if mkdir "{marker}" 2>/dev/null; then echo "injected failure" >&2; exit 3; fi'
+    shim = _python_shim(ws.parent / "shim", "stages.compress --source self --seed 0 --method wanda", fail_once)
+    env = _env(shared["prefect_home"], path_first=shim, MLFLOW_TRACKING_URI=shared["mlflow_uri"])
 
     first = _start(ws, env, "--profile", "tiny", "--sync-remote")
     holder = _wait_for(lambda: (h := read_holder(ws)) and h.label.startswith("selfcal-pipeline") and h, 120, "run 1 to hold the workspace")
@@ -228,14 +240,19 @@ def test_a_run_that_waits_for_the_workspace_then_finds_nothing_to_do(worker_a):
 
 def test_killed_run_leaves_no_half_output_and_resumes_to_the_same_hashes(worker_a, tiny_model, tmp_path, shared):
     ws, _ = pipeline_workspace(tmp_path / "ws", tiny_model, **{"tracking.enabled": False})  # GPTQ only
+    (tmp_path / "hang.py").write_text(HANG_BEFORE_PUBLISH)
+    at_publish = tmp_path / "at-publish"
+    shim = _python_shim(tmp_path / "shim", "-m stages.compress", f'exec "{sys.executable}" "{tmp_path / "hang.py"}" "$@"')
     env = _env(tmp_path / "prefect")
-    run = _start(ws, env)
-    checkpoints = ws / "artifacts" / "checkpoints"
-    scratch = _wait_for(lambda: checkpoints.is_dir() and find_scratch(checkpoints), 300, "a checkpoint being written", poll=0.01)
+    run = _start(ws, {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}", "AT_PUBLISH": str(at_publish)})
+    _wait_for(at_publish.is_file, 300, "the compress stage to reach its final rename")
     os.killpg(run.pid, signal.SIGKILL)  # the worker dies: flow, Prefect server, dvc and the stage, at once
     run.communicate()
 
-    assert scratch[0].exists() and not (checkpoints / "self-s0-gptq").exists()  # only scratch, never half an output
+    checkpoints = ws / "artifacts" / "checkpoints"
+    scratch = find_scratch(checkpoints)
+    assert [str(p) for p in scratch] == [at_publish.read_text()]  # the whole checkpoint, written but never published
+    assert (scratch[0] / "manifest.json").is_file() and not (checkpoints / "self-s0-gptq").exists()
     lock = yaml.safe_load((ws / "dvc.lock").read_text())
     assert "compress@self-0-gptq" not in lock["stages"] and "generate@self-0" in lock["stages"]
 
