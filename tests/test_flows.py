@@ -439,3 +439,29 @@ def test_deployment_pull_steps_sync_code_only_while_no_run_holds_the_workspace(t
     monkeypatch.chdir(worker)
     pull()
     assert (ws / "dvc.lock").read_text() == "v2\n" and (ws / "artifacts").is_dir()
+
+
+def test_an_attempt_past_its_timeout_is_killed_with_its_stage(tmp_path):
+    """Killing dvc alone would orphan the stage: it would hold the GPU and race the retry."""
+    import psutil
+
+    from flows.dvc_process import DvcTimeoutError, run_dvc
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hang:\n    cmd: sleep 67.25 && touch out\n    outs: [out]\n")
+    lines: list[str] = []
+    with pytest.raises(DvcTimeoutError, match=r"dvc repro hang: still running after 3 s; killed it and its stage"):
+        run_dvc(["repro", "hang"], cwd=tmp_path, env=dict(os.environ), on_line=lines.append, timeout=3)
+    assert "Running stage 'hang':" in lines
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "67.25" in " ".join(p.info["cmdline"] or [])]
+    assert "hang" in _dvc(tmp_path, dict(os.environ), "status")  # DVC's own lock is free again
+
+
+def test_run_refuses_a_params_file_dvc_would_not_read(capsys):
+    from selfcal.cli import main
+
+    assert main(["--params", "other.yaml", "run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "selfcal: error: run: DVC reads ./params.yaml; choose other params with --profile, not --params"
+    )
