@@ -1,0 +1,70 @@
+"""Sweep plots as PNG files (matplotlib, headless). Inputs are plain rows, so a plot can be
+redrawn from a CSV without re-running anything."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from selfcal.artifacts import atomic_write_bytes
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def accuracy_vs_n(rows: list[dict], path: Path, *, metric: str = "mean_acc", title: str = "") -> None:
+    """One line per ``label`` (e.g. source or method): mean ± std of ``metric`` against set size n."""
+    plt = _pyplot()
+    lines: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for r in rows:
+        lines[r["label"]].append((r["n"], 100 * r[metric], 100 * (r.get(metric + ".std") or 0.0)))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, pts in sorted(lines.items()):
+        pts.sort()
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("calibration set size n (sequences)")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def temperature_heatmap(rows: list[dict], path: Path, *, metric: str = "mean_acc", title: str = "") -> None:
+    """``metric`` over the (t_initial, t_final) grid of the self-calibration schedule."""
+    plt = _pyplot()
+    t0s = sorted({r["t_initial"] for r in rows})
+    t1s = sorted({r["t_final"] for r in rows})
+    grid = [[float("nan")] * len(t1s) for _ in t0s]
+    for r in rows:
+        grid[t0s.index(r["t_initial"])][t1s.index(r["t_final"])] = 100 * r[metric]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    im = ax.imshow(grid, origin="lower", cmap="viridis")
+    ax.set_xticks(range(len(t1s)), [f"{t:g}" for t in t1s])
+    ax.set_yticks(range(len(t0s)), [f"{t:g}" for t in t0s])
+    ax.set_xlabel("t_final")
+    ax.set_ylabel("t_initial")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            if v == v:
+                ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(im, ax=ax, label=f"{metric} (%)")
+    ax.set_title(title)
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,48 @@
+"""Study reporting: the paper's source x method table and the sweep plots."""
+
+from __future__ import annotations
+
+from selfcal.report.paper_table import source_method_table
+
+
+def _entry(method, source, acc, std, ppl):
+    return {"method": method, "source": source, "n_sets": 3, "mean_acc": acc, "mean_acc.std": std, "ppl.wikitext2": ppl, "ppl.wikitext2.std": 0.0}
+
+
+TABLE = [
+    _entry("none", "none", 0.50, None, 10.0),
+    _entry("gptq", "self", 0.48, 0.01, 11.0),
+    _entry("gptq", "c4", 0.47, 0.02, 10.5),
+    _entry("wanda", "self", 0.40, 0.01, 14.0),
+    _entry("wanda", "c4", 0.42, 0.00, 13.0),
+]
+
+
+def test_best_source_per_method_is_bold_and_direction_respected():
+    md = source_method_table(TABLE, "mean_acc")
+    lines = md.splitlines()
+    assert lines[0] == "| source | gptq | wanda |"
+    assert lines[2] == "| *dense (uncompressed)* | 50.0 | 50.0 |"
+    assert lines[3] == "| self | **48.0 ± 1.0** | 40.0 ± 1.0 |"
+    assert lines[4] == "| c4 | 47.0 ± 2.0 | **42.0** |"
+    ppl = source_method_table(TABLE, "ppl.wikitext2", lower_is_better=True, scale=1.0, digits=2).splitlines()
+    assert ppl[3] == "| self | 11.00 | 14.00 |" and ppl[4] == "| c4 | **10.50** | **13.00** |"
+
+
+def test_ties_at_printed_precision_are_all_marked_and_missing_cells_dash():
+    table = [_entry("gptq", "self", 0.4801, 0.0, 1.0), _entry("gptq", "c4", 0.4799, 0.0, 1.0), _entry("wanda", "self", 0.3, 0.0, 1.0)]
+    lines = source_method_table(table, "mean_acc").splitlines()
+    assert lines[2] == "| self | **48.0** | **30.0** |"
+    assert lines[3] == "| c4 | **48.0** | - |"
+
+
+def test_sweep_plots_are_png_files(tmp_path):
+    from selfcal.report.plots import accuracy_vs_n, temperature_heatmap
+
+    rows = [{"n": n, "label": "self (wanda)", "mean_acc": 0.3 + n / 1000, "mean_acc.std": 0.01} for n in (1, 2, 4)]
+    accuracy_vs_n(rows, tmp_path / "n.png")
+    grid = [{"t_initial": a, "t_final": b, "mean_acc": 0.3} for a in (0.5, 1.0) for b in (0.5, 1.0, 1.5)]
+    temperature_heatmap(grid, tmp_path / "t.png")
+    for f in ("n.png", "t.png"):
+        assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
