@@ -32,6 +32,8 @@ def task_name(spec) -> str:
 def _one_task(lm, spec, *, limit: int | None, seed: int) -> dict:
     from lm_eval import simple_evaluate
 
+    from selfcal.evaluation.tasks import task_manager
+
     name = task_name(spec)
     t0 = time.perf_counter()
     out = simple_evaluate(
@@ -45,6 +47,7 @@ def _one_task(lm, spec, *, limit: int | None, seed: int) -> dict:
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
+        task_manager=task_manager(),
     )
     seconds = time.perf_counter() - t0
     r = out["results"][name]

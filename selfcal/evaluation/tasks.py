@@ -50,17 +50,18 @@ register(LocalTask("storycloze_2016", "storycloze/validation.jsonl", "validation
 
 
 @functools.cache
-def _task_index() -> dict:
-    """lm-eval's index of its task YAMLs; building it walks every task folder (~5 s)."""
+def task_manager():
+    """lm-eval's index of its task YAMLs: building it walks every task folder (~5-10 s), so
+    one per process, shared by every task and every model scored in it."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager().task_index
+    return TaskManager()
 
 
 def _builtin_config(name: str) -> dict:
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = _task_index().get(name)
+    entry = task_manager().task_index.get(name)
     if entry is None or entry.yaml_path is None:
         raise DataError(f"lm-eval has no YAML task named {name!r}")
     return load_yaml(entry.yaml_path, resolve_func=True)

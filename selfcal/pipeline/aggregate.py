@@ -82,6 +82,19 @@ def to_markdown(cols: list[str], table: list[dict], unscored: dict[str, str] | N
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
+def by_source_markdown(cols: list[str], table: list[dict]) -> str:
+    """The paper's layout: calibration sources down, methods across, best source per method in bold."""
+    from selfcal.report.paper_table import source_method_table
+
+    parts = []
+    for col in cols:
+        if col == "mean_acc" or col.startswith("ppl."):
+            ppl = col.startswith("ppl.")
+            what = f"{col[4:]} perplexity (lower is better)" if ppl else "mean zero-shot accuracy (%)"
+            parts.append(f"### {what}, mean ± std over calibration sets\n\n" + source_method_table(table, col, lower_is_better=ppl, scale=1.0 if ppl else 100.0, digits=2 if ppl else 1))
+    return "\n".join(parts)
+
+
 def to_csv(cols: list[str], table: list[dict]) -> str:
     fields = ["method", "source", "n_sets", *[x for c in cols for x in (c, c + ".std")]]
     buf = io.StringIO()
@@ -112,6 +125,7 @@ def aggregate(params: Params) -> Path:
     with stage_run(params, "aggregate", "report") as run:
         atomic_write_text(out / "results.csv", to_csv(cols, table))
         atomic_write_text(out / "results.md", to_markdown(cols, table, unscored_tasks(rows)))
+        atomic_write_text(out / "by_source.md", by_source_markdown(cols, table))
         if diag_rows:
             atomic_write_text(out / "diagnostics.md", diagnostics_markdown(diag_rows))
         log.info("wrote %s (%d rows from %d metric files)", out, len(table), len(rows))
