@@ -108,6 +108,10 @@ def _experiment_id(mlflow, params: Params) -> str:
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if tracking_uri(params).startswith(("http://", "https://", "databricks")):
+        # A tracking server owns its artifact root (shared by every worker); a workspace's local
+        # folder would pin every later worker's artifacts to this machine's disk.
+        return mlflow.create_experiment(name)
     artifacts = (params.state_dir / "mlartifacts").resolve()
     return mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
 
