@@ -107,7 +107,7 @@ def test_missing_task_file_fails_before_the_model_loads(tiny_model, tmp_path):
     assert not (tmp_path / "artifacts" / "metrics").exists()
 
 
-def test_a_task_lm_eval_cannot_score_fails_alone_with_its_reason(tmp_path):
+def test_a_task_lm_eval_cannot_score_fails_alone_with_its_reason(tiny_model, tmp_path):  # tiny_model: skips without ../shared
     """PIQA's first answers run to 93 tokens, ARC-Easy's to 38: a 64-token model scores only ARC."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
