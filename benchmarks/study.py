@@ -129,13 +129,6 @@ def _csv(rows: list[dict], fields: list[str]) -> str:
     return buf.getvalue()
 
 
-def _reuse_dense(work: Path, artifacts: Path) -> None:
-    """A sweep scores the same dense model with the same tasks as the grid: copy, don't re-score."""
-    dense = work / "grid" / "metrics" / "dense.json"
-    if dense.is_file():
-        atomic_write_text(artifacts / "metrics" / "dense.json", dense.read_text())
-
-
 def sweep_n(base: dict, root: Path, work: Path, out: Path, sizes: list[int], sources: list[str], methods: list[str], seeds: list[int], workers: int, timings: dict) -> list[dict]:
     from selfcal.report.plots import accuracy_vs_n
 
@@ -145,7 +138,6 @@ def sweep_n(base: dict, root: Path, work: Path, out: Path, sizes: list[int], sou
         data["calibration"].update(n_samples=n, seeds=seeds, sources={s: base["calibration"]["sources"][s] for s in sources})
         data["compression"]["methods"] = methods
         artifacts = work / "sweep-n" / f"n{n}"
-        _reuse_dense(work, artifacts)
         timings[f"sweep_n/{n}"] = run_grid(data, root, artifacts, workers, f"n={n}")
         for e in _summary(data, root, artifacts):
             if e["method"] != "none":
@@ -164,7 +156,6 @@ def sweep_t(base: dict, root: Path, work: Path, out: Path, temps: list[float], m
     data["calibration"].update(seeds=seeds, sources=sources)
     data["compression"]["methods"] = methods
     artifacts = work / "sweep-t"
-    _reuse_dense(work, artifacts)
     timings["sweep_t"] = run_grid(data, root, artifacts, workers, "temperature grid")
     points = []
     for e in _summary(data, root, artifacts):
