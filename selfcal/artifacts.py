@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import uuid
@@ -37,16 +38,25 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# Scratch siblings of an output: ``.NAME.tmp-XXXXXXXX`` while writing, ``.NAME.old-XXXXXXXX``
+# while replacing. selfcal.scratch finds a killed writer's leftovers by this same pattern.
+SCRATCH_NAME = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+
+
+def _scratch(final: Path, kind: str) -> Path:
+    return final.parent / f".{final.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a scratch directory that replaces ``final`` only on success."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _scratch(final, "tmp")
     tmp.mkdir()
     try:
         yield tmp
         if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            old = _scratch(final, "old")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -59,7 +69,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = _scratch(path, "tmp")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)

@@ -9,11 +9,10 @@ reads scratch; whoever holds the workspace lock may delete it.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
-SCRATCH_NAME = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+from selfcal.artifacts import SCRATCH_NAME
 
 
 def find_scratch(root: Path) -> list[Path]:

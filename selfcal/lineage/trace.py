@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
+from selfcal.artifacts import MANIFEST, read_manifest
 from selfcal.lineage import store
 from selfcal.lineage import tags as T
 from selfcal.tracking import model_id_of
@@ -45,8 +46,8 @@ def _calibration(client, tags: dict, compress_run, missing: list[str]) -> dict |
         manifest, recorded_in = store.run_artifact_json(client, gen.info.run_id, _CALIB_ARTIFACT), f"generate run {gen.info.run_id}"
     else:
         missing.append(f"no generate run recorded for calibration {digest}")
-    if manifest is None and path is not None and (path / "manifest.json").is_file():
-        manifest, recorded_in = json.loads((path / "manifest.json").read_text()), f"manifest on disk ({path})"
+    if manifest is None and path is not None and (path / MANIFEST).is_file():
+        manifest, recorded_in = read_manifest(path), f"manifest on disk ({path})"
     if manifest is None:
         missing.append(f"calibration {digest}: no manifest in the tracking store or on disk")
         manifest = {}
