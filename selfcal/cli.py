@@ -33,7 +33,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("check", help="validate params and resolve the model; no compute")
+    sub.add_parser(
+        "check",
+        help="validate params, the model, each method's layer plan and dvc.yaml's params keys; no compute",
+        description="Everything about the params that could fail a stage later, found in seconds: the schema, "
+        "the model and its context window, tokenizer-dependent settings (first_token_words), each listed "
+        "method's static layer checks, and every params key dvc.yaml's stages read.",
+    )
 
     g = sub.add_parser("generate", help="write one calibration set (source x seed)")
     g.add_argument("--source", required=True, help="a key of calibration.sources")
@@ -123,6 +129,9 @@ def _run(args) -> None:
             pass
     # A temporary local server has nobody to report usage to (and no network on many GPU boxes).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect waits 20 s for its temporary server; a fresh Prefect home (database migrations) on a
+    # busy 2-core box can take longer, and the run then dies before its first item.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
     # Prefect prints its own console lines, naming the task run (the stage item), only
     # when it finds the root logger free; everything this command logs goes through it.
@@ -239,11 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         progress = not args.no_progress
         if args.command == "check":
-            from selfcal.pipeline.common import base_model, check_context
+            from selfcal.pipeline.check import check
 
-            ref, config = base_model(params)
-            check_context(config, params.calibration.seq_len, "calibration.seq_len")
-            print(f"ok: params valid; model {ref.name} -> {ref.local_dir}")
+            print(check(params, params_path(args.params)))
         elif args.command == "generate":
             from selfcal.pipeline.generate import generate
 

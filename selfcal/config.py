@@ -80,18 +80,22 @@ class VocabSourceConfig(Strict):
 
 
 class JiSourceConfig(Strict):
-    """Ji et al.'s self-generating synthesis: a 2-token real prompt, then top-p/top-k sampling
-    with a repetition penalty; the most perplexing `drop_fraction` of samples is discarded."""
+    """Ji et al.'s self-generating synthesis (arXiv 2410.17711, github.com/Dereck0602/calibration_data):
+    prompts are the first ``prompt_tokens`` token ids of real texts (the tokenizer's BOS included,
+    where it adds one), sampled until EOS; the most perplexing ``drop_fraction`` of the pool is
+    dropped and the rest, joined with spaces, is cut into random windows."""
 
     kind: Literal["ji"]
-    prompt_path: str  # corpus whose texts give the 2-token prompts
+    prompt_path: str  # corpus whose texts give the prompts (Wikipedia in the paper)
     text_field: str = "text"
-    prompt_tokens: int = Field(2, ge=1)
+    prompt_tokens: int = Field(2, ge=1)  # generate_data.py: input_ids[:2]
     temperature: float = Field(0.6, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(50, ge=1)
     repetition_penalty: float = Field(1.2, ge=1.0)
-    drop_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    max_new_tokens: int = Field(2048, ge=1)  # generate_data.py: max_new_tokens=2048
+    pool_size: int = Field(5000, ge=1)  # generations before filtering (their wikipedia_5k.json)
+    drop_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # sample_ppl.py: keep ppl < 80th percentile
 
 
 SourceConfig = Annotated[
@@ -131,30 +135,51 @@ class CalibrationConfig(Strict):
         return seeds
 
 
+class ClipSearchConfig(Strict):
+    """Search each group's clipping range (llm-compressor's MSE weight observer) over the ratios
+    min_ratio, min_ratio + step, ..., 1.0 of the min-max range, as ModelOpt's INT4 AWQ clip search
+    does (awq_clip: 0.5 to 1.0 in steps of 0.05). ModelOpt scores a ratio by the layer's output
+    error on 64 tokens; llm-compressor 0.14 only by the weights' own |error|^norm."""
+
+    min_ratio: float = Field(0.5, gt=0.0, lt=1.0)
+    step: float = Field(0.05, gt=0.0, lt=1.0)
+    norm: float = Field(2.0, gt=0.0)
+
+
 class QuantConfig(Strict):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int | None = Field(128, ge=1)
     symmetric: bool = True
+    # Module names (exact, or a dotted suffix such as "down_proj") or "re:" regexes (re.match);
+    # every listed layer stays bit-identical to the base model, which the stage verifies.
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     # Layers whose input width is not a multiple of group_size cannot be group-quantized.
     # False: refuse before loading. True: leave them dense and record them in the manifest.
     skip_indivisible: bool = False
+    clip_search: ClipSearchConfig | None = None  # None: plain min-max ranges
 
 
 class GPTQConfig(QuantConfig):
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
+    block_size: int = Field(128, ge=1)
+    # llm-compressor 0.14's activation ordering: "weight" (its default "static": columns quantized
+    # in order of decreasing Hessian diagonal, groups kept contiguous) or null (no reordering).
+    actorder: Literal["weight"] | None = "weight"
 
 
 class AWQConfig(QuantConfig):
     symmetric: bool = False  # the AWQ paper's asymmetric W4 (W4A16_ASYM)
     duo_scaling: bool = True
-    n_grid: int = Field(20, ge=1)
+    # With duo scaling llm-compressor 0.14 tries identity plus ratios k / (n_grid - 2),
+    # k = 0..n_grid-2: n_grid 12 is ModelOpt's awq_lite grid 0, 0.1, ..., 1.0.
+    n_grid: int = Field(20, ge=3)
 
 
 class PruneConfig(Strict):
     sparsity: float = Field(0.5, gt=0.0, lt=1.0)
     # "N:M" keeps at most N non-zeros in every M consecutive input weights; null = unstructured.
     mask_structure: str | None = "2:4"
+    # As for quantization: names, dotted suffixes or "re:" regexes; kept bit-identical, verified.
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
     @field_validator("mask_structure")

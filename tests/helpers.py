@@ -14,11 +14,12 @@ STORIES = SHARED / "models" / "stories260K"
 DATA = SHARED / "data"
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0, max_positions: int = 128) -> Path:
+def build_tiny_model(directory: Path, *, seed: int = 0, max_positions: int = 128, tie: bool = True) -> Path:
     """A random 2-layer Llama whose linear layers are all multiples of 128 wide.
 
     It borrows the stories260K tokenizer (512 tokens) so text round-trips; the
-    weights are random, so nothing here depends on a pretrained model.
+    weights are random, so nothing here depends on a pretrained model. ``tie`` shares
+    lm_head with the input embeddings (stored once), as stories260K and SmolLM2 do.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,7 +35,7 @@ def build_tiny_model(directory: Path, *, seed: int = 0, max_positions: int = 128
         max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie,
     )
     model = LlamaForCausalLM(config)
     directory.mkdir(parents=True, exist_ok=True)

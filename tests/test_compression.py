@@ -1,4 +1,5 @@
-"""The four methods on a tiny random model, on CPU, each verified from the saved files."""
+"""The four methods on tiny random models (tied and untied embeddings), on CPU, each verified
+from the saved files: targeted layers compressed, every other tensor bit-identical to the base."""
 
 from __future__ import annotations
 
@@ -14,22 +15,30 @@ from selfcal.errors import ConfigError, VerificationError
 from selfcal.pipeline import layout
 from selfcal.pipeline.compress import compress
 from selfcal.pipeline.generate import generate
-from tests.helpers import small_params
+from tests.helpers import build_tiny_model, small_params
 
 METHODS = ["gptq", "awq", "sparsegpt", "wanda"]
 
 
-@pytest.fixture(scope="module")
-def params(tiny_model, tmp_path_factory):
-    work = tmp_path_factory.mktemp("compress")
-    p = parse_params(small_params(tiny_model, work, **{"compression.methods": METHODS, "tracking.enabled": False}), root=work)
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def variant(request, tiny_model, tmp_path_factory):
+    """(params, base model dir) for a tied and an untied tiny model, one calibration set each."""
+    work = tmp_path_factory.mktemp(f"compress-{request.param}")
+    model_dir = tiny_model if request.param == "tied" else build_tiny_model(work / "untied-llama", tie=False)
+    p = parse_params(small_params(model_dir, work, **{"compression.methods": METHODS, "tracking.enabled": False}), root=work)
     generate(p, "self", 0, progress=False)
-    return p
+    return p, model_dir
 
 
 @pytest.fixture(scope="module")
-def checkpoints(params):
-    return {m: (compress(params, "self", 0, m), layout.checkpoint_dir(params, "self", 0, m)) for m in METHODS}
+def params(variant):
+    return variant[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(variant):
+    p, _ = variant
+    return {m: (compress(p, "self", 0, m), layout.checkpoint_dir(p, "self", 0, m)) for m in METHODS}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -43,6 +52,66 @@ def test_method_runs_reloads_and_links_its_calibration_set(params, checkpoints, 
     assert (ckpt / "compression.json").is_file() and "compression.json" in manifest["files"]
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     assert torch.isfinite(model(torch.tensor([[1, 7, 9, 11]])).logits).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_everything_outside_the_targets_is_bit_identical_to_the_base(variant, checkpoints, method):
+    """lm_head, the embeddings and the norms (all but AWQ's smoothed norms) read back from the
+    saved files exactly as the base model stores them; the targeted linears all changed."""
+    from safetensors.torch import load_file
+
+    p, base_dir = variant
+    manifest, ckpt = checkpoints[method]
+    base = load_file(str(base_dir / "model.safetensors"))
+    saved = verify.read_tensors(ckpt)
+    tied = json.loads((base_dir / "config.json").read_text())["tie_word_embeddings"]
+    assert ("lm_head.weight" in base) is (not tied) and ("lm_head.weight" in saved) is (not tied)
+    untouched = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if tied else ["lm_head.weight"])
+    if method != "awq":  # AWQ folds its scales into the norms before the layers it balances
+        untouched += [f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
+    for name in untouched:
+        assert torch.equal(saved[name], base[name]), name
+    assert manifest["verification"]["untouched"]["tensors_checked"] == len(untouched)
+    dense = verify.load_dense(ckpt)
+    for name, m in dense.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            assert not torch.equal(m.weight, base[f"{name}.weight"]), f"{name} was not compressed"
+
+
+def test_a_planted_change_outside_the_targets_fails_naming_the_tensor(variant, checkpoints, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, base_dir = variant
+    _, ckpt = checkpoints["wanda"]
+    planted = tmp_path / "planted"
+    shutil.copytree(ckpt, planted)
+    tensors = load_file(str(planted / "model.safetensors"))
+    tensors["model.layers.1.post_attention_layernorm.weight"][3] += 1e-3
+    save_file(tensors, str(planted / "model.safetensors"), metadata={"format": "pt"})
+    changed = {f"model.layers.{i}.{k}" for i in range(2) for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert verify.check_untouched(base_dir, ckpt, changed)["tensors_changed"] == 14
+    with pytest.raises(VerificationError, match=r"^model.layers.1.post_attention_layernorm.weight: must be bit-identical"):
+        verify.check_untouched(base_dir, planted, changed)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_plain_ignore_names_would_prune_lm_head_and_the_stage_refuses_it(variant, method, monkeypatch):
+    """The bug this guards against: llm-compressor's pruning modifiers see "lm_head." and a plain
+    "lm_head" in ``ignore`` never matched. With those plain names the stage must fail, naming the
+    tensor that changed (the tied embeddings, or lm_head), and publish nothing."""
+    from selfcal.compression.registry import RecipeContext
+
+    p, _ = variant
+    monkeypatch.setattr(RecipeContext, "dense_patterns", property(lambda ctx: list(ctx.dense_layers)))
+    out = layout.checkpoint_dir(p, "self", 0, method)
+    before = sorted(q.name for q in out.parent.iterdir())
+    tied = p.model.path.endswith("tiny-llama")
+    expected = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    with pytest.raises(VerificationError, match=rf"^{expected}: must be bit-identical"):
+        compress(p, "self", 0, method)
+    assert sorted(q.name for q in out.parent.iterdir()) == before
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
@@ -96,13 +165,31 @@ def test_verification_rejects_broken_patterns_and_grids():
         verify.check_quantization({"layer": many}, {"layer": many}, 4, 32)
     ok = verify.check_quantization({"layer": many}, {"layer": many}, 4, 2)
     assert ok["layer"]["max_values_per_group"] == 2 and ok["layer"]["rel_error"] == 0.0
+    verify.check_round_trip({"layer": w}, {"layer": w.clone()})
+    with pytest.raises(VerificationError, match="^layer: reloaded weights differ"):
+        verify.check_round_trip({"layer": w}, {"layer": w + 1e-7})
 
 
-def test_awq_drops_mappings_whose_balance_layers_are_all_left_dense():
+def test_awq_drops_mappings_that_would_rescale_a_layer_left_dense():
     from selfcal.compression.registry import RecipeContext, _awq_mappings
 
     layers = tuple(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
     skipped = tuple(n for n in layers if n.endswith("down_proj"))
     kept = _awq_mappings(RecipeContext("LlamaForCausalLM", layers, skipped))
     assert [m.smooth_layer for m in kept] == ["re:.*input_layernorm$", "re:.*v_proj$", "re:.*post_attention_layernorm$"]
+    # One of q/k/v ignored: the norm->qkv mapping would scale it too, so it goes as well.
+    kept = _awq_mappings(RecipeContext("LlamaForCausalLM", layers, (), ignored_layers=("model.layers.0.self_attn.k_proj",)))
+    assert [m.smooth_layer for m in kept] == ["re:.*v_proj$", "re:.*post_attention_layernorm$", "re:.*up_proj$"]
     assert _awq_mappings(RecipeContext("LlamaForCausalLM", layers, ())) is None
+
+
+def test_paper_awq_settings_run_and_verify(tiny_model, tmp_path):
+    """ModelOpt-like AWQ (symmetric, alpha grid 0..1 by 0.1, clip search 0.5..1 by 0.05) through the stage."""
+    awq = {"group_size": 128, "symmetric": True, "n_grid": 12, "clip_search": {"min_ratio": 0.5, "step": 0.05}}
+    p = parse_params(small_params(tiny_model, tmp_path, **{"compression.methods": ["awq"], "compression.awq": awq, "tracking.enabled": False}), root=tmp_path)
+    generate(p, "self", 0, progress=False)
+    manifest = compress(p, "self", 0, "awq")
+    v = manifest["verification"]
+    assert v["max_values_per_group"] <= 16 and v["untouched"]["tensors_checked"] == 2  # embeddings + final norm
+    recipe = manifest["recipe"]
+    assert "memoryless_mse" in recipe and "n_grid: 12" in recipe and "symmetric: true" in recipe

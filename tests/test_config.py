@@ -102,17 +102,15 @@ def test_every_local_task_builds_with_lm_evals_prompts_and_full_counts():
     load from ../shared/data with the split sizes lm-eval uses."""
     from pathlib import Path
 
-    from lm_eval.tasks import TaskManager
-
     from selfcal.errors import DataError
-    from selfcal.evaluation.tasks import TASKS, local_task_config
+    from selfcal.evaluation.tasks import TASKS, local_task_config, task_manager
     from tests.helpers import DATA
 
     if not Path(DATA).is_dir():
         pytest.skip("no ../shared/data")
     expected = {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "boolq": 3270, "hellaswag": 10042,
                 "lambada_openai": 5153, "piqa": 1838, "rte": 277, "winogrande": 1267}
-    manager = TaskManager()
+    manager = task_manager()
     for name, count in expected.items():
         task = manager.load([local_task_config(name, DATA)])["tasks"][name]
         docs = list(task.eval_docs)
@@ -122,3 +120,76 @@ def test_every_local_task_builds_with_lm_evals_prompts_and_full_counts():
     assert set(TASKS) - set(expected) == {"storycloze_2016"}
     with pytest.raises(DataError, match="storycloze/validation.jsonl: data file for task 'storycloze_2016' not found"):
         local_task_config("storycloze_2016", DATA)
+
+
+def _check_workspace(tmp_path, data: dict):
+    """params.yaml + the project's dvc.yaml in one folder, as `selfcal check` finds them."""
+    import shutil
+
+    from tests.helpers import REPO
+
+    shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    return write_params(tmp_path / "params.yaml", data)
+
+
+def test_check_refuses_a_method_whose_params_section_dvc_cannot_find(tiny_model, tmp_path, capsys):
+    data = small_params(tiny_model, tmp_path, **{"compression.methods": ["gptq", "wanda"]})
+    path = _check_workspace(tmp_path, data)
+    assert main(["--params", str(path), "check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfcal: error: params.yaml: compression.wanda: dvc.yaml's stage 'compress' reads it")
+    data["compression"]["wanda"] = {}  # DVC accepts an empty section: the schema's defaults apply
+    _check_workspace(tmp_path, data)
+    assert main(["--params", str(path), "check"]) == 0
+    assert capsys.readouterr().out.startswith("ok: params valid")
+
+
+def test_check_refuses_first_token_words_that_are_not_one_token(tiny_model, tmp_path, capsys):
+    data = small_params(tiny_model, tmp_path)
+    data["calibration"]["sources"]["self"]["first_token_words"] = ["the", "once"]
+    path = _check_workspace(tmp_path, data)
+    assert main(["--params", str(path), "check"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "selfcal: error: calibration.sources.self.first_token_words: not a single token after BOS with this tokenizer: ['once']"
+    )
+
+
+def test_dvc_param_keys_expand_the_matrices():
+    from selfcal.pipeline.check import dvc_param_keys
+    from tests.helpers import REPO
+
+    raw = {"calibration": {"sources": {"self": {}, "c4": {}}, "seeds": [0, 1]}, "compression": {"methods": ["gptq", "awq"]}}
+    keys = dvc_param_keys(REPO / "dvc.yaml", raw)
+    assert ("compress", "compression.awq") in keys and ("compress", "compression.gptq") in keys
+    assert ("generate", "calibration.sources.c4") in keys and ("generate", "calibration.sources.self") in keys
+    assert all("${" not in k for _, k in keys)
+
+
+def test_paper_profile_is_the_papers_grid():
+    from tests.helpers import REPO
+
+    p = load_params(REPO / "profiles" / "paper.yaml")
+    assert sorted(p.calibration.sources) == ["c4", "cosmopedia", "ji", "self", "vocab", "wikitext"]
+    assert p.calibration.seeds == [0, 1, 2, 3, 4] and (p.calibration.n_samples, p.calibration.seq_len) == (128, 2048)
+    assert sorted(p.compression.methods) == ["awq", "gptq", "sparsegpt", "wanda"]
+    assert len(p.evaluation.tasks) == 10 and "wikitext2" in p.evaluation.perplexity
+    assert p.calibration.sources["ji"].prompt_path.endswith("wikipedia_sample/wiki.utf8")
+    awq = p.compression.awq
+    assert awq.symmetric and awq.n_grid == 12 and awq.clip_search.min_ratio == 0.5
+    # n_grid 12 with duo scaling is ModelOpt's alpha grid 0, 0.1, ..., 1.0 (plus identity)
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+
+    grid = AWQModifier(n_grid=awq.n_grid, duo_scaling=True)._get_grid_search_params()
+    assert [round(r, 6) for r, duo in grid if duo] == [round(0.1 * k, 6) for k in range(11)]
+
+
+def test_clip_search_translates_to_the_observer_grid_of_modelopts_clip_ratios():
+    from selfcal.compression.registry import _scheme
+    from selfcal.config import AWQConfig
+
+    scheme = _scheme(AWQConfig(clip_search={"min_ratio": 0.5, "step": 0.05}))["group_0"].weights
+    assert scheme.observer == "memoryless_mse"
+    kw = scheme.observer_kwargs
+    total = int(kw["maxshrink"] * kw["grid"])  # llm-compressor's mse_quant._grid_search_mse
+    ratios = [round(1 - i / kw["grid"], 6) for i in range(total)]
+    assert ratios == [round(1 - 0.05 * i, 6) for i in range(11)]  # 1.0, 0.95, ..., 0.5

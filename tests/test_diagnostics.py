@@ -19,13 +19,60 @@ def test_seq_rep_counts_repeated_ngrams():
     assert d.seq_rep(np.array([[1, 2, 1, 2, 1, 2]]), 4) == pytest.approx(1 - 2 / 3)
 
 
-def test_ngram_diversity_and_coverage():
+def test_repetition_is_the_share_of_tokens_seen_earlier_in_their_sequence():
+    # Row 1: 1 2 1 3 1 -> positions 3 and 5 repeat (2 of 5). Row 2: 4 4 4 4 4 -> 4 of 5 repeat.
+    # Row 3: 5 6 7 8 9 -> none; a token seen only in another row (1) never counts.
+    toks = np.array([[1, 2, 1, 3, 1], [4, 4, 4, 4, 4], [5, 6, 7, 8, 1]])
+    assert d.repetition(toks) == pytest.approx((2 + 4 + 0) / 15)
+    assert d.repetition(np.array([[1, 2, 3]])) == 0.0
+
+
+def test_ngram_diversity_is_the_mean_of_distinct_ratios_and_the_product_keeps_its_name():
     toks = np.array([[1, 1, 1, 1], [1, 1, 1, 1]])
     div = d.ngram_diversity(toks)
+    # 8 unigrams (1 unique), 6 bigrams (1), 4 trigrams (1), 2 four-grams (1)
     assert div["distinct_1"] == pytest.approx(1 / 8)
     assert div["distinct_4"] == pytest.approx(1 / 2)
-    assert div["diversity"] == pytest.approx((1 / 8) * (1 / 6) * (1 / 4) * (1 / 2))
+    assert div["ngram_diversity"] == pytest.approx((1 / 8 + 1 / 6 + 1 / 4 + 1 / 2) / 4)
+    assert div["distinct_product"] == pytest.approx((1 / 8) * (1 / 6) * (1 / 4) * (1 / 2))
+    assert d.ngram_diversity(np.array([[1, 2, 3, 4, 5]]))["ngram_diversity"] == pytest.approx(1.0)
     assert d.vocab_coverage(np.array([[0, 1, 2, 2]]), 10) == pytest.approx(0.3)
+
+
+def test_random_vocabulary_source_matches_the_analytic_coverage_and_repetition():
+    """Uniform tokens: coverage 1 - exp(-nL/V) of the vocabulary, and per-sequence repetition
+    (1/L) * sum_i [1 - (1 - 1/V)^(i-1)], about (L - 1) / (2V) for L << V. (The paper's vocab row
+    on Gemma, n L = 262,144 over V = 256,000: coverage .64, repetition .00.)"""
+    from selfcal.calibration import sources
+    from selfcal.config import VocabSourceConfig
+
+    V = 4096
+    tok = type("Tok", (), {"all_special_ids": [], "__len__": lambda self: V})()
+    req = sources.SourceRequest(n=32, seq_len=128, seed=0, batch_size=8, progress=False)
+    r = sources.get("vocab").build(VocabSourceConfig(kind="vocab"), req, tokenizer=tok)
+    n, L = r.tokens.shape
+    assert abs(d.vocab_coverage(r.tokens, V) - (1 - np.exp(-n * L / V))) < 0.01
+    expected_rep = np.mean([1 - (1 - 1 / V) ** (i - 1) for i in range(1, L + 1)])
+    assert expected_rep == pytest.approx((L - 1) / (2 * V), rel=0.02)
+    assert d.repetition(r.tokens) == pytest.approx(expected_rep, abs=0.004)
+
+
+def test_set_perplexity_is_the_mean_of_per_sequence_perplexities(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    toks = np.random.default_rng(1).integers(3, 500, size=(3, 10))
+    ppl = d.set_perplexity(model, toks, batch_size=2)
+    per_seq, pooled = [], []
+    with torch.no_grad():
+        for row in toks:
+            ids = torch.as_tensor(row[None], dtype=torch.long)
+            loss = model(input_ids=ids, labels=ids).loss  # mean NLL of tokens 2..L
+            per_seq.append(float(torch.exp(loss)))
+            pooled.append(float(loss))
+    assert ppl["perplexity"] == pytest.approx(np.mean(per_seq), rel=1e-5)
+    assert ppl["pooled_perplexity"] == pytest.approx(np.exp(np.mean(pooled)), rel=1e-5)
+    assert ppl["perplexity"] > ppl["pooled_perplexity"]  # Jensen: a mean of exps exceeds the exp of the mean
 
 
 def test_zipf_recovers_the_exponent():

@@ -12,7 +12,7 @@ import torch
 from selfcal.config import parse_params
 from selfcal.errors import DataError
 from selfcal.evaluation.perplexity import perplexity_of_windows, token_windows
-from selfcal.evaluation.tasks import _builtin_config, local_task_config, resolve_tasks
+from selfcal.evaluation.tasks import _builtin_config, local_task_config, resolve_tasks, task_manager
 from tests.helpers import DATA, small_params
 
 
@@ -81,7 +81,7 @@ def test_local_task_scores_like_the_builtin_task_on_the_same_examples(tiny_model
     lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_model).eval(), tokenizer=AutoTokenizer.from_pretrained(tiny_model), batch_size=16)
     scores = []
     for spec in (builtin, local):
-        out = simple_evaluate(model=lm, tasks=[spec], num_fewshot=0, log_samples=True, bootstrap_iters=0)
+        out = simple_evaluate(model=lm, tasks=[spec], num_fewshot=0, log_samples=True, bootstrap_iters=0, task_manager=task_manager())
         samples = out["samples"][task]
         scores.append((out["results"][task]["acc,none"], [s["target"] for s in samples], [s["resps"] for s in samples]))
     assert scores[0] == scores[1]
@@ -136,6 +136,23 @@ def test_report_names_tasks_that_were_not_scored():
     md = to_markdown(cols, table, unscored_tasks(rows))
     assert "| none | none | 1 | 50.0 | 50.0 | 12.50 |" in md
     assert "- `piqa` not scored (dense: too long)" in md and "- `storycloze_2016` not scored (dense: no data)" in md
+
+
+def test_mean_acc_is_compared_over_the_task_set_every_row_scored():
+    """A row that scored an extra task (or missed one) must not get a mean over another set."""
+    from selfcal.pipeline.aggregate import common_tasks, summarise, to_markdown
+
+    def row(name, method, accs):
+        return {"name": name, "method": method, "source": "self", "mean_acc": sum(accs.values()) / len(accs),
+                "zero_shot": {"tasks": {t: {"acc": a} for t, a in accs.items()}, "failed": {}}}
+
+    rows = [row("a", "gptq", {"arc_easy": 0.6, "piqa": 0.7}), row("b", "wanda", {"arc_easy": 0.4, "piqa": 0.5, "boolq": 0.9})]
+    assert common_tasks(rows) == ["arc_easy", "piqa"]
+    cols, table = summarise(rows)
+    by_method = {e["method"]: e for e in table}
+    assert by_method["gptq"]["mean_acc"] == pytest.approx(0.65)
+    assert by_method["wanda"]["mean_acc"] == pytest.approx(0.45)  # not 0.6: boolq is outside the shared set
+    assert "`mean_acc` is over the 2 task(s) every row scored: arc_easy, piqa." in to_markdown(cols, table, {}, common_tasks(rows))
 
 
 def test_perplexity_sets_read_txt_verbatim_and_jsonl_documents_joined(tmp_path):

@@ -100,3 +100,39 @@ def test_real_transformer_with_kv_cache_matches_a_full_recompute(tiny_model):
             nxt = sample_tokens(logits, sched(step), u[:, step + 1])
             ids = torch.cat([ids, nxt[:, None]], dim=1)
     np.testing.assert_array_equal(cached, ids.numpy())
+
+
+class TwoEosLM(ScriptedLM):
+    """As ScriptedLM, and token 6 is always followed by token 7: a second EOS id."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=True):
+        out = super().forward(input_ids, past_key_values, use_cache)
+        last = input_ids[:, -1]
+        out.logits[last == 6, :, :] = -1e9
+        out.logits[last == 6, :, 7] = 0.0
+        out.logits[:, :, 7] = torch.where((last == 6)[:, None], out.logits[:, :, 7], torch.full_like(out.logits[:, :, 7], -1e9))
+        return out
+
+
+def test_any_of_several_eos_ids_ends_a_generation():
+    tokens = gen(TwoEosLM(), n=8, seq_len=64, eos_id=[EOS, 7])
+    ended = {EOS: 0, 7: 0}
+    for row in tokens:
+        for i in range(len(row) - 1):
+            if row[i] in ended:
+                assert row[i + 1] == BOS, f"a generation must restart after EOS id {row[i]}"
+                ended[int(row[i])] += 1
+    assert ended[EOS] > 0 and ended[7] > 0
+    # With only the first id as EOS, 7 is an ordinary token: the generation goes on after it.
+    single = gen(TwoEosLM(), n=8, seq_len=64, eos_id=EOS)
+    assert any(row[i] == 7 and row[i + 1] != BOS for row in single for i in range(len(row) - 1))
+
+
+def test_eos_ids_come_from_the_tokenizer_and_every_id_the_generation_config_lists():
+    from selfcal.calibration.sources import eos_ids
+
+    tok = SimpleNamespace(eos_token_id=2)
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[1, 106, 2]))
+    assert eos_ids(tok, model) == [2, 1, 106]
+    assert eos_ids(tok, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2))) == [2]
+    assert eos_ids(tok) == [2]

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from selfcal.calibration import corpus, sources
 from selfcal.config import CorpusSourceConfig, JiSourceConfig, SelfSourceConfig, VocabSourceConfig
@@ -114,31 +115,108 @@ def test_vocab_source_is_uniform_over_non_special_tokens(tmp_path, tokenizer):
     assert np.array_equal(same.tokens, r.tokens) and not np.array_equal(other.tokens, r.tokens)
 
 
-def test_ji_synthesis_prompts_filters_and_keeps_n(tmp_path, tokenizer, tiny_model):
+def _eos_prone(tiny_model, bias: float = 2.5):
+    """The tiny model with a bias on EOS (id 2), so sampled generations end early and often."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    head.weight = model.lm_head.weight
+    with torch.no_grad():
+        head.bias.zero_()
+        head.bias[2] = bias
+    model.lm_head = head
+    return model
+
+
+def test_ji_prompts_are_the_first_two_ids_with_bos(tokenizer):
+    prompts = sources.ji_prompts(["the cat sat", "a dog ran far"], tokenizer, 2)
+    assert tokenizer.bos_token_id == 1
+    assert prompts == [[1, tokenizer("the cat sat")["input_ids"][1]], [1, tokenizer("a dog ran far")["input_ids"][1]]]
+
+
+def test_ji_synthesis_stops_at_eos_and_records_its_pool(tmp_path, tokenizer, tiny_model):
+    model = _eos_prone(tiny_model)
     docs = _docs(20)
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    spec = JiSourceConfig(kind="ji", prompt_path="p.jsonl")
-    r = sources.get("ji").build(spec, _req(tmp_path, n=8, seq_len=12, name="ji"), model=model, tokenizer=tokenizer)
-    assert r.tokens.shape == (8, 12)
-    assert r.provenance["generated"] == 10 and r.provenance["kept"] == 8  # ceil(8 / 0.8) generated, 20% dropped
-    assert (r.tokens[:, 0] == tokenizer.bos_token_id).all()
-    first_words = {tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in WORDS} | {
-        tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in WORDS
-    }
-    assert set(r.tokens[:, 1]) <= first_words  # token 2 comes from a real text's start
+    spec = JiSourceConfig(kind="ji", prompt_path="p.jsonl", pool_size=12, max_new_tokens=80)
+    r = sources.get("ji").build(spec, _req(tmp_path, n=6, seq_len=16, name="ji"), model=model, tokenizer=tokenizer)
+    prov = r.provenance
+    assert r.tokens.shape == (6, 16)
+    assert prov["pool_size"] == prov["generated"] == 12
+    assert prov["stopped_at_eos"] > 6 and prov["new_tokens_mean"] < 70  # EOS ends a generation (no min_new_tokens)
+    assert prov["new_tokens_max"] <= 80
+    assert prov["kept_texts"] <= 0.8 * prov["scored"] + 1e-9
+    assert len(prov["window_starts"]) == 6
+    with pytest.raises(DataError, match=r"pool_size: 50 prompts needed, p.jsonl gives 20 usable texts"):
+        sources.get("ji").build(spec.model_copy(update={"pool_size": 50}), _req(tmp_path, n=6, seq_len=16, name="ji"), model=model, tokenizer=tokenizer)
+
+
+def test_ji_filter_keeps_texts_below_the_80th_percentile_of_whole_text_perplexity(tokenizer, tiny_model):
+    """sample_ppl.py: ppl = exp(model(ids, labels=ids).loss) per text, prompt included; keep ppl < percentile 80."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    texts = _docs(10, words=12) + [""]  # BOS alone: nothing to predict, left out
+    kept, info = sources.perplexity_filter(model, tokenizer, texts, 0.2, batch_size=3)
+    ppl = []
+    with torch.no_grad():
+        for t in texts[:10]:
+            ids = torch.tensor([tokenizer(t)["input_ids"]])
+            ppl.append(float(torch.exp(model(input_ids=ids, labels=ids).loss)))
+    threshold = np.percentile(ppl, 80)
+    assert kept == [t for t, v in zip(texts[:10], ppl) if v < threshold]
+    assert len(kept) == 8 and info["scored"] == 10 and info["generated"] == 11
+    assert info["ppl_threshold"] == pytest.approx(threshold, rel=1e-4)
+
+
+def test_ji_windows_are_get_selfgens_random_windows_of_the_space_joined_text(tokenizer):
+    import random
+
+    texts = _docs(6, words=30)
+    tokens, starts, total = sources.selfgen_windows(texts, tokenizer, n=5, seq_len=16, seed=3)
+    enc = tokenizer(" ".join(texts), return_tensors="pt").input_ids  # Wanda/lib/data.py get_selfgen, verbatim
+    random.seed(3)
+    expected = []
+    for _ in range(5):
+        i = random.randint(0, enc.shape[1] - 16 - 1)
+        expected.append(enc[0, i : i + 16].tolist())
+    assert tokens.tolist() == expected and total == enc.shape[1] and len(starts) == 5
+    assert enc[0, 0] == tokenizer.bos_token_id  # one BOS, at the start of the joined text
+
+
+def test_wikiextractor_files_give_one_document_per_article_without_title_or_stubs(tmp_path):
+    (tmp_path / "wiki.utf8").write_text(
+        '<doc id="1" url="u" title="Alpha">\nAlpha\n\nAlpha is a letter.\nSecond line.\n</doc>\n'
+        '<doc id="2" url="u" title="Stub">\nStub\n\n\n</doc>\n'
+        '<doc id="3" url="u" title="A &amp; B">\nA & B\n\nA and B.\n</doc>\n'
+    )
+    docs = corpus.read_documents("wiki.utf8", root=tmp_path)
+    assert docs == ["Alpha is a letter.\nSecond line.", "A and B."]
 
 
 def test_self_source_first_token_restricted_to_stop_words(tmp_path, tokenizer, tiny_model):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    words = ["the", "a", "and"]
+    words = ["the", "he", "she"]
     allowed = set(sources.first_tokens_of(words, tokenizer))
+    assert len(allowed) == 6  # lower case and capitalised, each one token right after BOS
     spec = SelfSourceConfig(kind="self", first_token_words=words)
     r = sources.get("self").build(spec, _req(tmp_path, n=8, seq_len=24, name="self"), model=model, tokenizer=tokenizer)
     assert set(r.tokens[:, 1]) <= allowed
     free = sources.get("self").build(SelfSourceConfig(kind="self"), _req(tmp_path, n=8, seq_len=24, name="self"), model=model, tokenizer=tokenizer)
     assert not set(free.tokens[:, 1]) <= allowed
+
+
+def test_first_token_words_use_the_start_of_text_spelling_and_refuse_multi_token_words(tokenizer):
+    ids, bad = sources.first_token_candidates(["the", "She"], tokenizer)
+    after_bos = [tokenizer(w)["input_ids"][1] for w in ("the", "The", "she", "She")]
+    assert ids == after_bos == [265, 291, 358, 338] and bad == []
+    # "once" is '▁on' 'ce' right after BOS (only "Once" is one token); "xylophonist" is many in both cases.
+    _, bad = sources.first_token_candidates(["once", "xylophonist"], tokenizer)
+    assert bad == ["once", "xylophonist", "Xylophonist"]
+    from selfcal.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^calibration.sources.self.first_token_words: not a single token after BOS .*'xylophonist'"):
+        sources.first_tokens_of(["xylophonist"], tokenizer, key="calibration.sources.self.first_token_words")

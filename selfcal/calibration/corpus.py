@@ -10,7 +10,9 @@ windows drawn at random per seed instead.
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,8 +51,29 @@ def _read_file(path: Path, text_field: str) -> Iterator[str]:
         table = pq.read_table(path, columns=[text_field])
         yield from table.column(text_field).to_pylist()
     else:
-        # Plain text: documents are separated by blank lines.
-        yield from path.read_text().split("\n\n")
+        text = path.read_text()
+        if text.lstrip().startswith("<doc "):
+            yield from wikiextractor_documents(text)
+        else:
+            # Plain text: documents are separated by blank lines.
+            yield from text.split("\n\n")
+
+
+_DOC = re.compile(r"<doc\b([^>]*)>\n(.*?)</doc>", re.S)
+_TITLE = re.compile(r'\btitle="([^"]*)"')
+
+
+def wikiextractor_documents(text: str) -> Iterator[str]:
+    """Article texts from WikiExtractor's ``<doc id url title>...</doc>`` format, without the
+    title line it repeats first (a hub Wikipedia row's ``text`` has no title either)."""
+    for match in _DOC.finditer(text):
+        title = _TITLE.search(match.group(1))
+        body = match.group(2).strip()
+        first, _, rest = body.partition("\n")
+        if title is not None and first.strip() == html.unescape(title.group(1)).strip():
+            body = rest.strip()
+        if body:
+            yield body
 
 
 def read_documents(spec_path: str, *, root: Path, text_field: str = "text", hub_config: str | None = None, hub_split: str = "train", max_documents: int = 100_000, key: str = "path") -> list[str]:

@@ -1,10 +1,21 @@
 """Quality measures of a calibration set, to judge it before compressing with it.
 
-The text measures follow the self-calibration paper's Tables 4 and 8: repetition
-(Welleck et al., 2020: seq-rep-n, the share of repeated n-grams in a sequence),
-n-gram diversity (Meister et al., 2023: distinct n-grams over all n-grams, n=1..4,
-and their product), vocabulary coverage and the Zipf coefficient. All are pure
-functions of the token matrix; model-based measures live beside them and take a model.
+The headline measures are the self-calibration paper's (Williams et al., arXiv 2410.17170,
+Sec. 6.3, Tables 4 and 8), per set D of sequences w of length L over a vocabulary V:
+
+- repetition R = (1 / (|D| L)) * sum_w sum_i 1[w_i in w_1..w_{i-1}]: the share of tokens
+  already seen earlier in the same sequence (``repetition``);
+- n-gram diversity = (1/4) * sum_{n=1..4} unique n-grams / n-grams, over the whole set
+  (``ngram_diversity``; each ratio is ``distinct_n``);
+- vocabulary coverage = unique tokens in the set / |V| (``vocab_coverage``);
+- perplexity = the mean over sequences of each sequence's perplexity (``perplexity``);
+- Zipf coefficient: the paper gives no estimator. Here s is minus the slope of a
+  least-squares line through (log rank, log frequency) of the 5,000 most frequent tokens
+  of the set (``zipf``).
+
+Two older measures stay under their own names: Welleck et al.'s ``seq_rep_4`` (share of
+repeated 4-grams per sequence) and ``distinct_product`` (the product of distinct_1..4).
+All text measures are pure functions of the token matrix.
 """
 
 from __future__ import annotations
@@ -14,9 +25,23 @@ from collections import Counter
 import numpy as np
 import torch
 
+ZIPF_TOP = 5000
+
 
 def _ngrams(seq: np.ndarray, n: int) -> list[tuple[int, ...]]:
     return [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)]
+
+
+def repetition(tokens: np.ndarray) -> float:
+    """The paper's R: tokens that already occurred earlier in their sequence, over all tokens.
+
+    In a sequence every token but the first occurrence of each distinct token counts,
+    so the sum over i is L - |distinct tokens of w|.
+    """
+    if tokens.size == 0:
+        return 0.0
+    repeats = sum(len(row) - len(np.unique(row)) for row in tokens)
+    return repeats / tokens.size
 
 
 def seq_rep(tokens: np.ndarray, n: int = 4) -> float:
@@ -30,15 +55,17 @@ def seq_rep(tokens: np.ndarray, n: int = 4) -> float:
 
 
 def ngram_diversity(tokens: np.ndarray, max_n: int = 4) -> dict[str, float]:
-    """Distinct n-gram ratio over the whole set for n=1..max_n, and their product."""
+    """distinct_n (unique / total n-grams over the whole set) for n=1..max_n; their mean is the
+    paper's ``ngram_diversity``, their product the older ``distinct_product``."""
     out: dict[str, float] = {}
-    product = 1.0
+    ratios = []
     for n in range(1, max_n + 1):
         grams = [g for seq in tokens for g in _ngrams(seq, n)]
         ratio = len(set(grams)) / len(grams) if grams else 0.0
         out[f"distinct_{n}"] = ratio
-        product *= ratio
-    out["diversity"] = product
+        ratios.append(ratio)
+    out["ngram_diversity"] = float(np.mean(ratios))
+    out["distinct_product"] = float(np.prod(ratios))
     return out
 
 
@@ -46,8 +73,8 @@ def vocab_coverage(tokens: np.ndarray, vocab_size: int) -> float:
     return len(np.unique(tokens)) / vocab_size
 
 
-def zipf_coefficient(tokens: np.ndarray, top: int = 5000) -> float:
-    """s in freq ~ rank^-s, by least squares on log-log over the `top` most frequent tokens."""
+def zipf_coefficient(tokens: np.ndarray, top: int = ZIPF_TOP) -> float:
+    """s in freq ~ rank^-s, by least squares on log-log over the ``top`` most frequent tokens."""
     counts = np.array(sorted(Counter(tokens.ravel().tolist()).values(), reverse=True)[:top], dtype=float)
     if len(counts) < 2:
         return float("nan")
@@ -80,6 +107,7 @@ def text_measures(tokens: np.ndarray, vocab_size: int, start_id: int | None = No
     return {
         "n": int(tokens.shape[0]),
         "seq_len": int(tokens.shape[1]),
+        "repetition": repetition(tokens),
         "seq_rep_4": seq_rep(tokens, 4),
         **ngram_diversity(tokens),
         "vocab_coverage": vocab_coverage(tokens, vocab_size),
@@ -88,15 +116,21 @@ def text_measures(tokens: np.ndarray, vocab_size: int, start_id: int | None = No
     }
 
 
-def set_perplexity(model, tokens: np.ndarray, batch_size: int = 8) -> float:
-    """exp(mean NLL) of the set under the model: how typical the model finds it.
+def set_perplexity(model, tokens: np.ndarray, batch_size: int = 8) -> dict[str, float]:
+    """The paper's set perplexity (mean of per-sequence perplexities) and the pooled one.
 
-    Each row is one window, scored exactly as evaluation scores perplexity windows.
+    ``perplexity`` = mean_w exp(mean NLL of w); ``pooled_perplexity`` = exp(mean NLL over all
+    tokens of the set), the older measure. Each row is scored as one window.
     """
-    from selfcal.evaluation.perplexity import perplexity_of_windows
+    from selfcal.scoring import window_nll
 
     windows = torch.as_tensor(tokens, dtype=torch.long)
-    return perplexity_of_windows(model, windows, batch_size=batch_size, progress=False)["perplexity"]
+    sums = window_nll(model, windows, batch_size=batch_size)
+    predicted = windows.shape[1] - 1
+    return {
+        "perplexity": float(torch.exp(sums / predicted).mean()),
+        "pooled_perplexity": float(torch.exp(sums.sum() / (predicted * windows.shape[0]))),
+    }
 
 
 @torch.inference_mode()

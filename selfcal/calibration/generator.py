@@ -14,7 +14,7 @@ are dropped from the batch (and its KV cache) as they finish.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +44,7 @@ def _fill_batch(
     uniforms: torch.Tensor,
     *,
     bos_id: int,
-    eos_id: int | None,
+    eos_ids: torch.Tensor | None,
     schedule: LinearSchedule,
     top_k: int | None,
     top_p: float | None,
@@ -83,8 +83,8 @@ def _fill_batch(
             filled[active] += 1
             on_tokens(active.numel())
             keep = filled[active] < seq_len
-            if eos_id is not None:
-                keep &= tok != eos_id
+            if eos_ids is not None:
+                keep &= ~torch.isin(tok, eos_ids)
             if not bool(keep.all()):
                 idx = torch.nonzero(keep).flatten()
                 active, tok = active[idx], tok[idx]
@@ -101,7 +101,7 @@ def generate_self_calibration(
     n: int,
     seq_len: int,
     bos_id: int,
-    eos_id: int | None,
+    eos_id: int | Sequence[int] | None,
     schedule: LinearSchedule,
     seed: int,
     batch_size: int = 32,
@@ -112,9 +112,12 @@ def generate_self_calibration(
 ) -> tuple[np.ndarray, GenerationStats]:
     """Sample ``n`` sequences of ``seq_len`` tokens; row r depends only on (seed, r).
 
-    ``first_token_ids`` restricts the first token of every generation (the paper's
-    English stop-word constraint for multilingual models).
+    ``eos_id`` may list several ids (a generation config can name more than one EOS): any of
+    them ends a generation. ``first_token_ids`` restricts the first token of every generation
+    (the paper's English stop-word constraint for multilingual models).
     """
+    eos_list = [eos_id] if isinstance(eos_id, int) else list(eos_id or [])
+    eos_ids = torch.as_tensor(sorted(set(eos_list)), dtype=torch.long) if eos_list else None
     first_ids = torch.as_tensor(sorted(set(first_token_ids)), dtype=torch.long) if first_token_ids else None
     result = np.empty((n, seq_len), dtype=np.int32)
     t0 = time.perf_counter()
@@ -129,7 +132,7 @@ def generate_self_calibration(
                 out,
                 row_uniforms(seed, rows, seq_len),
                 bos_id=bos_id,
-                eos_id=eos_id,
+                eos_ids=eos_ids,
                 schedule=schedule,
                 top_k=top_k,
                 top_p=top_p,

@@ -7,18 +7,19 @@ baselines register here; nothing else in the pipeline switches on the source kin
 
 from __future__ import annotations
 
-import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from selfcal.calibration import corpus
 from selfcal.calibration.generator import generate_self_calibration
 from selfcal.calibration.schedule import LinearSchedule
-from selfcal.errors import DataError
+from selfcal.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -42,14 +43,17 @@ class SourceResult:
 class Source:
     build: Callable[..., SourceResult]
     needs_model: bool  # corpus and vocabulary sources need only the tokenizer
+    # Bumped whenever the algorithm changes what a source produces for the same params and
+    # seed; recorded in every calibration manifest, so old and new sets are told apart.
+    version: int = 1
 
 
 SOURCES: dict[str, Source] = {}
 
 
-def register(kind: str, *, needs_model: bool) -> Callable:
+def register(kind: str, *, needs_model: bool, version: int = 1) -> Callable:
     def deco(fn: Callable[..., SourceResult]) -> Callable[..., SourceResult]:
-        SOURCES[kind] = Source(fn, needs_model)
+        SOURCES[kind] = Source(fn, needs_model, version)
         return fn
 
     return deco
@@ -63,26 +67,58 @@ def start_token(tokenizer) -> int:
     raise DataError("tokenizer has neither a BOS nor an EOS token to condition self-calibration on")
 
 
-def first_tokens_of(words: list[str], tokenizer) -> list[int]:
-    """The first token of each word as it appears mid-text (with its leading space)."""
-    ids = []
-    for w in words:
-        enc = tokenizer(" " + w.strip(), add_special_tokens=False)["input_ids"]
-        if enc:
-            ids.append(enc[0])
+def eos_ids(tokenizer, model=None) -> list[int]:
+    """Every id that ends a generation: the tokenizer's EOS and each EOS the model's generation
+    config lists (Gemma 3 names [1, 106], Llama 3.1 Instruct three)."""
+    ids: list[int] = []
+    gen_cfg = getattr(model, "generation_config", None)
+    for value in (tokenizer.eos_token_id, getattr(gen_cfg, "eos_token_id", None)):
+        for tid in value if isinstance(value, (list, tuple)) else [value]:
+            if tid is not None and int(tid) not in ids:
+                ids.append(int(tid))
+    return ids
+
+
+def first_token_candidates(words: list[str], tokenizer) -> tuple[list[int], list[str]]:
+    """Token ids of each word as it appears at the start of a text right after BOS, in lower case
+    and capitalised; and the spellings that are not a single token there (refused by ``check``)."""
+    ids: list[int] = []
+    not_single: list[str] = []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for word in words:
+        w = word.strip()
+        for spelling in dict.fromkeys((w.lower(), w[:1].upper() + w[1:].lower())):
+            enc = list(tokenizer(spelling)["input_ids"])  # with special tokens: exactly what follows BOS
+            if enc and bos is not None and enc[0] == bos:
+                enc = enc[1:]
+            if enc and eos is not None and enc[-1] == eos and len(enc) > 1:
+                enc = enc[:-1]
+            if len(enc) != 1:
+                not_single.append(spelling)
+            elif enc[0] not in ids:
+                ids.append(enc[0])
+    return ids, not_single
+
+
+def first_tokens_of(words: list[str], tokenizer, *, key: str = "first_token_words") -> list[int]:
+    ids, not_single = first_token_candidates(words, tokenizer)
+    if not_single:
+        raise ConfigError(f"{key}: not a single token after BOS with this tokenizer: {not_single}")
     return ids
 
 
 @register("self", needs_model=True)
 def self_calibration(spec, request: SourceRequest, *, model, tokenizer) -> SourceResult:
     bos = start_token(tokenizer)
-    first = first_tokens_of(spec.first_token_words, tokenizer) if spec.first_token_words else None
+    key = f"calibration.sources.{request.name}.first_token_words"
+    first = first_tokens_of(spec.first_token_words, tokenizer, key=key) if spec.first_token_words else None
+    eos = eos_ids(tokenizer, model)
     tokens, stats = generate_self_calibration(
         model,
         n=request.n,
         seq_len=request.seq_len,
         bos_id=bos,
-        eos_id=tokenizer.eos_token_id,
+        eos_id=eos,
         schedule=LinearSchedule(spec.t_initial, spec.t_final, spec.schedule_steps),
         seed=request.seed,
         batch_size=request.batch_size,
@@ -95,7 +131,7 @@ def self_calibration(spec, request: SourceRequest, *, model, tokenizer) -> Sourc
         tokens=tokens,
         provenance={
             "start_token_id": bos,
-            "eos_token_id": tokenizer.eos_token_id,
+            "eos_token_ids": eos,
             "first_token_ids": first,
             "generations": stats.generations,
             "tokens_per_second": round(stats.tokens_per_second, 1),
@@ -129,51 +165,106 @@ def vocabulary(spec, request: SourceRequest, *, tokenizer, model=None) -> Source
     return SourceResult(tokens=tokens, provenance={"vocabulary_size": int(allowed.size), "excluded_special_ids": sorted(special)})
 
 
-@torch.inference_mode()
-def _per_sample_nll(model, ids: torch.Tensor, prompt_len: int, batch_size: int) -> torch.Tensor:
-    out = []
-    for i in range(0, len(ids), batch_size):
-        batch = ids[i : i + batch_size]
-        logits = model(input_ids=batch).logits[:, prompt_len - 1 : -1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, prompt_len:], reduction="none")
-        out.append(nll.mean(dim=1).cpu())
-    return torch.cat(out)
-
-
-@register("ji", needs_model=True)
+@register("ji", needs_model=True, version=2)
 def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceResult:
-    """Ji et al. (2024): generate from 2-token real prompts, keep the least perplexing 80%."""
-    docs = corpus.read_documents(spec.prompt_path, root=request.root, text_field=spec.text_field, key=f"calibration.sources.{request.name}.prompt_path")
-    prefix = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    prompt_len = len(prefix) + spec.prompt_tokens
-    if prompt_len >= request.seq_len:
-        raise DataError(f"calibration.seq_len: {request.seq_len} leaves no room after a {prompt_len}-token prompt")
-    encoded = [ids for ids in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"] if len(ids) >= spec.prompt_tokens]
-    total = math.ceil(request.n / (1.0 - spec.drop_fraction))
-    if len(encoded) < total:
-        raise DataError(f"calibration.sources.{request.name}.prompt_path: {len(encoded)} usable documents, {total} prompts needed")
+    """Ji et al. (2024) as their code does it (github.com/Dereck0602/calibration_data).
+
+    - generate_data.py: a prompt is ``tokenizer(text)["input_ids"][:2]`` (BOS + 1 token where
+      the tokenizer adds BOS), sampled with temperature 0.6, top-p 0.95, top-k 50, repetition
+      penalty 1.2, up to 2048 new tokens, stopping at EOS; decoded without special tokens.
+    - sample_ppl.py: each text's perplexity is ``exp(model(ids, labels=ids).loss)`` over the
+      whole re-tokenized text, prompt included; texts below the 80th percentile are kept.
+    - Wanda/lib/data.py ``get_selfgen``: the kept texts are joined with ' ', tokenized once,
+      and ``random.seed(seed)`` + ``random.randint(0, len - seqlen - 1)`` picks each window.
+    Here the pool's prompts are drawn with the set's seed, so each set has its own pool.
+    """
+    key = f"calibration.sources.{request.name}"
+    docs = corpus.read_documents(spec.prompt_path, root=request.root, text_field=spec.text_field, key=f"{key}.prompt_path")
+    encoded = ji_prompts(docs, tokenizer, spec.prompt_tokens)
+    if len(encoded) < spec.pool_size:
+        raise DataError(f"{key}.pool_size: {spec.pool_size} prompts needed, {spec.prompt_path} gives {len(encoded)} usable texts")
     rng = np.random.default_rng(request.seed)
-    prompts = torch.tensor([prefix + encoded[i][: spec.prompt_tokens] for i in rng.choice(len(encoded), total, replace=False)])
+    prompts = torch.tensor([encoded[i] for i in rng.choice(len(encoded), spec.pool_size, replace=False)])
     device = next(model.parameters()).device
-    new = request.seq_len - prompt_len
+    eos = eos_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     torch.manual_seed(request.seed)
-    outputs = []
-    for i in range(0, total, request.batch_size):
+    texts: list[str] = []
+    new_tokens: list[int] = []
+    stopped = 0
+    prompt_len = prompts.shape[1]
+    eos_t = torch.as_tensor(eos or [-1])
+    bar = tqdm(total=spec.pool_size, unit="gen", desc="ji synthesis", disable=not request.progress)
+    for i in range(0, spec.pool_size, request.batch_size):
         batch = prompts[i : i + request.batch_size].to(device)
-        outputs.append(
-            model.generate(
-                input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=spec.temperature,
-                top_p=spec.top_p, top_k=spec.top_k, repetition_penalty=spec.repetition_penalty,
-                max_new_tokens=new, min_new_tokens=new, pad_token_id=tokenizer.eos_token_id,
-            ).cpu()
-        )
-    samples = torch.cat(outputs)
-    nll = _per_sample_nll(model, samples.to(device), prompt_len, request.batch_size)
-    keep = torch.sort(torch.argsort(nll)[: request.n]).values  # lowest perplexity, original order
+        out = model.generate(
+            input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=spec.temperature,
+            top_p=spec.top_p, top_k=spec.top_k, repetition_penalty=spec.repetition_penalty,
+            max_new_tokens=spec.max_new_tokens, eos_token_id=eos or None, pad_token_id=pad,
+        ).cpu()
+        for row in out[:, prompt_len:]:
+            hit = torch.nonzero(torch.isin(row, eos_t)).flatten()
+            new_tokens.append(int(hit[0]) + 1 if hit.numel() else int(row.numel()))
+            stopped += int(hit.numel() > 0)
+        texts += tokenizer.batch_decode(out, skip_special_tokens=True)
+        bar.update(len(batch))
+    bar.close()
+    kept, filt = perplexity_filter(model, tokenizer, texts, spec.drop_fraction, batch_size=request.batch_size)
+    tokens, starts, joined = selfgen_windows(kept, tokenizer, n=request.n, seq_len=request.seq_len, seed=request.seed, key=key)
     return SourceResult(
-        tokens=samples[keep].numpy().astype(np.int32),
-        provenance={"generated": total, "kept": request.n, "dropped_ppl_threshold": float(torch.exp(nll[keep].max()))},
+        tokens=tokens,
+        provenance={
+            "pool_size": spec.pool_size,
+            **filt,
+            "stopped_at_eos": stopped,
+            "new_tokens_mean": float(np.mean(new_tokens)),
+            "new_tokens_max": int(max(new_tokens)),
+            "joined_tokens": joined,
+            "window_starts": starts,
+            "eos_token_ids": eos,
+        },
     )
+
+
+def ji_prompts(docs: list[str], tokenizer, prompt_tokens: int) -> list[list[int]]:
+    """generate_data.py's prompts: ``tokenizer(text)["input_ids"][:2]``, special tokens included, so
+    a tokenizer that adds BOS gives BOS + 1 real token. Texts shorter than that are left out."""
+    return [list(ids[:prompt_tokens]) for ids in tokenizer(docs, verbose=False)["input_ids"] if len(ids) >= prompt_tokens]
+
+
+def selfgen_windows(texts: list[str], tokenizer, *, n: int, seq_len: int, seed: int, key: str = "ji") -> tuple[np.ndarray, list[int], int]:
+    """Wanda/lib/data.py ``get_selfgen``: join with ' ', tokenize once (special tokens as the
+    tokenizer adds them), then ``random.seed(seed)``; n times ``i = random.randint(0, L - seqlen - 1)``
+    and the window ``ids[i : i + seqlen]``. Returns (windows, starts, L)."""
+    stream = list(tokenizer(" ".join(texts))["input_ids"])
+    if len(stream) <= seq_len + 1:
+        raise DataError(f"{key}: the {len(texts)} kept texts give {len(stream)} tokens, too few for a window of {seq_len}")
+    picker = random.Random(seed)  # the same draws as the module-level random.seed(seed) + random.randint
+    starts = [picker.randint(0, len(stream) - seq_len - 1) for _ in range(n)]
+    return np.asarray([stream[s : s + seq_len] for s in starts], dtype=np.int32), starts, len(stream)
+
+
+def perplexity_filter(model, tokenizer, texts: list[str], drop_fraction: float, *, batch_size: int) -> tuple[list[str], dict]:
+    """Keep texts whose perplexity is below the (1 - drop_fraction) percentile (sample_ppl.py).
+
+    Texts of fewer than 2 tokens have no perplexity and are left out before the percentile.
+    """
+    from selfcal.scoring import sequence_mean_nll
+
+    ids = [list(tokenizer(t)["input_ids"]) for t in texts]
+    scorable = [i for i, x in enumerate(ids) if len(x) >= 2]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ppl = torch.exp(sequence_mean_nll(model, [ids[i] for i in scorable], batch_size=batch_size, pad_id=pad)).numpy()
+    if drop_fraction == 0 or len(scorable) == 0:
+        keep = list(range(len(scorable)))
+        threshold = float("inf")
+    else:
+        threshold = float(np.percentile(ppl, 100 * (1 - drop_fraction)))
+        keep = [k for k in range(len(scorable)) if ppl[k] < threshold]
+    kept = [texts[scorable[k]] for k in keep]
+    if not kept:
+        raise DataError("ji: no generated text survived the perplexity filter")
+    return kept, {"generated": len(texts), "scored": len(scorable), "kept_texts": len(kept), "ppl_threshold": threshold}
 
 
 def get(kind: str) -> Source:

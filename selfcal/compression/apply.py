@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from selfcal.artifacts import atomic_dir, write_manifest
-from selfcal.compression.layers import indivisible_layers, linear_layers, targeted
+from selfcal.compression.layers import indivisible_layers, linear_layers, matches, targeted
 from selfcal.compression.registry import METHODS, Method, RecipeContext
 from selfcal.errors import ConfigError
 
@@ -75,7 +75,10 @@ def plan(method_name: str, compression_cfg, model_config: dict) -> Plan:
                 f"divisible by {m}; {bad[0]} is not"
             )
     arch = (model_config.get("architectures") or [None])[0]
-    context = RecipeContext(architecture=arch, layers=tuple(layers), skipped_layers=tuple(skipped))
+    ignored = tuple(n for n in layers if matches(n, list(section.ignore)))
+    context = RecipeContext(architecture=arch, layers=tuple(layers), skipped_layers=tuple(skipped), ignored_layers=ignored)
+    if not context.targeted_layers:
+        raise ConfigError(f"compression.{method.config_key}.ignore: every linear layer is ignored; nothing would be compressed")
     return Plan(method=method, section=section, context=context)
 
 
@@ -85,17 +88,24 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def _verify(the_plan: Plan, checkpoint: Path, reference: dict | None) -> dict:
+def _verify(the_plan: Plan, checkpoint: Path, reference: dict | None, base_dir: Path | None) -> dict:
+    """From the saved files: the targeted layers are compressed as the method claims, and every
+    other tensor is bit-identical to the base model's."""
     from selfcal.compression import verify
 
     cfg = the_plan.section
-    ignore = [*cfg.ignore, *the_plan.context.skip_patterns]
-    targeted = verify.targeted_weights(verify.load_dense(checkpoint), ignore)
+    ctx = the_plan.context
+    targeted = verify.targeted_weights(verify.load_dense(checkpoint), set(ctx.targeted_layers))
     if the_plan.method.family == "pruning":
         layers = verify.check_pruning(targeted, cfg.sparsity, cfg.n_m)
+        verify.check_round_trip(targeted, reference)
     else:
         layers = verify.check_quantization(targeted, reference, cfg.bits, cfg.group_size)
-    return {"family": the_plan.method.family, "layers": layers, **verify.summary(layers, the_plan.method.family)}
+    report = {"family": the_plan.method.family, "layers": layers, **verify.summary(layers, the_plan.method.family)}
+    if base_dir is not None:
+        modules = verify.module_names(base_dir)
+        report["untouched"] = verify.check_untouched(base_dir, checkpoint, the_plan.method.changed_modules(ctx, modules))
+    return report
 
 
 def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path, *, manifest_fields: dict, base_dir: Path | None) -> dict:
@@ -114,10 +124,10 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
     if the_plan.method.name == "awq":
         allow_awq_without_cuda()
     cfg = the_plan.section
-    ignore = [*cfg.ignore, *the_plan.context.skip_patterns]
+    targets = set(the_plan.context.targeted_layers)
     # Reconstruction error needs the weights before (GPTQ) or just before saving (AWQ); pruning does not.
     quantizing = the_plan.method.family == "quantization"
-    reference = verify.targeted_weights(model, ignore) if quantizing and the_plan.method.error_reference == "base" else None
+    reference = verify.targeted_weights(model, targets) if quantizing and the_plan.method.error_reference == "base" else None
     n, seq_len = tokens.shape
     dataset = Dataset.from_dict({"input_ids": tokens.astype(np.int64).tolist(), "attention_mask": [[1] * seq_len for _ in range(n)]})
     recipe = the_plan.method.build_recipe(cfg, the_plan.context)
@@ -134,15 +144,16 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
         batch_size=1,
     )
     seconds = time.perf_counter() - t0
-    if quantizing and reference is None:
-        reference = verify.targeted_weights(model, ignore)
+    if reference is None:
+        # AWQ: its own rescaled weights; pruning: the pruned weights, which must read back exactly.
+        reference = verify.targeted_weights(model, targets)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, save_compressed=True)
         tokenizer.save_pretrained(tmp)
         if base_dir is not None:
             _copy_tokenizer(base_dir, tmp)
         t1 = time.perf_counter()
-        report = _verify(the_plan, tmp, reference)
+        report = _verify(the_plan, tmp, reference, base_dir)
         report.update(
             {
                 "verify_seconds": round(time.perf_counter() - t1, 3),
@@ -153,6 +164,7 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
                 "peak_rss_bytes": verify.peak_rss_bytes(),
                 "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                 "skipped_layers": the_plan.skipped_layers,
+                "dense_layers": list(the_plan.context.dense_layers),
             }
         )
         (tmp / "compression.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

@@ -12,9 +12,8 @@ import math
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from selfcal.errors import DataError
+from selfcal.scoring import window_nll
 
 
 def token_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -26,21 +25,12 @@ def token_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = Non
     return ids[: n * seq_len].view(n, seq_len)
 
 
-@torch.inference_mode()
 def perplexity_of_windows(model, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = True) -> dict:
-    device = next(model.parameters()).device
-    total_nll = 0.0
-    total_tokens = 0
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total_nll += float(nll)
-        total_tokens += batch[:, 1:].numel()
-    mean = total_nll / total_tokens
-    return {"perplexity": math.exp(mean), "nll": mean, "tokens": total_tokens, "windows": int(windows.shape[0])}
+    """exp of the mean NLL over every predicted token of every window (the GPTQ protocol)."""
+    sums = window_nll(model, windows, batch_size=batch_size, progress=progress, desc="perplexity")
+    tokens = int(windows.shape[0]) * (int(windows.shape[1]) - 1)
+    mean = float(sums.sum()) / tokens
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": tokens, "windows": int(windows.shape[0])}
 
 
 def read_perplexity_text(path: str, *, root: Path, text_field: str = "text", hub_config: str | None = None, hub_split: str = "validation", max_documents: int = 100_000, key: str = "evaluation.perplexity") -> str:

@@ -19,10 +19,26 @@ from selfcal.tracking import stage_run
 log = logging.getLogger("selfcal.aggregate")
 
 
+def _scored(r: dict) -> set[str]:
+    return {t for t, v in r.get("zero_shot", {}).get("tasks", {}).items() if v.get("acc") is not None}
+
+
+def common_tasks(rows: list[dict]) -> list[str]:
+    """The tasks every row scored: ``mean_acc`` is only comparable over one task set, so the
+    report's mean is taken over this one (and says which it is), whatever each row averaged."""
+    sets = [_scored(r) for r in rows]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def _mean_over(r: dict, tasks: list[str]) -> float | None:
+    accs = [r["zero_shot"]["tasks"][t]["acc"] for t in tasks]
+    return sum(accs) / len(accs) if accs else None
+
+
 def _columns(rows: list[dict]) -> list[str]:
     tasks = sorted({t for r in rows for t in r.get("zero_shot", {}).get("tasks", {})})
     cols = [f"acc.{t}" for t in tasks]
-    if any(r.get("mean_acc") is not None for r in rows):
+    if common_tasks(rows):
         cols.append("mean_acc")
     cols += [f"ppl.{name}" for name in sorted({n for r in rows for n in r.get("perplexity", {})})]
     return cols
@@ -39,6 +55,8 @@ def _value(r: dict, col: str) -> float | None:
 def summarise(rows: list[dict]) -> tuple[list[str], list[dict]]:
     """Group metric files by (method, source); mean, std and count over seeds per column."""
     cols = _columns(rows)
+    shared = common_tasks(rows)
+    rows = [{**r, "mean_acc": _mean_over(r, shared)} for r in rows]
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
         groups[(r["method"], r["source"])].append(r)
@@ -71,18 +89,20 @@ def unscored_tasks(rows: list[dict]) -> dict[str, str]:
     return out
 
 
-def to_markdown(cols: list[str], table: list[dict], unscored: dict[str, str] | None = None) -> str:
+def to_markdown(cols: list[str], table: list[dict], unscored: dict[str, str] | None = None, mean_tasks: list[str] | None = None) -> str:
     head = ["method", "source", "sets", *[c.removeprefix("acc.").replace("ppl.", "ppl ") for c in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
         cells = [e["method"], e["source"], str(e["n_sets"]), *[_fmt(e[c], e[c + ".std"], c) for c in cols]]
         lines.append("| " + " | ".join(cells) + " |")
     note = "Accuracy in % (lm-eval `acc`, zero-shot), mean ± std over calibration seeds; perplexity lower is better."
+    if mean_tasks:
+        note += f" `mean_acc` is over the {len(mean_tasks)} task(s) every row scored: {', '.join(mean_tasks)}."
     notes = [note] + [f"- `{task}` not scored ({why})" for task, why in sorted((unscored or {}).items())]
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def by_source_markdown(cols: list[str], table: list[dict]) -> str:
+def by_source_markdown(cols: list[str], table: list[dict], mean_tasks: list[str] | None = None) -> str:
     """The paper's layout: calibration sources down, methods across, best source per method in bold."""
     from selfcal.report.paper_table import source_method_table
 
@@ -90,7 +110,8 @@ def by_source_markdown(cols: list[str], table: list[dict]) -> str:
     for col in cols:
         if col == "mean_acc" or col.startswith("ppl."):
             ppl = col.startswith("ppl.")
-            what = f"{col[4:]} perplexity (lower is better)" if ppl else "mean zero-shot accuracy (%)"
+            over = f" over {', '.join(mean_tasks)}" if mean_tasks else ""
+            what = f"{col[4:]} perplexity (lower is better)" if ppl else f"mean zero-shot accuracy (%){over}"
             parts.append(f"### {what}, mean ± std over calibration sets\n\n" + source_method_table(table, col, lower_is_better=ppl, scale=1.0 if ppl else 100.0, digits=2 if ppl else 1))
     return "\n".join(parts)
 
@@ -124,8 +145,8 @@ def aggregate(params: Params) -> Path:
     out = layout.report_dir(params)
     with stage_run(params, "aggregate", "report") as run:
         atomic_write_text(out / "results.csv", to_csv(cols, table))
-        atomic_write_text(out / "results.md", to_markdown(cols, table, unscored_tasks(rows)))
-        atomic_write_text(out / "by_source.md", by_source_markdown(cols, table))
+        atomic_write_text(out / "results.md", to_markdown(cols, table, unscored_tasks(rows), common_tasks(rows)))
+        atomic_write_text(out / "by_source.md", by_source_markdown(cols, table, common_tasks(rows)))
         if diag_rows:
             atomic_write_text(out / "diagnostics.md", diagnostics_markdown(diag_rows))
         log.info("wrote %s (%d rows from %d metric files)", out, len(table), len(rows))

@@ -24,6 +24,17 @@ def check_context(config: dict, seq_len: int, key: str) -> None:
         raise ConfigError(f"{key}: {seq_len} exceeds the model's context window of {window} tokens")
 
 
+def check_sources(config: dict, params: Params) -> None:
+    """What a source generates must fit the context too (Ji et al.: prompt + max_new_tokens)."""
+    window = context_window(config)
+    for name, spec in params.calibration.sources.items():
+        if spec.kind == "ji" and window is not None and spec.prompt_tokens + spec.max_new_tokens > window:
+            raise ConfigError(
+                f"calibration.sources.{name}.max_new_tokens: {spec.prompt_tokens} prompt + {spec.max_new_tokens} new tokens "
+                f"exceed the model's context window of {window} tokens"
+            )
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

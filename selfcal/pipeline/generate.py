@@ -13,7 +13,7 @@ from selfcal.lineage import tags as T
 from selfcal.lineage.registry import log_calibration
 from selfcal.modelio import fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
-from selfcal.pipeline.common import base_model, check_context
+from selfcal.pipeline.common import base_model, check_context, check_sources
 from selfcal.tracking import stage_run
 
 log = logging.getLogger("selfcal.generate")
@@ -26,6 +26,7 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
     spec = cal.sources[source]
     ref, config = base_model(params)
     check_context(config, cal.seq_len, "calibration.seq_len")
+    check_sources(config, params)
     device = pick_device(params.model.device)
     out = layout.calibration_dir(params, source, seed)
     item = layout.calib_name(source, seed)
@@ -50,6 +51,7 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
             texts,
             source=source,
             source_params=source_params,
+            source_version=source_impl.version,
             seed=seed,
             n_samples=cal.n_samples,
             seq_len=cal.seq_len,

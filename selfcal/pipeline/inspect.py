@@ -48,7 +48,7 @@ def inspect_set(
         "source": calib.manifest.get("source"),
         "kind": calib.manifest.get("source_params", {}).get("kind"),
         **diagnostics.text_measures(calib.tokens, len(tokenizer), start),
-        "perplexity": diagnostics.set_perplexity(model, calib.tokens, batch_size),
+        **diagnostics.set_perplexity(model, calib.tokens, batch_size),
     }
     if reference_path:
         reference = reference_windows(reference_path, tokenizer, n=calib.n, seq_len=calib.seq_len, root=root, text_field=reference_text_field)
@@ -91,14 +91,16 @@ def inspect_stage(params: Params, source: str, seed: int) -> dict:
     return result
 
 
+# The paper's Table 4 columns first (Williams et al.: PPL, Rep., n-gram div., Cov., Zipf), then the rest.
 DIAGNOSTIC_COLUMNS = (
     ("perplexity", "ppl", "{:.2f}"),
-    ("seq_rep_4", "seq-rep-4", "{:.3f}"),
-    ("distinct_1", "dist-1", "{:.3f}"),
-    ("distinct_4", "dist-4", "{:.3f}"),
-    ("diversity", "diversity", "{:.3f}"),
+    ("repetition", "rep.", "{:.3f}"),
+    ("ngram_diversity", "n-gram div.", "{:.3f}"),
     ("vocab_coverage", "vocab cov.", "{:.3f}"),
     ("zipf", "zipf", "{:.2f}"),
+    ("pooled_perplexity", "pooled ppl", "{:.2f}"),
+    ("seq_rep_4", "seq-rep-4", "{:.3f}"),
+    ("distinct_product", "dist. product", "{:.4f}"),
     ("segment_len_mean", "gen. len", "{:.0f}"),
 )
 

@@ -1,0 +1,98 @@
+"""``selfcal check``: everything about the params that can fail a stage, found without compute.
+
+Passing it means ``dvc repro`` will not fail on params: the schema, the model, the context
+window, the tokenizer-dependent settings, each method's static layer plan, and every params
+key dvc.yaml's stages read (DVC refuses a stage whose params key is missing from the file).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import yaml
+
+from selfcal.config import Params
+from selfcal.errors import ConfigError
+
+_INTERP = re.compile(r"\$\{\s*([^}]+?)\s*\}")
+
+
+def _lookup(data: object, dotted: str) -> tuple[bool, object]:
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _matrix_items(matrix: dict, raw: dict) -> list[dict]:
+    axes = {}
+    for key, spec in matrix.items():
+        values = spec
+        if isinstance(spec, str) and (m := _INTERP.fullmatch(spec.strip())):
+            found, values = _lookup(raw, m.group(1))
+            values = (list(values) if isinstance(values, (dict, list)) else []) if found else []
+        axes[key] = list(values) if isinstance(values, (list, dict)) else [values]
+    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+
+
+def dvc_param_keys(dvc_yaml: Path, raw: dict) -> list[tuple[str, str]]:
+    """(stage, dotted params key) for every params entry of dvc.yaml, matrices expanded."""
+    spec = yaml.safe_load(dvc_yaml.read_text()) or {}
+    out: list[tuple[str, str]] = []
+    for stage, body in (spec.get("stages") or {}).items():
+        items = _matrix_items(body["matrix"], raw) if isinstance(body.get("matrix"), dict) else [{}]
+        for entry in body.get("params") or []:
+            if isinstance(entry, dict):  # {other.yaml: [keys]}: another file, not ours
+                continue
+            for item in items:
+                key = _INTERP.sub(lambda m, item=item: str(item.get(m.group(1).removeprefix("item."), m.group(0))), str(entry))
+                if "${" not in key:
+                    out.append((stage, key))
+    return list(dict.fromkeys(out))
+
+
+def check_dvc_params(params_file: Path, dvc_yaml: Path) -> None:
+    """Every params key a DVC stage reads is spelt out in params.yaml: DVC does not know the
+    schema's defaults and fails with "Parameters '...' are missing from 'params.yaml'"."""
+    raw = yaml.safe_load(params_file.read_text()) or {}
+    for stage, key in dvc_param_keys(dvc_yaml, raw):
+        found, _ = _lookup(raw, key)
+        if not found:
+            raise ConfigError(
+                f"{params_file.name}: {key}: dvc.yaml's stage '{stage}' reads it, but it is not set in the file "
+                f"(DVC would stop with \"Parameters '{key}' are missing\"); write the section out (`{{}}` takes the defaults)"
+            )
+
+
+def check_tokenizer_settings(params: Params, tokenizer) -> None:
+    from selfcal.calibration.sources import first_token_candidates
+
+    for name, spec in params.calibration.sources.items():
+        words = getattr(spec, "first_token_words", None)
+        if words:
+            _, bad = first_token_candidates(words, tokenizer)
+            if bad:
+                raise ConfigError(f"calibration.sources.{name}.first_token_words: not a single token after BOS with this tokenizer: {bad}")
+
+
+def check(params: Params, params_file: Path) -> str:
+    """Run every static check; return the one-line summary ``selfcal check`` prints."""
+    from selfcal.compression.apply import plan
+    from selfcal.modelio import load_tokenizer
+    from selfcal.pipeline.common import base_model, check_context, check_sources
+
+    ref, config = base_model(params)
+    check_context(config, params.calibration.seq_len, "calibration.seq_len")
+    check_sources(config, params)
+    for method in params.compression.methods:
+        plan(method, params.compression, config)
+    if any(getattr(s, "first_token_words", None) for s in params.calibration.sources.values()):
+        check_tokenizer_settings(params, load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code))
+    dvc_yaml = params_file.resolve().parent / "dvc.yaml"
+    if dvc_yaml.is_file():
+        check_dvc_params(params_file, dvc_yaml)
+    return f"ok: params valid; model {ref.name} -> {ref.local_dir}"
