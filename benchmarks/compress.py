@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfcal.calibration.generator import generate_self_calibration  # noqa: E402
 from selfcal.calibration.schedule import LinearSchedule  # noqa: E402
 from selfcal.compression import apply  # noqa: E402
-from selfcal.compression.cpu_compat import allow_awq_without_cuda  # noqa: E402
+from selfcal.compression.methods.awq import allow_awq_without_cuda  # noqa: E402
 from selfcal.config import CompressionConfig  # noqa: E402
 
 
@@ -50,9 +50,18 @@ def direct(path, device, tokens, the_plan, out: Path) -> float:
     model = fresh(path, device)
     n, seq_len = tokens.shape
     t0 = time.perf_counter()
-    ds = Dataset.from_dict({"input_ids": tokens.astype(np.int64).tolist(), "attention_mask": np.ones_like(tokens).tolist()})
-    oneshot(model=model, dataset=ds, recipe=the_plan.method.build_recipe(the_plan.section, the_plan.context), num_calibration_samples=n,
-            max_seq_length=seq_len, shuffle_calibration_samples=False, batch_size=1)
+    ds = Dataset.from_dict(
+        {"input_ids": tokens.astype(np.int64).tolist(), "attention_mask": np.ones_like(tokens).tolist()}
+    )
+    oneshot(
+        model=model,
+        dataset=ds,
+        recipe=the_plan.method.recipe(the_plan.section, the_plan.context),
+        num_calibration_samples=n,
+        max_seq_length=seq_len,
+        shuffle_calibration_samples=False,
+        batch_size=1,
+    )
     model.save_pretrained(out, save_compressed=True)
     return time.perf_counter() - t0
 
@@ -62,7 +71,7 @@ def pipeline(path, device, tokenizer, tokens, the_plan, out: Path) -> tuple[floa
     t0 = time.perf_counter()
     manifest = apply.compress(model, tokenizer, tokens, the_plan, out, manifest_fields={}, base_dir=Path(path))
     total = time.perf_counter() - t0
-    return total, manifest["verification"]["verify_seconds"]
+    return total, manifest.verification["verify_seconds"]
 
 
 def main() -> None:
@@ -81,9 +90,17 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = fresh(args.model, args.device)
-    tokens, _ = generate_self_calibration(model, n=args.n, seq_len=args.seq_len, bos_id=tokenizer.bos_token_id,
-                                          eos_id=tokenizer.eos_token_id, schedule=LinearSchedule(1, 1, 10), seed=0,
-                                          batch_size=min(args.n, 128), progress=False)
+    tokens, _ = generate_self_calibration(
+        model,
+        n=args.n,
+        seq_len=args.seq_len,
+        bos_id=tokenizer.bos_token_id,
+        eos_id=tokenizer.eos_token_id,
+        schedule=LinearSchedule(1, 1, 10),
+        seed=0,
+        batch_size=min(args.n, 128),
+        progress=False,
+    )
     del model
     quant = {"group_size": args.group_size, "skip_indivisible": True}
     cfg = CompressionConfig(methods=args.methods, gptq=quant, awq=quant)
@@ -95,7 +112,7 @@ def main() -> None:
         the_plan = apply.plan(method, cfg, config)
         d, pl, ver = [], [], []
         for r in range(args.repeats):
-            for side in (("direct", "pipeline") if r % 2 == 0 else ("pipeline", "direct")):
+            for side in ("direct", "pipeline") if r % 2 == 0 else ("pipeline", "direct"):
                 out = work / f"{method}-{side}-{r}"
                 if side == "direct":
                     d.append(direct(args.model, args.device, tokens, the_plan, out))
@@ -107,15 +124,28 @@ def main() -> None:
         # Best-of-N is the least noisy estimate of what each side costs; medians are kept too.
         bd, bp, mv = min(d), min(pl), statistics.median(ver)
         results[method] = {
-            "direct_best_s": bd, "pipeline_best_s": bp, "verify_median_s": mv,
+            "direct_best_s": bd,
+            "pipeline_best_s": bp,
+            "verify_median_s": mv,
             "overhead_best_pct": 100 * (bp - bd) / bd,
             "overhead_median_pct": 100 * (statistics.median(pl) - statistics.median(d)) / statistics.median(d),
             "runs": {"direct": d, "pipeline": pl, "verify": ver},
         }
         r = results[method]
-        print(f"| {method} | {bd:.2f} s | {bp:.2f} s | {mv:.2f} s | {r['overhead_best_pct']:+.1f}% | {r['overhead_median_pct']:+.1f}% |", flush=True)
+        print(
+            f"| {method} | {bd:.2f} s | {bp:.2f} s | {mv:.2f} s | {r['overhead_best_pct']:+.1f}% | "
+            f"{r['overhead_median_pct']:+.1f}% |",
+            flush=True,
+        )
     shutil.rmtree(work, ignore_errors=True)
-    out = {"model": args.model, "device": args.device, "n": args.n, "seq_len": args.seq_len, "repeats": args.repeats, "methods": results}
+    out = {
+        "model": args.model,
+        "device": args.device,
+        "n": args.n,
+        "seq_len": args.seq_len,
+        "repeats": args.repeats,
+        "methods": results,
+    }
     print(json.dumps(out, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -24,7 +24,17 @@ from selfcal.evaluation.perplexity import perplexity_of_text, read_perplexity_te
 from selfcal.evaluation.tasks import resolve_tasks  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-DEFAULT_TASKS = ["arc_easy", "arc_challenge", "boolq", "hellaswag", "lambada_openai", "openbookqa", "piqa", "rte", "winogrande"]
+DEFAULT_TASKS = [
+    "arc_easy",
+    "arc_challenge",
+    "boolq",
+    "hellaswag",
+    "lambada_openai",
+    "openbookqa",
+    "piqa",
+    "rte",
+    "winogrande",
+]
 
 
 def main() -> None:
@@ -50,8 +60,16 @@ def main() -> None:
     print("| task | examples | seconds (incl. lm-eval set-up) | examples/s | acc |")
     print("|---|---|---|---|---|")
     for name, r in out["tasks"].items():
-        rows[name] = {"examples": r["n"], "seconds": r["seconds"], "examples_per_s": r["examples_per_s"], "acc": r["acc"], "batch_size": r["batch_size"]}
-        print(f"| {name} | {r['n']} | {r['seconds']:.1f} | {r['examples_per_s']:.1f} | {100 * r['acc']:.1f} |", flush=True)
+        rows[name] = {
+            "examples": r["n"],
+            "seconds": r["seconds"],
+            "examples_per_s": r["examples_per_s"],
+            "acc": r["acc"],
+            "batch_size": r["batch_size"],
+        }
+        print(
+            f"| {name} | {r['n']} | {r['seconds']:.1f} | {r['examples_per_s']:.1f} | {100 * r['acc']:.1f} |", flush=True
+        )
     for name, why in out["failed"].items():
         rows[name] = {"error": why}
         print(f"| {name} | - | - | - | {why} |")
@@ -61,9 +79,23 @@ def main() -> None:
     ppl = perplexity_of_text(model, tok, text, seq_len=min(ctx, 2048), max_windows=args.ppl_windows, progress=False)
     seconds = time.perf_counter() - t0
     rows["perplexity"] = {"tokens": ppl["tokens"], "seconds": seconds, "tokens_per_s": ppl["tokens"] / seconds}
-    print(f"| perplexity ({ppl['windows']} x {ppl['seq_len']}) | {ppl['tokens']} tokens | {seconds:.1f} s | {ppl['tokens'] / seconds:,.0f} tok/s |")
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} x{torch.get_num_threads()} threads"
-    result = {"model": args.model, "device": device, "limit": args.limit, "batch_size": args.batch_size, "tasks": rows, "skipped": skipped}
+    print(
+        f"| perplexity ({ppl['windows']} x {ppl['seq_len']}) | {ppl['tokens']} tokens | {seconds:.1f} s "
+        f"| {ppl['tokens'] / seconds:,.0f} tok/s |"
+    )
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.machine()} x{torch.get_num_threads()} threads"
+    )
+    result = {
+        "model": args.model,
+        "device": device,
+        "limit": args.limit,
+        "batch_size": args.batch_size,
+        "tasks": rows,
+        "skipped": skipped,
+    }
     print(json.dumps(result, indent=2))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -57,12 +57,25 @@ def batched(model, args, bos, eos) -> dict:
     _sync(args.device)
     t0 = time.perf_counter()
     tokens, stats = generate_self_calibration(
-        model, n=args.n, seq_len=args.seq_len, bos_id=bos, eos_id=eos, schedule=LinearSchedule(1.0, 1.0, 10),
-        seed=0, batch_size=args.batch_size, progress=False,
+        model,
+        n=args.n,
+        seq_len=args.seq_len,
+        bos_id=bos,
+        eos_id=eos,
+        schedule=LinearSchedule(1.0, 1.0, 10),
+        seed=0,
+        batch_size=args.batch_size,
+        progress=False,
     )
     _sync(args.device)
     seconds = time.perf_counter() - t0
-    return {"sequences": args.n, "tokens": int(tokens.size), "seconds": seconds, "tokens_per_s": tokens.size / seconds, "generations": stats.generations}
+    return {
+        "sequences": args.n,
+        "tokens": int(tokens.size),
+        "seconds": seconds,
+        "tokens_per_s": tokens.size / seconds,
+        "generations": stats.generations,
+    }
 
 
 @torch.inference_mode()
@@ -73,8 +86,14 @@ def naive(model, args, bos) -> dict:
     total = 0
     for _ in range(args.naive_n):
         out = model.generate(
-            input_ids=torch.tensor([[bos]], device=args.device), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-            max_new_tokens=new, min_new_tokens=new, pad_token_id=bos,
+            input_ids=torch.tensor([[bos]], device=args.device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=bos,
         )
         total += out.numel()
     _sync(args.device)
@@ -99,13 +118,33 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, name, bos, eos = load(args)
     # Warm up kernels and allocator so neither side pays first-call costs.
-    generate_self_calibration(model, n=2, seq_len=8, bos_id=bos, eos_id=eos, schedule=LinearSchedule(1, 1, 0), seed=1, batch_size=2, progress=False)
+    generate_self_calibration(
+        model,
+        n=2,
+        seq_len=8,
+        bos_id=bos,
+        eos_id=eos,
+        schedule=LinearSchedule(1, 1, 0),
+        seed=1,
+        batch_size=2,
+        progress=False,
+    )
     b = batched(model, args, bos, eos)
     s = naive(model, args, bos)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    )
     result = {
-        "model": name, "device": device, "dtype": args.dtype, "seq_len": args.seq_len, "batch_size": args.batch_size,
-        "batched": b, "naive": s, "speedup": b["tokens_per_s"] / s["tokens_per_s"],
+        "model": name,
+        "device": device,
+        "dtype": args.dtype,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "batched": b,
+        "naive": s,
+        "speedup": b["tokens_per_s"] / s["tokens_per_s"],
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))

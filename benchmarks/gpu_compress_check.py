@@ -1,6 +1,6 @@
 """Run every compression method on a GPU and reload the result there (used with the device tool).
 
-    python benchmarks/gpu_compress_check.py MODEL_DIR OUT_DIR
+python benchmarks/gpu_compress_check.py MODEL_DIR OUT_DIR
 """
 
 import json
@@ -23,8 +23,17 @@ def main(model_dir: str, out_dir: str) -> None:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir).cuda().eval()
-    tokens, _ = generate_self_calibration(base, n=128, seq_len=512, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
-                                          schedule=LinearSchedule(1, 1, 10), seed=0, batch_size=128, progress=False)
+    tokens, _ = generate_self_calibration(
+        base,
+        n=128,
+        seq_len=512,
+        bos_id=tok.bos_token_id,
+        eos_id=tok.eos_token_id,
+        schedule=LinearSchedule(1, 1, 10),
+        seed=0,
+        batch_size=128,
+        progress=False,
+    )
     quant = {"group_size": 32, "skip_indivisible": True}
     cfg = CompressionConfig(methods=["gptq", "awq", "sparsegpt", "wanda"], gptq=quant, awq=quant)
     config = AutoConfig.from_pretrained(model_dir).to_dict()
@@ -34,15 +43,23 @@ def main(model_dir: str, out_dir: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(model_dir).cuda().eval()
         out = Path(out_dir) / method
         t0 = time.perf_counter()
-        manifest = apply.compress(model, tok, tokens, apply.plan(method, cfg, config), out, manifest_fields={}, base_dir=Path(model_dir))
+        manifest = apply.compress(
+            model, tok, tokens, apply.plan(method, cfg, config), out, manifest_fields={}, base_dir=Path(model_dir)
+        )
         seconds = time.perf_counter() - t0
         reloaded = AutoModelForCausalLM.from_pretrained(out).cuda().eval()
         with torch.no_grad():
             logits = reloaded(input_ids=ids).logits
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
-        report[method] = {"seconds": round(seconds, 2), "reload_device": str(next(reloaded.parameters()).device),
-                          "finite": bool(torch.isfinite(logits).all()), "nll_on_calib": float(nll),
-                          "verification": {k: v for k, v in manifest["verification"].items() if k not in ("skipped_layers",)}}
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
+            )
+        report[method] = {
+            "seconds": round(seconds, 2),
+            "reload_device": str(next(reloaded.parameters()).device),
+            "finite": bool(torch.isfinite(logits).all()),
+            "nll_on_calib": float(nll),
+            "verification": {k: v for k, v in manifest.verification.items() if k not in ("skipped_layers",)},
+        }
         print(method, json.dumps(report[method]), flush=True)
     Path(out_dir, "gpu_compress.json").write_text(json.dumps(report, indent=2))
 

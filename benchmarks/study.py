@@ -53,19 +53,23 @@ def _guarded(step, name: str, done: Path) -> tuple[str, float, str | None]:
     return name, time.perf_counter() - t0, None
 
 
-def _compress_item(data: dict, root: str, artifacts: str, source: str, seed: int, method: str) -> tuple[str, float, str | None]:
+def _compress_item(
+    data: dict, root: str, artifacts: str, source: str, seed: int, method: str
+) -> tuple[str, float, str | None]:
     from selfcal.pipeline.compress import compress
 
     params = _params(data, Path(root), Path(artifacts))
     name = layout.checkpoint_name(source, seed, method)
-    return _guarded(lambda: compress(params, source, seed, method), name, layout.checkpoint_dir(params, source, seed, method))
+    return _guarded(
+        lambda: compress(params, source, seed, method), name, layout.checkpoint_dir(params, source, seed, method)
+    )
 
 
 def _evaluate_item(data: dict, root: str, artifacts: str, name: str) -> tuple[str, float, str | None]:
     from selfcal.pipeline.evaluate import evaluate
 
     params = _params(data, Path(root), Path(artifacts))
-    return _guarded(lambda: evaluate(params, name, progress=False), name, layout.metrics_file(params, name))
+    return _guarded(lambda: evaluate(params, name, progress=False), name, layout.evaluation_file(params, name))
 
 
 def _report_failures(done: list, stage: str, label: str) -> list[str]:
@@ -87,20 +91,26 @@ def run_grid(data: dict, root: Path, artifacts: Path, workers: int, label: str) 
         if not layout.calibration_dir(params, source, seed).is_dir():
             generate(params, source, seed, progress=False)
     timings["generate"] = time.perf_counter() - t0
-    print(f"[{label}] generate: {len(layout.calibration_names(params))} sets in {timings['generate']:.1f} s", flush=True)
+    print(
+        f"[{label}] generate: {len(layout.calibration_names(params))} sets in {timings['generate']:.1f} s", flush=True
+    )
 
     items = [(s, k, m) for s, k in layout.calibration_names(params) for m in params.compression.methods]
     ctx = get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         t0 = time.perf_counter()
-        done = list(pool.map(_compress_item, *zip(*[(data, str(root), str(artifacts), *it) for it in items])))
+        done = list(
+            pool.map(_compress_item, *zip(*[(data, str(root), str(artifacts), *it) for it in items], strict=False))
+        )
         timings["compress"] = time.perf_counter() - t0
         timings["compress_item_seconds"] = sum(d[1] for d in done)
         timings["failed"] = _report_failures(done, "compress", label)
         print(f"[{label}] compress: {len(items)} checkpoints in {timings['compress']:.1f} s", flush=True)
         targets = layout.evaluation_targets(params)
         t0 = time.perf_counter()
-        done = list(pool.map(_evaluate_item, *zip(*[(data, str(root), str(artifacts), n) for n in targets])))
+        done = list(
+            pool.map(_evaluate_item, *zip(*[(data, str(root), str(artifacts), n) for n in targets], strict=False))
+        )
         timings["evaluate"] = time.perf_counter() - t0
         timings["evaluate_item_seconds"] = sum(d[1] for d in done)
         timings["failed"] += _report_failures(done, "evaluate", label)
@@ -114,10 +124,10 @@ def run_grid(data: dict, root: Path, artifacts: Path, workers: int, label: str) 
 
 
 def _summary(params_data: dict, root: Path, artifacts: Path) -> list[dict]:
-    from selfcal.pipeline.aggregate import load_metric_files, summarise
+    from selfcal.pipeline.aggregate import load_evaluations, summarise
 
     params = _params(params_data, root, artifacts)
-    rows = load_metric_files([layout.metrics_file(params, n) for n in layout.evaluation_targets(params)])
+    rows = load_evaluations([layout.evaluation_file(params, n) for n in layout.evaluation_targets(params)])
     return summarise(rows)[1]
 
 
@@ -129,29 +139,70 @@ def _csv(rows: list[dict], fields: list[str]) -> str:
     return buf.getvalue()
 
 
-def sweep_n(base: dict, root: Path, work: Path, out: Path, sizes: list[int], sources: list[str], methods: list[str], seeds: list[int], workers: int, timings: dict) -> list[dict]:
+def sweep_n(
+    base: dict,
+    root: Path,
+    work: Path,
+    out: Path,
+    sizes: list[int],
+    sources: list[str],
+    methods: list[str],
+    seeds: list[int],
+    workers: int,
+    timings: dict,
+) -> list[dict]:
     from selfcal.report.plots import accuracy_vs_n
 
     points = []
     for n in sizes:
         data = copy.deepcopy(base)
-        data["calibration"].update(n_samples=n, seeds=seeds, sources={s: base["calibration"]["sources"][s] for s in sources})
+        data["calibration"].update(
+            n_samples=n, seeds=seeds, sources={s: base["calibration"]["sources"][s] for s in sources}
+        )
         data["compression"]["methods"] = methods
         artifacts = work / "sweep-n" / f"n{n}"
         timings[f"sweep_n/{n}"] = run_grid(data, root, artifacts, workers, f"n={n}")
         for e in _summary(data, root, artifacts):
             if e["method"] != "none":
                 points.append({"n": n, "label": f"{e['source']} ({e['method']})", **e})
-    atomic_write_text(out / "sweep_n.csv", _csv(points, ["n", "label", "method", "source", "n_sets", "mean_acc", "mean_acc.std", "ppl.wikitext2", "ppl.wikitext2.std"]))
+    atomic_write_text(
+        out / "sweep_n.csv",
+        _csv(
+            points,
+            [
+                "n",
+                "label",
+                "method",
+                "source",
+                "n_sets",
+                "mean_acc",
+                "mean_acc.std",
+                "ppl.wikitext2",
+                "ppl.wikitext2.std",
+            ],
+        ),
+    )
     accuracy_vs_n(points, out / "sweep_n.png", title="mean zero-shot accuracy vs calibration set size")
     return points
 
 
-def sweep_t(base: dict, root: Path, work: Path, out: Path, temps: list[float], methods: list[str], seeds: list[int], workers: int, timings: dict) -> list[dict]:
+def sweep_t(
+    base: dict,
+    root: Path,
+    work: Path,
+    out: Path,
+    temps: list[float],
+    methods: list[str],
+    seeds: list[int],
+    workers: int,
+    timings: dict,
+) -> list[dict]:
     from selfcal.report.plots import temperature_heatmap
 
     template = base["calibration"]["sources"]["self"]
-    sources = {f"t{a:g}_{b:g}".replace(".", "p"): {**template, "t_initial": a, "t_final": b} for a in temps for b in temps}
+    sources = {
+        f"t{a:g}_{b:g}".replace(".", "p"): {**template, "t_initial": a, "t_final": b} for a in temps for b in temps
+    }
     data = copy.deepcopy(base)
     data["calibration"].update(seeds=seeds, sources=sources)
     data["compression"]["methods"] = methods
@@ -162,9 +213,29 @@ def sweep_t(base: dict, root: Path, work: Path, out: Path, temps: list[float], m
         if e["method"] != "none":
             src = sources[e["source"]]
             points.append({"t_initial": src["t_initial"], "t_final": src["t_final"], **e})
-    atomic_write_text(out / "sweep_t.csv", _csv(points, ["t_initial", "t_final", "method", "source", "n_sets", "mean_acc", "mean_acc.std", "ppl.wikitext2", "ppl.wikitext2.std"]))
+    atomic_write_text(
+        out / "sweep_t.csv",
+        _csv(
+            points,
+            [
+                "t_initial",
+                "t_final",
+                "method",
+                "source",
+                "n_sets",
+                "mean_acc",
+                "mean_acc.std",
+                "ppl.wikitext2",
+                "ppl.wikitext2.std",
+            ],
+        ),
+    )
     for method in methods:
-        temperature_heatmap([p for p in points if p["method"] == method], out / f"sweep_t_{method}.png", title=f"{method}: mean accuracy over (t_initial, t_final)")
+        temperature_heatmap(
+            [p for p in points if p["method"] == method],
+            out / f"sweep_t_{method}.png",
+            title=f"{method}: mean accuracy over (t_initial, t_final)",
+        )
     return points
 
 
@@ -179,7 +250,9 @@ def main() -> None:
     p.add_argument("--skip-grid", action="store_true")
     p.add_argument("--sweep-n", default="", help="comma-separated set sizes, e.g. 1,2,4,...,128")
     p.add_argument("--sweep-n-sources", default="self,c4")
-    p.add_argument("--sweep-t", default="", help="comma-separated temperatures; the grid is every (t_initial, t_final) pair")
+    p.add_argument(
+        "--sweep-t", default="", help="comma-separated temperatures; the grid is every (t_initial, t_final) pair"
+    )
     p.add_argument("--sweep-methods", default="wanda")
     p.add_argument("--sweep-seeds", default="0,1,2")
     args = p.parse_args()
@@ -193,8 +266,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-    timings["hardware"] = {"device": device, "cpu_cores": os.cpu_count(), "workers": args.workers, "torch": torch.__version__}
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    )
+    timings["hardware"] = {
+        "device": device,
+        "cpu_cores": os.cpu_count(),
+        "workers": args.workers,
+        "torch": torch.__version__,
+    }
     methods = args.sweep_methods.split(",")
     seeds = [int(s) for s in args.sweep_seeds.split(",")]
     if not args.skip_grid:
@@ -208,10 +290,23 @@ def main() -> None:
                 atomic_write_text(out / name, src.read_text())
         atomic_write_text(timings_file, json.dumps(timings, indent=2) + "\n")
     if args.sweep_n:
-        sweep_n(base, root, work, out, [int(n) for n in args.sweep_n.split(",")], args.sweep_n_sources.split(","), methods, seeds, args.workers, timings)
+        sweep_n(
+            base,
+            root,
+            work,
+            out,
+            [int(n) for n in args.sweep_n.split(",")],
+            args.sweep_n_sources.split(","),
+            methods,
+            seeds,
+            args.workers,
+            timings,
+        )
         atomic_write_text(timings_file, json.dumps(timings, indent=2) + "\n")
     if args.sweep_t:
-        sweep_t(base, root, work, out, [float(t) for t in args.sweep_t.split(",")], methods, seeds, args.workers, timings)
+        sweep_t(
+            base, root, work, out, [float(t) for t in args.sweep_t.split(",")], methods, seeds, args.workers, timings
+        )
         atomic_write_text(timings_file, json.dumps(timings, indent=2) + "\n")
     print(json.dumps(timings, indent=2))
 

@@ -34,7 +34,9 @@ def stage_items(root: Path) -> list[str]:
         position = {stage: i for i, stage in enumerate(stages)}
         # DVC's edges point from a stage to what it depends on; reversed, dependencies come first.
         graph = repo.index.graph.reverse(copy=True)
-        return [_target(stage, Path(root)) for stage in nx.lexicographical_topological_sort(graph, key=position.__getitem__)]
+        return [
+            _target(stage, Path(root)) for stage in nx.lexicographical_topological_sort(graph, key=position.__getitem__)
+        ]
 
 
 def _target(stage, root: Path) -> str:

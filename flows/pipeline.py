@@ -30,9 +30,10 @@ from flows.dvc_items import outcome, stage_items
 from flows.dvc_process import run_dvc
 from flows.summary import RESULTS_ARTIFACT, run_summary
 from selfcal.config import DEFAULT_PARAMS, PARAMS_ENV, load_params
+from selfcal.lineage.tracking import EXECUTION_ENV
+from selfcal.pipeline import layout
 from selfcal.profiles import apply_profile
 from selfcal.scratch import sweep_scratch
-from selfcal.tracking import EXECUTION_ENV
 from selfcal.workspace_lock import lock_path, workspace_lock
 
 # Remote sync around the run. The run-cache goes both ways so that a worker can
@@ -73,14 +74,14 @@ def remote_sync(action: str, root: str, execution_id: str, timeout: float | None
 
 
 def _prepare(root: Path, profile: str | None, logger) -> Path:
-    """Install the profile, validate params, clear a killed run's scratch; returns the artifacts dir."""
+    """Install the profile, validate params, clear a killed run's scratch; returns the report's path."""
     if profile:
         changed = apply_profile(root, profile)
         logger.info("profile %s: %s", profile, "installed as params.yaml" if changed else "already params.yaml")
     params = load_params(root / DEFAULT_PARAMS)  # one clear line now, not one failed task per item later
     for path in sweep_scratch(params.artifacts_dir):
         logger.info("removed scratch left by an interrupted stage: %s", path)
-    return params.artifacts_dir
+    return layout.results_markdown(params)
 
 
 @flow(name="selfcal-pipeline")
@@ -110,23 +111,28 @@ def pipeline(
     options = {"retries": retries, "retry_delay_seconds": retry_delay_seconds}
 
     def waiting(holder) -> None:
-        logger.info("workspace busy (%s); waiting up to %g s", holder.describe() if holder else "unknown holder", lock_timeout)
+        logger.info(
+            "workspace busy (%s); waiting up to %g s", holder.describe() if holder else "unknown holder", lock_timeout
+        )
 
     label = f"selfcal-pipeline flow run '{flow_run.get_name()}' ({run_id})"
     with workspace_lock(root, label=label, timeout=lock_timeout, on_wait=waiting):
         logger.info("holding %s", lock_path(root))
-        artifacts = _prepare(root, profile, logger)
+        report = _prepare(root, profile, logger)
         if sync_remote:
             remote_sync.with_options(**options)("pull", str(root), execution_id, timeout_seconds)
         items = stage_items(root)
         logger.info("%d stage items: %s", len(items), ", ".join(items))
         results = [
-            repro_item.with_options(**options)(item, str(root), execution_id, force, sync_remote, timeout_seconds) for item in items
+            repro_item.with_options(**options)(item, str(root), execution_id, force, sync_remote, timeout_seconds)
+            for item in items
         ]
         if sync_remote:
             remote_sync.with_options(**options)("push", str(root), execution_id, timeout_seconds)
-    summary = run_summary(results, artifacts, profile)
-    create_markdown_artifact(key=RESULTS_ARTIFACT, markdown=summary, description="selfcal: aggregate table and what each stage item did")
+    summary = run_summary(results, report, profile)
+    create_markdown_artifact(
+        key=RESULTS_ARTIFACT, markdown=summary, description="selfcal: aggregate table and what each stage item did"
+    )
     return summary
 
 

@@ -17,18 +17,21 @@ def _items_table(results: list[dict]) -> str:
     return "\n".join(["| item | outcome | attempts | seconds |", "|---|---|---|---|", *rows])
 
 
-def run_summary(results: list[dict], artifacts: Path, profile: str | None) -> str:
+def run_summary(results: list[dict], report: Path, profile: str | None) -> str:
+    """``report``: the aggregate's results.md (``layout.results_markdown``), if it was written."""
     counts = Counter(r["outcome"] for r in results)
-    report = artifacts / "report" / "results.md"
     table = report.read_text().strip() if report.is_file() else "_no aggregate report was written_"
     counted = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
-    return "\n\n".join(
-        [
-            f"# selfcal run: {len(results)} stage items ({counted})",
-            f"Profile: `{profile}`" if profile else "Profile: params.yaml as checked out",
-            "## Results",
-            table,
-            "## Stage items",
-            _items_table(results),
-        ]
-    ) + "\n"
+    return (
+        "\n\n".join(
+            [
+                f"# selfcal run: {len(results)} stage items ({counted})",
+                f"Profile: `{profile}`" if profile else "Profile: params.yaml as checked out",
+                "## Results",
+                table,
+                "## Stage items",
+                _items_table(results),
+            ]
+        )
+        + "\n"
+    )

@@ -7,7 +7,6 @@ old artifact or the new one, never half of one.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -19,10 +18,13 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from selfcal.errors import DataError
 from selfcal.hashing import file_digests, tree_digest
+from selfcal.records import ArtifactManifest, dump_record, read_record
+
+M = TypeVar("M", bound=ArtifactManifest)
 
 MANIFEST = "manifest.json"
 _TRACKED_PACKAGES = ("selfcal", "torch", "transformers", "llmcompressor", "compressed-tensors", "lm-eval")
@@ -82,30 +84,31 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def write_manifest(directory: Path, *, kind: str, content_digest: str | None = None, **fields: Any) -> dict:
-    """Record what is in ``directory``, what it was made from and by which software.
+def write_manifest(directory: Path, record: type[M], *, content_digest: str | None = None, **fields: Any) -> M:
+    """Record what is in ``directory``, what it was made from and by which software, as a typed
+    ``record`` (``selfcal.records``): the one writer of every manifest.json.
 
     ``files`` lists every file's sha256 so ``selfcal verify`` can name the one that
     changed; ``tree_digest`` condenses them; ``content_digest`` is the semantic
     identity (e.g. the token matrix) when one exists.
     """
     files = file_digests(directory, exclude=frozenset({MANIFEST}))
-    manifest = {
-        "kind": kind,
-        "content_digest": content_digest or tree_digest(files),
-        "tree_digest": tree_digest(files),
-        "files": files,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": library_versions(),
-        "argv": sys.argv,
+    manifest = record(
+        content_digest=content_digest or tree_digest(files),
+        tree_digest=tree_digest(files),
+        files=files,
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=library_versions(),
+        argv=list(sys.argv),
         **fields,
-    }
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    )
+    (directory / MANIFEST).write_text(dump_record(manifest))
     return manifest
 
 
-def read_manifest(directory: Path) -> dict:
+def read_manifest(directory: Path, record: type[M]) -> M:
+    """The one reader of a manifest.json: validated as ``record``, or one line saying why not."""
     path = directory / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: manifest missing; is {directory} an artifact written by selfcal?")
-    return json.loads(path.read_text())
+    return read_record(record, path)

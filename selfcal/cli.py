@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("aggregate", help="summarise metrics (and diagnostics) into CSV and Markdown tables")
 
-    store_help = "MLflow store (default: tracking.tracking_uri in params, else $MLFLOW_TRACKING_URI, else .selfcal/mlflow.db)"
+    store_help = (
+        "MLflow store (default: tracking.tracking_uri in params, else $MLFLOW_TRACKING_URI, else .selfcal/mlflow.db)"
+    )
     lg = sub.add_parser(
         "lineage",
         help="trace a registered model to its calibration set, generator, code, params and metrics",
@@ -96,12 +98,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--profile", help="profiles/NAME.yaml (or a path) to validate and install as params.yaml first")
     r.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
-    r.add_argument("--sync-remote", action="store_true", help="dvc pull before and dvc push after (default remote, run-cache)")
+    r.add_argument(
+        "--sync-remote", action="store_true", help="dvc pull before and dvc push after (default remote, run-cache)"
+    )
     r.add_argument("--retries", type=int, default=2, help="retries per stage item (default 2)")
     r.add_argument("--retry-delay", type=float, default=30, metavar="SECONDS", help="pause before a retry (default 30)")
-    r.add_argument("--timeout", type=float, metavar="SECONDS", help="limit per attempt of one stage item (default none)")
     r.add_argument(
-        "--lock-timeout", type=float, default=0, metavar="SECONDS", help="wait this long for a run holding the workspace (default 0: fail)"
+        "--timeout", type=float, metavar="SECONDS", help="limit per attempt of one stage item (default none)"
+    )
+    r.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="wait this long for a run holding the workspace (default 0: fail)",
     )
     return p
 
@@ -156,7 +166,7 @@ def _audit_client(args):
 
     from selfcal.config import load_params, params_path
     from selfcal.errors import ConfigError
-    from selfcal.tracking import open_client, tracking_uri
+    from selfcal.lineage.tracking import open_client, tracking_uri
 
     if args.tracking_uri:
         return open_client(args.tracking_uri)
@@ -164,7 +174,9 @@ def _audit_client(args):
         return open_client(tracking_uri(load_params(args.params)))
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return open_client(os.environ["MLFLOW_TRACKING_URI"])
-    raise ConfigError(f"{args.command}: no params file, --tracking-uri or $MLFLOW_TRACKING_URI to find the MLflow store")
+    raise ConfigError(
+        f"{args.command}: no params file, --tracking-uri or $MLFLOW_TRACKING_URI to find the MLflow store"
+    )
 
 
 def _lineage(args) -> None:

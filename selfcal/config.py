@@ -7,31 +7,22 @@ hour later. Errors are flattened to one line that names the offending key.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, create_model, field_validator
 
+from selfcal.compression.methods import METHODS
 from selfcal.errors import ConfigError
+from selfcal.paths import resolve_path
+from selfcal.schema import Strict
 
 DEFAULT_PARAMS = Path("params.yaml")
 PARAMS_ENV = "SELFCAL_PARAMS"
 REGISTERED_NAME_FIELDS = ("base", "method", "source", "seed")
-
-
-def _all_known(names: list[str], registry: dict, what: str) -> list[str]:
-    unknown = [n for n in names if n not in registry]
-    if unknown:
-        raise ValueError(f"unknown {what} {unknown[0]!r}; known: {sorted(registry)}")
-    return names
-
-
-class Strict(BaseModel):
-    """Unknown keys are errors: a misspelt key silently ignored is a wrong experiment."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelConfig(Strict):
@@ -99,7 +90,7 @@ class JiSourceConfig(Strict):
 
 
 SourceConfig = Annotated[
-    Union[SelfSourceConfig, CorpusSourceConfig, VocabSourceConfig, JiSourceConfig], Field(discriminator="kind")
+    SelfSourceConfig | CorpusSourceConfig | VocabSourceConfig | JiSourceConfig, Field(discriminator="kind")
 ]
 
 
@@ -135,97 +126,34 @@ class CalibrationConfig(Strict):
         return seeds
 
 
-class ClipSearchConfig(Strict):
-    """Search each group's clipping range (llm-compressor's MSE weight observer) over the ratios
-    min_ratio, min_ratio + step, ..., 1.0 of the min-max range, as ModelOpt's INT4 AWQ clip search
-    does (awq_clip: 0.5 to 1.0 in steps of 0.05). ModelOpt scores a ratio by the layer's output
-    error on 64 tokens; llm-compressor 0.14 only by the weights' own |error|^norm."""
+class CompressionBase(Strict):
+    """``methods`` plus one section per registered method (added by ``compression_model``)."""
 
-    min_ratio: float = Field(0.5, gt=0.0, lt=1.0)
-    step: float = Field(0.05, gt=0.0, lt=1.0)
-    norm: float = Field(2.0, gt=0.0)
-
-
-class QuantConfig(Strict):
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: int | None = Field(128, ge=1)
-    symmetric: bool = True
-    # Module names (exact, or a dotted suffix such as "down_proj") or "re:" regexes (re.match);
-    # every listed layer stays bit-identical to the base model, which the stage verifies.
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-    # Layers whose input width is not a multiple of group_size cannot be group-quantized.
-    # False: refuse before loading. True: leave them dense and record them in the manifest.
-    skip_indivisible: bool = False
-    clip_search: ClipSearchConfig | None = None  # None: plain min-max ranges
-
-
-class GPTQConfig(QuantConfig):
-    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
-    block_size: int = Field(128, ge=1)
-    # llm-compressor 0.14's activation ordering: "weight" (its default "static": columns quantized
-    # in order of decreasing Hessian diagonal, groups kept contiguous) or null (no reordering).
-    actorder: Literal["weight"] | None = "weight"
-
-
-class AWQConfig(QuantConfig):
-    symmetric: bool = False  # the AWQ paper's asymmetric W4 (W4A16_ASYM)
-    duo_scaling: bool = True
-    # With duo scaling llm-compressor 0.14 tries identity plus ratios k / (n_grid - 2),
-    # k = 0..n_grid-2: n_grid 12 is ModelOpt's awq_lite grid 0, 0.1, ..., 1.0.
-    n_grid: int = Field(20, ge=3)
-
-
-class PruneConfig(Strict):
-    sparsity: float = Field(0.5, gt=0.0, lt=1.0)
-    # "N:M" keeps at most N non-zeros in every M consecutive input weights; null = unstructured.
-    mask_structure: str | None = "2:4"
-    # As for quantization: names, dotted suffixes or "re:" regexes; kept bit-identical, verified.
-    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-
-    @field_validator("mask_structure")
-    @classmethod
-    def _n_of_m(cls, value: str | None) -> str | None:
-        if value is None:
-            return value
-        parts = value.split(":")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
-            raise ValueError(f"mask_structure must be 'N:M' with 0 < N < M, got {value!r}")
-        return value
-
-    @property
-    def n_m(self) -> tuple[int, int] | None:
-        if self.mask_structure is None:
-            return None
-        n, m = self.mask_structure.split(":")
-        return int(n), int(m)
-
-    def model_post_init(self, _context) -> None:
-        nm = self.n_m
-        if nm and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise ValueError(
-                f"sparsity {self.sparsity} is impossible with mask_structure {self.mask_structure} "
-                f"(which fixes it at {1 - nm[0] / nm[1]})"
-            )
-
-
-class SparseGPTConfig(PruneConfig):
-    dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
-    block_size: int = Field(128, ge=1)
-
-
-class CompressionConfig(Strict):
     methods: list[str] = Field(default_factory=lambda: ["gptq"], min_length=1)
-    gptq: GPTQConfig = GPTQConfig()
-    awq: AWQConfig = AWQConfig()
-    sparsegpt: SparseGPTConfig = SparseGPTConfig()
-    wanda: PruneConfig = PruneConfig()
 
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
-        from selfcal.compression.registry import METHODS
+        return METHODS.check(methods)
 
-        return _all_known(methods, METHODS, "method")
+    def section(self, method: str):
+        return getattr(self, method)
+
+
+@functools.cache
+def _compression_model(names: tuple[str, ...]) -> type[CompressionBase]:
+    fields = {name: (METHODS.get(name).Config, Field(default_factory=METHODS.get(name).Config)) for name in names}
+    return create_model("CompressionConfig", __base__=CompressionBase, **fields)
+
+
+def compression_model() -> type[CompressionBase]:
+    """The ``compression`` section's schema, assembled from the method registry: a section per method."""
+    return _compression_model(tuple(METHODS.names()))
+
+
+def CompressionConfig(**values) -> CompressionBase:  # noqa: N802 - reads as the class it builds
+    """A validated ``compression`` section (defaults for every method not given)."""
+    return compression_model()(**values)
 
 
 class PerplexityConfig(Strict):
@@ -258,7 +186,7 @@ class EvaluationConfig(Strict):
     def _known_tasks(cls, tasks: list[str]) -> list[str]:
         from selfcal.evaluation.tasks import TASKS
 
-        return _all_known(tasks, TASKS, "task")
+        return TASKS.check(tasks)
 
 
 class TrackingConfig(Strict):
@@ -280,7 +208,9 @@ class TrackingConfig(Strict):
             raise ValueError(f"not a valid template: {err}") from None
         unknown = sorted(fields - set(REGISTERED_NAME_FIELDS))
         if unknown:
-            raise ValueError(f"unknown field {{{unknown[0]}}}; use {', '.join('{' + f + '}' for f in REGISTERED_NAME_FIELDS)}")
+            raise ValueError(
+                f"unknown field {{{unknown[0]}}}; use {', '.join('{' + f + '}' for f in REGISTERED_NAME_FIELDS)}"
+            )
         return template
 
 
@@ -292,7 +222,7 @@ class PathsConfig(Strict):
 class Params(Strict):
     model: ModelConfig
     calibration: CalibrationConfig
-    compression: CompressionConfig = CompressionConfig()
+    compression: CompressionBase = Field(default_factory=CompressionConfig)
     evaluation: EvaluationConfig = EvaluationConfig()
     tracking: TrackingConfig = TrackingConfig()
     paths: PathsConfig = PathsConfig()
@@ -300,8 +230,7 @@ class Params(Strict):
     root: Path = Field(default=Path("."), exclude=True)
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
-        p = Path(os.path.expanduser(os.fspath(path)))
-        return (p if p.is_absolute() else self.root / p).resolve()
+        return resolve_path(path, self.root)
 
     @property
     def artifacts_dir(self) -> Path:
@@ -332,11 +261,18 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: {_error_key(first['loc'])}: {msg}{more}"
 
 
+@functools.cache
+def _params_model(names: tuple[str, ...]) -> type[Params]:
+    comp = _compression_model(names)
+    return create_model("Params", __base__=Params, compression=(comp, Field(default_factory=comp)))
+
+
 def parse_params(data: object, *, source: str = "params", root: Path = Path(".")) -> Params:
+    """Validate a params mapping against the schema of the methods registered now."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     try:
-        params = Params.model_validate({**data, "root": root})
+        params = _params_model(tuple(METHODS.names())).model_validate({**data, "root": root})
     except ValidationError as err:
         raise ConfigError(_format_error(err, source)) from None
     return params

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from selfcal.errors import ModelNotFoundError
 from selfcal.hashing import sha256_file, sha256_json
+from selfcal.paths import LOCAL_PREFIXES, resolve_path
+from selfcal.records import ModelFingerprint
 
-# A value starting like this is a path, never a hub id: missing means an error, not a download.
-LOCAL_PREFIXES = ("/", "./", "../", "~")
 _WEIGHT_FILES = (".safetensors", ".json", ".model", ".txt")
 
 
@@ -33,7 +33,9 @@ class ModelRef:
         return str(self.local_dir) if self.local_dir else self.name
 
 
-def resolve_model(name: str, *, root: Path = Path("."), revision: str | None = None, key: str = "model.path") -> ModelRef:
+def resolve_model(
+    name: str, *, root: Path = Path("."), revision: str | None = None, key: str = "model.path"
+) -> ModelRef:
     """Map a params value to a loadable model, or fail naming the key.
 
     A value that exists on disk (relative to ``root``) is a local model. A value
@@ -41,9 +43,7 @@ def resolve_model(name: str, *, root: Path = Path("."), revision: str | None = N
     error. Anything else is a hub id, checked against the local cache first so an
     offline machine says so instead of hanging on a download.
     """
-    candidate = Path(os.path.expanduser(name))
-    if not candidate.is_absolute():
-        candidate = root / candidate
+    candidate = resolve_path(name, root)
     if candidate.is_dir():
         if not (candidate / "config.json").is_file():
             raise ModelNotFoundError(f"{key}: {name!r} is a directory without config.json, not a Hugging Face model")
@@ -90,7 +90,7 @@ def context_window(config: dict) -> int | None:
     return None
 
 
-def fingerprint(ref: ModelRef) -> dict:
+def fingerprint(ref: ModelRef) -> ModelFingerprint:
     """Identify the exact weights: a digest over config, tokenizer and weight files."""
     assert ref.local_dir is not None
     files = {
@@ -98,7 +98,7 @@ def fingerprint(ref: ModelRef) -> dict:
         for p in sorted(ref.local_dir.iterdir())
         if p.is_file() and p.name.endswith(_WEIGHT_FILES)
     }
-    return {"name": ref.name, "revision": ref.revision, "digest": sha256_json(files)}
+    return ModelFingerprint(name=ref.name, revision=ref.revision, digest=sha256_json(files))
 
 
 def pick_device(requested: str) -> str:

@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 
 
 @torch.inference_mode()
-def window_nll(model, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False, desc: str = "scoring") -> torch.Tensor:
+def window_nll(
+    model, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False, desc: str = "scoring"
+) -> torch.Tensor:
     """Summed NLL of tokens 2..T of each equal-length window: a float64 tensor of shape (n,).
 
     The per-window sums keep both aggregations exact: pooled perplexity
@@ -31,7 +33,9 @@ def window_nll(model, windows: torch.Tensor, *, batch_size: int = 8, progress: b
 
 
 @torch.inference_mode()
-def sequence_mean_nll(model, sequences: Sequence[Sequence[int]], *, batch_size: int = 8, pad_id: int = 0) -> torch.Tensor:
+def sequence_mean_nll(
+    model, sequences: Sequence[Sequence[int]], *, batch_size: int = 8, pad_id: int = 0
+) -> torch.Tensor:
     """Mean NLL over tokens 2..T of each sequence (lengths may differ): shape (n,), float64.
 
     This is ``model(ids, labels=ids).loss`` per sequence, as Ji et al.'s sample_ppl.py computes

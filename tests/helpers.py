@@ -14,11 +14,51 @@ STORIES = SHARED / "models" / "stories260K"
 DATA = SHARED / "data"
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0, max_positions: int = 128, tie: bool = True) -> Path:
-    """A random 2-layer Llama whose linear layers are all multiples of 128 wide.
+# English text the unit tier's tokenizer is trained on (and that tests write into small corpora).
+TOKENIZER_TEXT = (
+    "Once upon a time there was a little cat. The cat sat on a mat and then a dog ran to the park "
+    "where birds sang all day long. She said hello to her friend, and he smiled. They played with a "
+    "red ball in the garden until the sun went down. Question: which animal sat on the mat? Answer: "
+    "the cat. A scientist measures the temperature of water; it boils at one hundred degrees. "
+    "The quick brown fox jumps over the lazy dog. Plants need light, water and air to grow. "
+    "Every morning the children walked to school along the river, counting boats and ducks. "
+    "History tells of kings, queens and merchants who traded silk, spices, gold and salt across "
+    "mountains, deserts and oceans. Numbers such as 1, 2, 3, 42, 100 and 2048 appear in tables. "
+    "Energy moves from the sun to the earth; clouds form, rain falls, rivers flow to the sea. "
+    "Why do leaves change colour in autumn? Because chlorophyll breaks down as days get shorter. "
+)
 
-    It borrows the stories260K tokenizer (512 tokens) so text round-trips; the
-    weights are random, so nothing here depends on a pretrained model. ``tie`` shares
+
+def build_tokenizer(directory: Path, vocab_size: int = 512) -> Path:
+    """A byte-level BPE tokenizer trained in-process (no download, no ../shared): <unk> 0, <s> 1,
+    </s> 2, BOS added in front of every text like a Llama tokenizer, any text encodable."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([TOKENIZER_TEXT] * 20, trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=1 << 20
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def build_tiny_model(directory: Path, *, seed: int = 0, max_positions: int = 128, tie: bool = True) -> Path:
+    """A random 2-layer Llama whose linear layers are all multiples of 128 wide, with the in-process
+    tokenizer above (512 tokens), so the unit tier needs nothing from ../shared. ``tie`` shares
     lm_head with the input embeddings (stored once), as stories260K and SmolLM2 do.
     """
     import torch
@@ -40,8 +80,7 @@ def build_tiny_model(directory: Path, *, seed: int = 0, max_positions: int = 128
     model = LlamaForCausalLM(config)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory)
-    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"):
-        shutil.copy2(STORIES / name, directory / name)
+    build_tokenizer(directory)
     return directory
 
 
@@ -64,7 +103,13 @@ def small_params(model_dir: Path, workdir: Path, **overrides) -> dict:
             "data_dir": str(DATA),
             "limit": 20,
             "batch_size": 8,
-            "perplexity": {"wikitext2": {"path": str(DATA / "wikitext2_raw" / "test_joined_gptq_style.txt"), "seq_len": 64, "max_windows": 4}},
+            "perplexity": {
+                "wikitext2": {
+                    "path": str(DATA / "wikitext2_raw" / "test_joined_gptq_style.txt"),
+                    "seq_len": 64,
+                    "max_windows": 4,
+                }
+            },
         },
         "tracking": {"tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"},
         "paths": {"artifacts": str(workdir / "artifacts"), "state": str(workdir / "state")},
@@ -89,7 +134,11 @@ def pipeline_workspace(dest: Path, model_dir: Path, **overrides) -> tuple[Path, 
     import subprocess
 
     listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     for rel in listed:
         if rel.startswith(("tests/", "README")) or not (REPO / rel).is_file():
@@ -104,3 +153,19 @@ def pipeline_workspace(dest: Path, model_dir: Path, **overrides) -> tuple[Path, 
         data["tracking"]["tracking_uri"] = None  # the workspace's own .selfcal/mlflow.db
     write_params(dest / "params.yaml", data)
     return dest, data
+
+
+def calibration_fields(tokens, **overrides) -> dict:
+    """Every field a CalibrationManifest needs, for a test that writes a set by hand."""
+    fields = {
+        "source": "test",
+        "source_params": {"kind": "test"},
+        "source_version": 1,
+        "seed": 0,
+        "n_samples": int(tokens.shape[0]),
+        "seq_len": int(tokens.shape[1]),
+        "model": {"name": "test-model", "revision": None, "digest": "0" * 64},
+        "wall_seconds": 0.0,
+    }
+    fields.update(overrides)
+    return fields

@@ -25,7 +25,9 @@ def variant(request, tiny_model, tmp_path_factory):
     """(params, base model dir) for a tied and an untied tiny model, one calibration set each."""
     work = tmp_path_factory.mktemp(f"compress-{request.param}")
     model_dir = tiny_model if request.param == "tied" else build_tiny_model(work / "untied-llama", tie=False)
-    p = parse_params(small_params(model_dir, work, **{"compression.methods": METHODS, "tracking.enabled": False}), root=work)
+    p = parse_params(
+        small_params(model_dir, work, **{"compression.methods": METHODS, "tracking.enabled": False}), root=work
+    )
     generate(p, "self", 0, progress=False)
     return p, model_dir
 
@@ -47,9 +49,9 @@ def test_method_runs_reloads_and_links_its_calibration_set(params, checkpoints, 
 
     manifest, ckpt = checkpoints[method]
     calib = load_calibration_set(layout.calibration_dir(params, "self", 0))
-    assert manifest["calibration"]["digest"] == calib.digest
-    assert manifest["method"] == method and manifest["verification"]["method"] == method
-    assert (ckpt / "compression.json").is_file() and "compression.json" in manifest["files"]
+    assert manifest.calibration.digest == calib.digest
+    assert manifest.method == method and manifest.verification["method"] == method
+    assert (ckpt / "compression.json").is_file() and "compression.json" in manifest.files
     model = AutoModelForCausalLM.from_pretrained(ckpt)
     assert torch.isfinite(model(torch.tensor([[1, 7, 9, 11]])).logits).all()
 
@@ -68,10 +70,12 @@ def test_everything_outside_the_targets_is_bit_identical_to_the_base(variant, ch
     assert ("lm_head.weight" in base) is (not tied) and ("lm_head.weight" in saved) is (not tied)
     untouched = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if tied else ["lm_head.weight"])
     if method != "awq":  # AWQ folds its scales into the norms before the layers it balances
-        untouched += [f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")]
+        untouched += [
+            f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
+        ]
     for name in untouched:
         assert torch.equal(saved[name], base[name]), name
-    assert manifest["verification"]["untouched"]["tensors_checked"] == len(untouched)
+    assert manifest.verification["untouched"]["tensors_checked"] == len(untouched)
     dense = verify.load_dense(ckpt)
     for name, m in dense.named_modules():
         if isinstance(m, torch.nn.Linear) and name != "lm_head":
@@ -90,9 +94,23 @@ def test_a_planted_change_outside_the_targets_fails_naming_the_tensor(variant, c
     tensors = load_file(str(planted / "model.safetensors"))
     tensors["model.layers.1.post_attention_layernorm.weight"][3] += 1e-3
     save_file(tensors, str(planted / "model.safetensors"), metadata={"format": "pt"})
-    changed = {f"model.layers.{i}.{k}" for i in range(2) for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    changed = {
+        f"model.layers.{i}.{k}"
+        for i in range(2)
+        for k in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     assert verify.check_untouched(base_dir, ckpt, changed)["tensors_changed"] == 14
-    with pytest.raises(VerificationError, match=r"^model.layers.1.post_attention_layernorm.weight: must be bit-identical"):
+    with pytest.raises(
+        VerificationError, match=r"^model.layers.1.post_attention_layernorm.weight: must be bit-identical"
+    ):
         verify.check_untouched(base_dir, planted, changed)
 
 
@@ -101,7 +119,7 @@ def test_plain_ignore_names_would_prune_lm_head_and_the_stage_refuses_it(variant
     """The bug this guards against: llm-compressor's pruning modifiers see "lm_head." and a plain
     "lm_head" in ``ignore`` never matched. With those plain names the stage must fail, naming the
     tensor that changed (the tied embeddings, or lm_head), and publish nothing."""
-    from selfcal.compression.registry import RecipeContext
+    from selfcal.compression.methods import RecipeContext
 
     p, _ = variant
     monkeypatch.setattr(RecipeContext, "dense_patterns", property(lambda ctx: list(ctx.dense_layers)))
@@ -147,12 +165,23 @@ def test_quantized_groups_hold_at_most_16_values(checkpoints, method):
 
 
 def test_impossible_settings_fail_before_loading(tiny_model, tmp_path):
-    with pytest.raises(ConfigError, match=r"compression.sparsegpt: .*sparsity 0.7 is impossible with mask_structure 2:4"):
+    with pytest.raises(
+        ConfigError, match=r"compression.sparsegpt: .*sparsity 0.7 is impossible with mask_structure 2:4"
+    ):
         parse_params(small_params(tiny_model, tmp_path, **{"compression.sparsegpt": {"sparsity": 0.7}}))
     with pytest.raises(ConfigError, match="mask_structure must be 'N:M'"):
         parse_params(small_params(tiny_model, tmp_path, **{"compression.wanda": {"mask_structure": "4:2"}}))
-    p = parse_params(small_params(tiny_model, tmp_path, **{"compression.methods": ["awq"], "compression.awq": {"group_size": 96}, "tracking.enabled": False}), root=tmp_path)
-    with pytest.raises(ConfigError, match=r"compression.awq.group_size: 96 divides the input width of no targeted layer"):
+    p = parse_params(
+        small_params(
+            tiny_model,
+            tmp_path,
+            **{"compression.methods": ["awq"], "compression.awq": {"group_size": 96}, "tracking.enabled": False},
+        ),
+        root=tmp_path,
+    )
+    with pytest.raises(
+        ConfigError, match=r"compression.awq.group_size: 96 divides the input width of no targeted layer"
+    ):
         compress(p, "self", 0, "awq")
 
 
@@ -171,14 +200,29 @@ def test_verification_rejects_broken_patterns_and_grids():
 
 
 def test_awq_drops_mappings_that_would_rescale_a_layer_left_dense():
-    from selfcal.compression.registry import RecipeContext, _awq_mappings
+    from selfcal.compression.methods import RecipeContext
+    from selfcal.compression.methods.awq import awq_mappings as _awq_mappings
 
-    layers = tuple(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
+    layers = tuple(
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    )
     skipped = tuple(n for n in layers if n.endswith("down_proj"))
     kept = _awq_mappings(RecipeContext("LlamaForCausalLM", layers, skipped))
     assert [m.smooth_layer for m in kept] == ["re:.*input_layernorm$", "re:.*v_proj$", "re:.*post_attention_layernorm$"]
     # One of q/k/v ignored: the norm->qkv mapping would scale it too, so it goes as well.
-    kept = _awq_mappings(RecipeContext("LlamaForCausalLM", layers, (), ignored_layers=("model.layers.0.self_attn.k_proj",)))
+    kept = _awq_mappings(
+        RecipeContext("LlamaForCausalLM", layers, (), ignored_layers=("model.layers.0.self_attn.k_proj",))
+    )
     assert [m.smooth_layer for m in kept] == ["re:.*v_proj$", "re:.*post_attention_layernorm$", "re:.*up_proj$"]
     assert _awq_mappings(RecipeContext("LlamaForCausalLM", layers, ())) is None
 
@@ -186,10 +230,79 @@ def test_awq_drops_mappings_that_would_rescale_a_layer_left_dense():
 def test_paper_awq_settings_run_and_verify(tiny_model, tmp_path):
     """ModelOpt-like AWQ (symmetric, alpha grid 0..1 by 0.1, clip search 0.5..1 by 0.05) through the stage."""
     awq = {"group_size": 128, "symmetric": True, "n_grid": 12, "clip_search": {"min_ratio": 0.5, "step": 0.05}}
-    p = parse_params(small_params(tiny_model, tmp_path, **{"compression.methods": ["awq"], "compression.awq": awq, "tracking.enabled": False}), root=tmp_path)
+    p = parse_params(
+        small_params(
+            tiny_model, tmp_path, **{"compression.methods": ["awq"], "compression.awq": awq, "tracking.enabled": False}
+        ),
+        root=tmp_path,
+    )
     generate(p, "self", 0, progress=False)
     manifest = compress(p, "self", 0, "awq")
-    v = manifest["verification"]
+    v = manifest.verification
     assert v["max_values_per_group"] <= 16 and v["untouched"]["tensors_checked"] == 2  # embeddings + final norm
-    recipe = manifest["recipe"]
+    recipe = manifest.recipe
     assert "memoryless_mse" in recipe and "n_grid: 12" in recipe and "symmetric: true" in recipe
+
+
+TOY_METHOD = '''
+"""A fifth method, round-to-nearest W4: one new module and one registry line."""
+from selfcal.compression.methods.base import METHODS, QuantConfig, QuantizationMethod, weight_scheme
+
+
+class RTNConfig(QuantConfig):
+    pass
+
+
+class RTN(QuantizationMethod):
+    name = "rtn"
+    Config = RTNConfig
+
+    def recipe(self, cfg, ctx):
+        from llmcompressor.modifiers.quantization import QuantizationModifier
+
+        return [QuantizationModifier(config_groups=weight_scheme(cfg), ignore=ctx.dense_patterns)]
+
+
+METHODS.register(RTN.name, RTN())
+'''
+
+
+def test_a_fifth_method_is_one_module_and_one_registry_line(tiny_model, tmp_path, monkeypatch):
+    """Its params section, layer checks, recipe, verification and lineage come with it: nothing else changes."""
+    import importlib
+    import sys
+
+    from selfcal.compression.methods import METHODS
+
+    monkeypatch.setattr(METHODS, "_items", dict(METHODS._items))  # the toy registers into a copy
+    (tmp_path / "toy_rtn_method.py").write_text(TOY_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("toy_rtn_method")
+    monkeypatch.delitem(sys.modules, "toy_rtn_method")
+    assert "rtn" in METHODS
+    data = small_params(
+        tiny_model,
+        tmp_path,
+        **{"compression.methods": ["rtn"], "compression.rtn": {"group_size": 128}, "tracking.enabled": False},
+    )
+    p = parse_params(data, root=tmp_path)
+    assert p.compression.rtn.group_size == 128 and p.compression.rtn.ignore == ["lm_head"]
+    with pytest.raises(
+        ConfigError, match=r"compression.rtn.group_size: 96 divides the input width of no targeted layer"
+    ):
+        compress(
+            parse_params({**data, "compression": {"methods": ["rtn"], "rtn": {"group_size": 96}}}, root=tmp_path),
+            "self",
+            0,
+            "rtn",
+        )
+    generate(p, "self", 0, progress=False)
+    manifest = compress(p, "self", 0, "rtn")
+    assert manifest.method == "rtn" and manifest.verification["max_values_per_group"] <= 16
+    assert manifest.verification["untouched"]["tensors_checked"] == 6
+    with pytest.raises(
+        ConfigError,
+        match=r"^params: compression.methods: unknown method 'magic'; known: \['awq', 'gptq', 'rtn', "
+        r"'sparsegpt', 'wanda'\]",
+    ):
+        parse_params({**data, "compression": {"methods": ["magic"]}})

@@ -6,7 +6,6 @@ from selfcal.cli import main
 from selfcal.config import load_params, parse_params
 from selfcal.errors import ConfigError, ModelNotFoundError
 from selfcal.pipeline.common import base_model, check_context
-
 from tests.helpers import small_params, write_params
 
 
@@ -44,7 +43,9 @@ def test_unknown_method_is_named(tiny_model, tmp_path):
 def test_unknown_task_and_bad_values(tiny_model, tmp_path):
     assert "evaluation.tasks" in _err(small_params(tiny_model, tmp_path, **{"evaluation.tasks": ["nope"]}))
     assert "calibration.n_samples" in _err(small_params(tiny_model, tmp_path, **{"calibration.n_samples": 0}))
-    assert "t_initial" in _err(small_params(tiny_model, tmp_path, **{"calibration.sources": {"self": {"kind": "self", "t_initial": -1}}}))
+    assert "t_initial" in _err(
+        small_params(tiny_model, tmp_path, **{"calibration.sources": {"self": {"kind": "self", "t_initial": -1}}})
+    )
 
 
 def test_missing_required_section():
@@ -108,8 +109,17 @@ def test_every_local_task_builds_with_lm_evals_prompts_and_full_counts():
 
     if not Path(DATA).is_dir():
         pytest.skip("no ../shared/data")
-    expected = {"arc_easy": 2376, "arc_challenge": 1172, "openbookqa": 500, "boolq": 3270, "hellaswag": 10042,
-                "lambada_openai": 5153, "piqa": 1838, "rte": 277, "winogrande": 1267}
+    expected = {
+        "arc_easy": 2376,
+        "arc_challenge": 1172,
+        "openbookqa": 500,
+        "boolq": 3270,
+        "hellaswag": 10042,
+        "lambada_openai": 5153,
+        "piqa": 1838,
+        "rte": 277,
+        "winogrande": 1267,
+    }
     manager = task_manager()
     for name, count in expected.items():
         task = manager.load([local_task_config(name, DATA)])["tasks"][name]
@@ -146,11 +156,12 @@ def test_check_refuses_a_method_whose_params_section_dvc_cannot_find(tiny_model,
 
 def test_check_refuses_first_token_words_that_are_not_one_token(tiny_model, tmp_path, capsys):
     data = small_params(tiny_model, tmp_path)
-    data["calibration"]["sources"]["self"]["first_token_words"] = ["the", "once"]
+    data["calibration"]["sources"]["self"]["first_token_words"] = ["the", "xylophonist"]
     path = _check_workspace(tmp_path, data)
     assert main(["--params", str(path), "check"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "selfcal: error: calibration.sources.self.first_token_words: not a single token after BOS with this tokenizer: ['once']"
+        "selfcal: error: calibration.sources.self.first_token_words: not a single token after BOS with "
+        "this tokenizer: ['xylophonist', 'Xylophonist']"
     )
 
 
@@ -158,7 +169,10 @@ def test_dvc_param_keys_expand_the_matrices():
     from selfcal.pipeline.check import dvc_param_keys
     from tests.helpers import REPO
 
-    raw = {"calibration": {"sources": {"self": {}, "c4": {}}, "seeds": [0, 1]}, "compression": {"methods": ["gptq", "awq"]}}
+    raw = {
+        "calibration": {"sources": {"self": {}, "c4": {}}, "seeds": [0, 1]},
+        "compression": {"methods": ["gptq", "awq"]},
+    }
     keys = dvc_param_keys(REPO / "dvc.yaml", raw)
     assert ("compress", "compression.awq") in keys and ("compress", "compression.gptq") in keys
     assert ("generate", "calibration.sources.c4") in keys and ("generate", "calibration.sources.self") in keys
@@ -184,8 +198,8 @@ def test_paper_profile_is_the_papers_grid():
 
 
 def test_clip_search_translates_to_the_observer_grid_of_modelopts_clip_ratios():
-    from selfcal.compression.registry import _scheme
-    from selfcal.config import AWQConfig
+    from selfcal.compression.methods.awq import AWQConfig
+    from selfcal.compression.methods.base import weight_scheme as _scheme
 
     scheme = _scheme(AWQConfig(clip_search={"min_ratio": 0.5, "step": 0.05}))["group_0"].weights
     assert scheme.observer == "memoryless_mse"

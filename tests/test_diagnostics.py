@@ -11,6 +11,7 @@ import torch
 from selfcal.calibration import diagnostics as d
 from selfcal.calibration.calibset import save_calibration_set
 from selfcal.cli import main
+from tests.helpers import calibration_fields
 
 
 def test_seq_rep_counts_repeated_ngrams():
@@ -77,7 +78,7 @@ def test_set_perplexity_is_the_mean_of_per_sequence_perplexities(tiny_model):
 
 def test_zipf_recovers_the_exponent():
     ranks = np.arange(1, 201)
-    counts = np.round(1e5 * ranks ** -1.3).astype(int)
+    counts = np.round(1e5 * ranks**-1.3).astype(int)
     tokens = np.repeat(ranks, counts)[None, :]
     assert d.zipf_coefficient(tokens) == pytest.approx(1.3, abs=0.05)
 
@@ -114,7 +115,7 @@ def test_layer_input_stats_match_a_direct_computation(tiny_model):
 def test_inspect_command_on_a_set_and_a_model(tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     toks = np.random.default_rng(0).integers(3, 500, size=(4, 16)).astype(np.int32)
-    save_calibration_set(tmp_path / "set", toks, ["x"] * 4, source="test")
+    save_calibration_set(tmp_path / "set", toks, ["x"] * 4, **calibration_fields(toks))
     assert main(["inspect", str(tmp_path / "set"), "--model", str(tiny_model)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 4 and out["seq_len"] == 16

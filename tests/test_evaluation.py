@@ -55,12 +55,23 @@ def _hub_layout(rows, question_key):
     out = []
     for r in rows:
         labels = [chr(ord("A") + i) for i in range(len(r["choices"]))]
-        out.append({question_key: r[question_key], "choices": {"text": r["choices"], "label": labels}, "answerKey": labels[r["gold"]]})
+        out.append(
+            {
+                question_key: r[question_key],
+                "choices": {"text": r["choices"], "label": labels},
+                "answerKey": labels[r["gold"]],
+            }
+        )
     return out
 
 
-@pytest.mark.parametrize("task,file,question_key", [("arc_easy", "arc_easy/test.jsonl", "question"), ("openbookqa", "openbookqa/test.jsonl", "question_stem")])
-def test_local_task_scores_like_the_builtin_task_on_the_same_examples(tiny_model, tmp_path, task, file, question_key):
+@pytest.mark.parametrize(
+    "task,file,question_key",
+    [("arc_easy", "arc_easy/test.jsonl", "question"), ("openbookqa", "openbookqa/test.jsonl", "question_stem")],
+)
+def test_local_task_scores_like_the_builtin_task_on_the_same_examples(
+    shared_data, tiny_model, tmp_path, task, file, question_key
+):
     """Local adapter vs lm-eval's unmodified config (only data_files swapped) fed the hub layout."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -73,15 +84,27 @@ def test_local_task_scores_like_the_builtin_task_on_the_same_examples(tiny_model
     builtin = _builtin_config(task)
     for key in ("tag", "training_split", "validation_split", "fewshot_split", "dataset_name"):
         builtin.pop(key, None)
-    builtin.update({"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(tmp_path / "hub.jsonl")}}, "test_split": "test"})
+    builtin.update(
+        {
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(tmp_path / "hub.jsonl")}},
+            "test_split": "test",
+        }
+    )
     local = local_task_config(task, tmp_path / "local")
     assert {k: v for k, v in local.items() if k not in ("doc_to_target", "doc_to_choice", "dataset_kwargs")} == {
         k: v for k, v in builtin.items() if k not in ("doc_to_target", "doc_to_choice", "dataset_kwargs")
     }
-    lm = HFLM(pretrained=AutoModelForCausalLM.from_pretrained(tiny_model).eval(), tokenizer=AutoTokenizer.from_pretrained(tiny_model), batch_size=16)
+    lm = HFLM(
+        pretrained=AutoModelForCausalLM.from_pretrained(tiny_model).eval(),
+        tokenizer=AutoTokenizer.from_pretrained(tiny_model),
+        batch_size=16,
+    )
     scores = []
     for spec in (builtin, local):
-        out = simple_evaluate(model=lm, tasks=[spec], num_fewshot=0, log_samples=True, bootstrap_iters=0, task_manager=task_manager())
+        out = simple_evaluate(
+            model=lm, tasks=[spec], num_fewshot=0, log_samples=True, bootstrap_iters=0, task_manager=task_manager()
+        )
         samples = out["samples"][task]
         scores.append((out["results"][task]["acc,none"], [s["target"] for s in samples], [s["resps"] for s in samples]))
     assert scores[0] == scores[1]
@@ -89,7 +112,9 @@ def test_local_task_scores_like_the_builtin_task_on_the_same_examples(tiny_model
 
 def test_storycloze_without_data_is_skipped_and_said(tmp_path):
     (tmp_path / "arc_easy").mkdir()
-    (tmp_path / "arc_easy" / "test.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "gold": 0}) + "\n")
+    (tmp_path / "arc_easy" / "test.jsonl").write_text(
+        json.dumps({"question": "q", "choices": ["a", "b"], "gold": 0}) + "\n"
+    )
     specs, skipped = resolve_tasks(["arc_easy", "storycloze_2016"], tmp_path)
     assert [s["task"] for s in specs] == ["arc_easy"]
     assert "distributed on request only" in skipped["storycloze_2016"]
@@ -97,17 +122,22 @@ def test_storycloze_without_data_is_skipped_and_said(tmp_path):
         resolve_tasks(["boolq"], tmp_path)
 
 
-def test_missing_task_file_fails_before_the_model_loads(tiny_model, tmp_path):
+def test_missing_task_file_fails_before_the_model_loads(shared_data, tiny_model, tmp_path):
     from selfcal.pipeline.evaluate import evaluate
 
     (tmp_path / "data").mkdir()
-    params = parse_params(small_params(tiny_model, tmp_path, **{"evaluation.data_dir": str(tmp_path / "data"), "tracking.enabled": False}), root=tmp_path)
+    params = parse_params(
+        small_params(
+            tiny_model, tmp_path, **{"evaluation.data_dir": str(tmp_path / "data"), "tracking.enabled": False}
+        ),
+        root=tmp_path,
+    )
     with pytest.raises(DataError, match="arc_easy/test.jsonl: data file for task 'arc_easy' not found"):
         evaluate(params, "dense", progress=False)
     assert not (tmp_path / "artifacts" / "metrics").exists()
 
 
-def test_a_task_lm_eval_cannot_score_fails_alone_with_its_reason(tiny_model, tmp_path):  # tiny_model: skips without ../shared
+def test_a_task_lm_eval_cannot_score_fails_alone_with_its_reason(shared_data, tiny_model, tmp_path):
     """PIQA's first answers run to 93 tokens, ARC-Easy's to 38: a 64-token model scores only ARC."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,13 +153,47 @@ def test_a_task_lm_eval_cannot_score_fails_alone_with_its_reason(tiny_model, tmp
     assert out["failed"] == {"piqa": "lm-eval cannot score it: a request exceeds the model's 64-token context"}
 
 
+def _record(name, method, accs, *, failed=None, skipped=None, ppl=None):
+    from selfcal.records import EvaluationRecord, PerplexityScore, TaskScore, ZeroShot
+
+    source = "none" if method == "none" else "self"
+    tasks = {t: TaskScore(acc=a, seconds=1.0) for t, a in accs.items()}
+    perplexity = (
+        {
+            "wikitext2": PerplexityScore(
+                perplexity=ppl, nll=1.0, tokens=10, windows=1, seq_len=11, stride=11, source="x", seconds=0.1
+            )
+        }
+        if ppl
+        else {}
+    )
+    return EvaluationRecord(
+        name=name,
+        method=method,
+        source=source,
+        model_digest="d",
+        device="cpu",
+        wall_seconds=1.0,
+        zero_shot=ZeroShot(tasks=tasks, failed=failed or {}, batch_size=8, seconds=1.0),
+        skipped_tasks=skipped or {},
+        perplexity=perplexity,
+        mean_acc=sum(accs.values()) / len(accs),
+        mean_acc_tasks=sorted(accs),
+    )
+
+
 def test_report_names_tasks_that_were_not_scored():
     from selfcal.pipeline.aggregate import summarise, to_markdown, unscored_tasks
 
     rows = [
-        {"name": "dense", "method": "none", "source": "none", "mean_acc": 0.5,
-         "zero_shot": {"tasks": {"arc_easy": {"acc": 0.5}}, "failed": {"piqa": "too long"}},
-         "skipped_tasks": {"storycloze_2016": "no data"}, "perplexity": {"wikitext2": {"perplexity": 12.5}}},
+        _record(
+            "dense",
+            "none",
+            {"arc_easy": 0.5},
+            failed={"piqa": "too long"},
+            skipped={"storycloze_2016": "no data"},
+            ppl=12.5,
+        )
     ]
     cols, table = summarise(rows)
     assert cols == ["acc.arc_easy", "mean_acc", "ppl.wikitext2"]
@@ -142,17 +206,18 @@ def test_mean_acc_is_compared_over_the_task_set_every_row_scored():
     """A row that scored an extra task (or missed one) must not get a mean over another set."""
     from selfcal.pipeline.aggregate import common_tasks, summarise, to_markdown
 
-    def row(name, method, accs):
-        return {"name": name, "method": method, "source": "self", "mean_acc": sum(accs.values()) / len(accs),
-                "zero_shot": {"tasks": {t: {"acc": a} for t, a in accs.items()}, "failed": {}}}
-
-    rows = [row("a", "gptq", {"arc_easy": 0.6, "piqa": 0.7}), row("b", "wanda", {"arc_easy": 0.4, "piqa": 0.5, "boolq": 0.9})]
+    rows = [
+        _record("a", "gptq", {"arc_easy": 0.6, "piqa": 0.7}),
+        _record("b", "wanda", {"arc_easy": 0.4, "piqa": 0.5, "boolq": 0.9}),
+    ]
     assert common_tasks(rows) == ["arc_easy", "piqa"]
     cols, table = summarise(rows)
     by_method = {e["method"]: e for e in table}
     assert by_method["gptq"]["mean_acc"] == pytest.approx(0.65)
     assert by_method["wanda"]["mean_acc"] == pytest.approx(0.45)  # not 0.6: boolq is outside the shared set
-    assert "`mean_acc` is over the 2 task(s) every row scored: arc_easy, piqa." in to_markdown(cols, table, {}, common_tasks(rows))
+    assert "`mean_acc` is over the 2 task(s) every row scored: arc_easy, piqa." in to_markdown(
+        cols, table, {}, common_tasks(rows)
+    )
 
 
 def test_perplexity_sets_read_txt_verbatim_and_jsonl_documents_joined(tmp_path):

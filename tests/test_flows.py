@@ -29,6 +29,9 @@ from selfcal.scratch import find_scratch
 from selfcal.workspace_lock import WorkspaceBusyError, lock_path, read_holder, workspace_lock
 from tests.helpers import REPO, pipeline_workspace, small_params, write_params
 
+# These evaluate models on the ARC-Easy and WikiText-2 files of ../shared/data.
+pytestmark = pytest.mark.usefixtures("shared_data")
+
 FLAKY_ITEM = "compress@self-0-wanda"
 METHODS = {"compression.methods": ["gptq", "wanda"], "compression.wanda": {"sparsity": 0.5, "mask_structure": "2:4"}}
 
@@ -42,14 +45,18 @@ def _env(prefect_home: Path, *, path_first: Path | None = None, **extra: str) ->
     path = [str(Path(sys.executable).parent), env["PATH"]]
     if path_first is not None:
         path.insert(0, str(path_first))
-    env.update(PATH=os.pathsep.join(path), PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    env.update(
+        PATH=os.pathsep.join(path), PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra
+    )
     return env
 
 
 def _start(ws: Path, env: dict, *args: str) -> subprocess.Popen:
     """`selfcal run ARGS` in its own process group, so a test can kill all of it like a worker dying."""
     cmd = [sys.executable, "-m", "selfcal.cli", "run", "--retry-delay", "1", *args]
-    return subprocess.Popen(cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
@@ -81,10 +88,14 @@ def _digests(ws: Path) -> dict[str, object]:
     for d in sorted((art / "checkpoints").iterdir()):
         files = json.loads((d / "manifest.json").read_text())["files"]
         out[f"checkpoints/{d.name}"] = {k: v for k, v in files.items() if k != "compression.json"}
-    for f in sorted((art / "metrics").glob("*.json")):
+    for f in sorted((art / "evaluations").glob("*.json")):
         m = json.loads(f.read_text())
         scores = {t: r["acc"] for t, r in m["zero_shot"]["tasks"].items()}
-        out[f"metrics/{f.stem}"] = (m.get("calibration_digest"), scores, {k: v["nll"] for k, v in m["perplexity"].items()})
+        out[f"metrics/{f.stem}"] = (
+            m.get("calibration_digest"),
+            scores,
+            {k: v["nll"] for k, v in m["perplexity"].items()},
+        )
     return out
 
 
@@ -116,6 +127,7 @@ def _python_shim(directory: Path, match: str, then: str) -> Path:
 # Run a stage, but stop it dead just before it renames its finished checkpoint into place.
 HANG_BEFORE_PUBLISH = """
 import os, runpy, sys, time
+
 real_replace = os.replace
 def replace(src, dst, *args, **kwargs):
     if os.path.basename(os.path.dirname(str(dst))) == "checkpoints":
@@ -150,7 +162,9 @@ def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("shared")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     # The one config step a shared store needs: create the experiment with an artifact root every worker reaches.
-    mlflow.MlflowClient(tracking_uri=uri).create_experiment("selfcal", artifact_location=(root / "mlartifacts").as_uri())
+    mlflow.MlflowClient(tracking_uri=uri).create_experiment(
+        "selfcal", artifact_location=(root / "mlartifacts").as_uri()
+    )
     return {"remote": root / "dvc-remote", "mlflow_uri": uri, "prefect_home": root / "prefect"}
 
 
@@ -168,7 +182,11 @@ def worker_a(tiny_model, tmp_path_factory, shared):
     env = _env(shared["prefect_home"], path_first=shim, MLFLOW_TRACKING_URI=shared["mlflow_uri"])
 
     first = _start(ws, env, "--profile", "tiny", "--sync-remote")
-    holder = _wait_for(lambda: (h := read_holder(ws)) and h.label.startswith("selfcal-pipeline") and h, 120, "run 1 to hold the workspace")
+    holder = _wait_for(
+        lambda: (h := read_holder(ws)) and h.label.startswith("selfcal-pipeline") and h,
+        120,
+        "run 1 to hold the workspace",
+    )
     refused = subprocess.run(
         [sys.executable, "-m", "selfcal.cli", "run"], cwd=ws, env=env, capture_output=True, text=True, timeout=120
     )
@@ -176,8 +194,14 @@ def worker_a(tiny_model, tmp_path_factory, shared):
     rc1, out1 = _finish(first)
     rc3, out3 = _finish(waiting)
     return {
-        "ws": ws, "env": env, "holder": holder, "marker": marker,
-        "first": (rc1, out1), "refused": refused, "waiting": (rc3, out3), "pid": first.pid,
+        "ws": ws,
+        "env": env,
+        "holder": holder,
+        "marker": marker,
+        "first": (rc1, out1),
+        "refused": refused,
+        "waiting": (rc3, out3),
+        "pid": first.pid,
     }
 
 
@@ -195,14 +219,21 @@ def test_flow_runs_every_stage_item_in_ephemeral_mode(worker_a, shared):
     # the summary artifact, as the Prefect API stores it
     proc = subprocess.run(
         [sys.executable, "-m", "prefect", "artifact", "inspect", "selfcal-results", "-o", "json"],
-        env=worker_a["env"], capture_output=True, text=True, timeout=120,
+        env=worker_a["env"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     markdowns = [a["data"] for a in json.loads(proc.stdout)]  # one per run in this Prefect home
     assert any("| wanda | self | 1 |" in md and f"| {FLAKY_ITEM} | ran | 2 |" in md for md in markdowns)
     # one MLflow parent for the whole flow run, one child per stage item it ran
-    (stages,) = [v for k, v in _mlflow_stages(shared["mlflow_uri"]).items() if k.startswith("prefect-") and "generate" in v]
-    assert stages == sorted(["pipeline", "generate", "inspect", "compress", "compress", "evaluate", "evaluate", "evaluate", "aggregate"])
+    (stages,) = [
+        v for k, v in _mlflow_stages(shared["mlflow_uri"]).items() if k.startswith("prefect-") and "generate" in v
+    ]
+    assert stages == sorted(
+        ["pipeline", "generate", "inspect", "compress", "compress", "evaluate", "evaluate", "evaluate", "aggregate"]
+    )
     assert "Data and pipelines are up to date." in _dvc(ws, worker_a["env"], "status")
 
 
@@ -242,7 +273,9 @@ def test_killed_run_leaves_no_half_output_and_resumes_to_the_same_hashes(worker_
     ws, _ = pipeline_workspace(tmp_path / "ws", tiny_model, **{"tracking.enabled": False})  # GPTQ only
     (tmp_path / "hang.py").write_text(HANG_BEFORE_PUBLISH)
     at_publish = tmp_path / "at-publish"
-    shim = _python_shim(tmp_path / "shim", "-m stages.compress", f'exec "{sys.executable}" "{tmp_path / "hang.py"}" "$@"')
+    shim = _python_shim(
+        tmp_path / "shim", "-m stages.compress", f'exec "{sys.executable}" "{tmp_path / "hang.py"}" "$@"'
+    )
     env = _env(tmp_path / "prefect")
     run = _start(ws, {**env, "PATH": f"{shim}{os.pathsep}{env['PATH']}", "AT_PUBLISH": str(at_publish)})
     _wait_for(at_publish.is_file, 300, "the compress stage to reach its final rename")
@@ -270,7 +303,9 @@ def test_killed_run_leaves_no_half_output_and_resumes_to_the_same_hashes(worker_
 # --- worker B: shares A's DVC remote and MLflow store --------------------------------------------
 
 
-def test_a_second_worker_reuses_the_first_ones_results_through_the_shared_remote(worker_a, tiny_model, tmp_path, shared):
+def test_a_second_worker_reuses_the_first_ones_results_through_the_shared_remote(
+    worker_a, tiny_model, tmp_path, shared
+):
     assert worker_a["first"][0] == 0
     # A's params for GPTQ, another evaluation slice: B evaluates again and computes nothing else.
     ws, _ = pipeline_workspace(tmp_path / "ws", tiny_model, **{"evaluation.limit": 10})
@@ -301,7 +336,9 @@ def test_workspace_lock_names_its_holder_waits_and_survives_a_killed_holder(tmp_
     )
 
     def hold(seconds: float) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(seconds)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path), str(seconds)], stdout=subprocess.PIPE, text=True, cwd=REPO
+        )
         assert proc.stdout.readline().strip() == "held"
         return proc
 
@@ -329,7 +366,9 @@ def test_profile_is_validated_before_it_replaces_params(tiny_model, tmp_path):
     write_params(tmp_path / "params.yaml", good)
     before = (tmp_path / "params.yaml").read_text()
     (tmp_path / "profiles").mkdir()
-    (tmp_path / "profiles" / "broken.yaml").write_text(yaml.safe_dump({**good, "calibration": {**good["calibration"], "n_sample": 3}}))
+    (tmp_path / "profiles" / "broken.yaml").write_text(
+        yaml.safe_dump({**good, "calibration": {**good["calibration"], "n_sample": 3}})
+    )
     with pytest.raises(ConfigError, match=r"broken.yaml: calibration.n_sample: unknown key"):
         apply_profile(tmp_path, "broken")
     with pytest.raises(ConfigError, match=r"profile 'nope': .* not found; known profiles: \['broken'\]"):
@@ -363,7 +402,9 @@ def test_scratch_of_a_killed_writer_is_found_and_ignored_by_dvc(tmp_path):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
     rel = [str(p.relative_to(tmp_path)) for p in find_scratch(art)]
-    ignored = subprocess.run([sys.executable, "-m", "dvc", "check-ignore", *rel], cwd=tmp_path, capture_output=True, text=True)
+    ignored = subprocess.run(
+        [sys.executable, "-m", "dvc", "check-ignore", *rel], cwd=tmp_path, capture_output=True, text=True
+    )
     assert ignored.stdout.split() == rel
 
 
@@ -432,7 +473,9 @@ def test_deployment_pull_steps_sync_code_only_while_no_run_holds_the_workspace(t
 
     monkeypatch.chdir(worker)
     with workspace_lock(ws, label="a run still going"):
-        with pytest.raises(RuntimeError, match=r'is in use by \{"pid": \d+, .*"label": "a run still going"\}; code not synced'):
+        with pytest.raises(
+            RuntimeError, match=r'is in use by \{"pid": \d+, .*"label": "a run still going"\}; code not synced'
+        ):
             pull()
     assert (ws / "dvc.lock").read_text() == "last night's run\n"  # untouched while the run held it
 

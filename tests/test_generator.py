@@ -38,7 +38,16 @@ class ScriptedLM(torch.nn.Module):
 
 
 def gen(model, **kw):
-    args = dict(n=6, seq_len=40, bos_id=BOS, eos_id=EOS, schedule=LinearSchedule(1.0, 1.0, 10), seed=0, batch_size=6, progress=False)
+    args = dict(
+        n=6,
+        seq_len=40,
+        bos_id=BOS,
+        eos_id=EOS,
+        schedule=LinearSchedule(1.0, 1.0, 10),
+        seed=0,
+        batch_size=6,
+        progress=False,
+    )
     args.update(kw)
     return generate_self_calibration(model, **args)[0]
 
@@ -110,7 +119,9 @@ class TwoEosLM(ScriptedLM):
         last = input_ids[:, -1]
         out.logits[last == 6, :, :] = -1e9
         out.logits[last == 6, :, 7] = 0.0
-        out.logits[:, :, 7] = torch.where((last == 6)[:, None], out.logits[:, :, 7], torch.full_like(out.logits[:, :, 7], -1e9))
+        out.logits[:, :, 7] = torch.where(
+            (last == 6)[:, None], out.logits[:, :, 7], torch.full_like(out.logits[:, :, 7], -1e9)
+        )
         return out
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from selfcal.calibration.calibset import load_calibration_set
 from selfcal.config import parse_params
@@ -17,7 +18,10 @@ from selfcal.pipeline.aggregate import aggregate
 from selfcal.pipeline.compress import compress
 from selfcal.pipeline.evaluate import evaluate
 from selfcal.pipeline.generate import generate
-from tests.helpers import pipeline_workspace, small_params, write_params
+from tests.helpers import pipeline_workspace, small_params
+
+# These evaluate models on the ARC-Easy and WikiText-2 files of ../shared/data.
+pytestmark = pytest.mark.usefixtures("shared_data")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def test_calibration_set_is_bos_started_and_hash_is_reproducible(run_dir, tiny_m
     assert first.tokens.shape == (4, 32)
     assert (first.tokens[:, 0] == 1).all()
     again = parse_params(small_params(tiny_model, tmp_path, **{"tracking.enabled": False}), root=tmp_path)
-    assert generate(again, "self", 0, progress=False)["content_digest"] == first.digest
+    assert generate(again, "self", 0, progress=False).content_digest == first.digest
     other = load_calibration_set(layout.calibration_dir(run_dir, "self", 1))
     assert other.digest != first.digest
 
@@ -49,12 +53,16 @@ def test_checkpoint_manifest_links_calibration_and_reloads(run_dir):
     from transformers import AutoModelForCausalLM
 
     ckpt = layout.checkpoint_dir(run_dir, "self", 0, "gptq")
-    manifest = json.loads((ckpt / "manifest.json").read_text())
+    from selfcal.artifacts import read_manifest
+    from selfcal.records import CheckpointManifest
+
+    manifest = read_manifest(ckpt, CheckpointManifest)
+    assert json.loads((ckpt / "manifest.json").read_text())["schema_version"] == 1
     calib = load_calibration_set(layout.calibration_dir(run_dir, "self", 0))
-    assert manifest["calibration"]["digest"] == calib.digest
-    assert manifest["calibration"]["n_samples"] == 4 and manifest["calibration"]["seq_len"] == 32
-    assert manifest["method"] == "gptq" and manifest["method_params"]["group_size"] == 128
-    assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert manifest.calibration.digest == calib.digest
+    assert manifest.calibration.n_samples == 4 and manifest.calibration.seq_len == 32
+    assert manifest.method == "gptq" and manifest.method_params["group_size"] == 128
+    assert set(manifest.files) >= {"model.safetensors", "config.json", "tokenizer.json"}
     config = json.loads((ckpt / "config.json").read_text())
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
     model = AutoModelForCausalLM.from_pretrained(ckpt)
@@ -63,12 +71,20 @@ def test_checkpoint_manifest_links_calibration_and_reloads(run_dir):
 
 
 def test_metrics_and_report(run_dir):
-    dense = json.loads(layout.metrics_file(run_dir, "dense").read_text())
-    assert dense["zero_shot"]["tasks"]["arc_easy"]["n"] == 20
-    assert 0.0 <= dense["mean_acc"] <= 1.0
-    assert dense["perplexity"]["wikitext2"]["windows"] == 4 and dense["perplexity"]["wikitext2"]["perplexity"] > 1
-    quant = json.loads(layout.metrics_file(run_dir, "self-s0-gptq").read_text())
-    assert quant["calibration_digest"] == load_calibration_set(layout.calibration_dir(run_dir, "self", 0)).digest
+    from selfcal.records import read_evaluation
+
+    dense = read_evaluation(layout.evaluation_file(run_dir, "dense"))
+    assert dense.zero_shot.tasks["arc_easy"].n == 20
+    assert 0.0 <= dense.mean_acc <= 1.0
+    assert dense.perplexity["wikitext2"].windows == 4 and dense.perplexity["wikitext2"].perplexity > 1
+    flat = json.loads(layout.metrics_file(run_dir, "dense").read_text())  # what DVC, MLflow and the report name them
+    assert flat == {
+        "acc.arc_easy": dense.zero_shot.tasks["arc_easy"].acc,
+        "mean_acc": dense.mean_acc,
+        "ppl.wikitext2": dense.perplexity["wikitext2"].perplexity,
+    }
+    quant = read_evaluation(layout.evaluation_file(run_dir, "self-s0-gptq"))
+    assert quant.calibration_digest == load_calibration_set(layout.calibration_dir(run_dir, "self", 0)).digest
     md = (layout.report_dir(run_dir) / "results.md").read_text()
     assert "| none | none | 1 |" in md and "| gptq | self | 2 |" in md
     csv = (layout.report_dir(run_dir) / "results.csv").read_text().splitlines()
@@ -105,9 +121,29 @@ def test_failed_stage_leaves_no_half_written_artifact(tiny_model, tmp_path, monk
     assert list(calib_root.iterdir()) == []
 
 
+_GIT_ENV = {
+    **os.environ,
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.org",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.org",
+}
+
+
+def ws_params(ws: Path):
+    return parse_params(yaml.safe_load((ws / "params.yaml").read_text()), root=ws)
+
+
+def _dvc_json(cwd: Path, *args: str) -> str:
+    env = {k: v for k, v in _GIT_ENV.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def _dvc(cwd: Path, *args: str) -> str:
     # mlflow.set_tracking_uri in the in-process tests exports MLFLOW_TRACKING_URI; keep it out.
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in _GIT_ENV.items() if k != "MLFLOW_TRACKING_URI"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -134,19 +170,50 @@ def _runs_by_execution(db: Path) -> dict[str, list]:
 def test_dvc_repro_end_to_end_then_noop_then_partial(dvc_workspace):
     ws, data = dvc_workspace
     out = _dvc(ws, "repro")
-    for stage in ("generate@self-0", "inspect@self-0", "compress@self-0-gptq", "evaluate@self-0-gptq", "evaluate_dense", "aggregate"):
+    for stage in (
+        "generate@self-0",
+        "inspect@self-0",
+        "compress@self-0-gptq",
+        "evaluate@self-0-gptq",
+        "evaluate_dense",
+        "aggregate",
+    ):
         assert f"Running stage '{stage}'" in out
     assert (ws / "artifacts" / "report" / "results.md").is_file()
     assert "| self-s0 | self |" in (ws / "artifacts" / "report" / "diagnostics.md").read_text()
-    (execution, runs), = _runs_by_execution(ws / ".selfcal" / "mlflow.db").items()
+    ((execution, runs),) = _runs_by_execution(ws / ".selfcal" / "mlflow.db").items()
     assert execution.startswith("dvc-")  # all five stage processes found the same `dvc repro`
     stages = sorted(r.data.tags["selfcal.stage"] for r in runs)
     assert stages == ["aggregate", "compress", "evaluate", "evaluate", "generate", "inspect", "pipeline"]
 
     assert "Data and pipelines are up to date." in _dvc(ws, "repro")
 
-    data["evaluation"]["limit"] = 10
-    write_params(ws / "params.yaml", data)
-    out = _dvc(ws, "repro")
+    # DVC's own tools see the metrics, under the names MLflow and the report use.
+    shown = json.loads(_dvc_json(ws, "metrics", "show", "--json"))
+    (files,) = [v["data"] for v in shown.values()]  # keyed by "" (the workspace) in DVC 3.67
+    assert set(files["artifacts/metrics/dense.json"]["data"]) == {"acc.arc_easy", "mean_acc", "ppl.wikitext2"}
+    assert files["artifacts/report/metrics.json"]["data"]["gptq"]["self"]["mean_acc"] == pytest.approx(
+        json.loads(layout.metrics_file(ws_params(ws), "self-s0-gptq").read_text())["mean_acc"]
+    )
+
+    # A sweep point as a DVC experiment: only evaluation and the report re-run, and `dvc exp show`
+    # has the metric columns for it.
+    subprocess.run(["git", "add", "-A"], cwd=ws, check=True, capture_output=True)
+    subprocess.run(["git", "commit", "-qm", "baseline"], cwd=ws, check=True, capture_output=True, env=_GIT_ENV)
+    out = _dvc(ws, "exp", "run", "-S", "evaluation.limit=10")
     assert "Running stage 'evaluate@self-0-gptq'" in out and "Running stage 'evaluate_dense'" in out
     assert "Running stage 'generate" not in out and "Running stage 'compress" not in out
+    rows = json.loads(_dvc_json(ws, "exp", "show", "--json"))
+    exps = [r for row in rows for e in row.get("experiments") or [] for r in e["revs"]]
+    assert len(exps) == 1 and exps[0]["data"]["params"]["params.yaml"]["data"]["evaluation"]["limit"] == 10
+    metrics = exps[0]["data"]["metrics"]
+    assert set(metrics) == {
+        "artifacts/metrics/dense.json",
+        "artifacts/metrics/self-s0-gptq.json",
+        "artifacts/report/metrics.json",
+    }
+    assert set(metrics["artifacts/report/metrics.json"]["data"]["gptq"]["self"]) == {
+        "acc.arc_easy",
+        "mean_acc",
+        "ppl.wikitext2",
+    }

@@ -6,7 +6,15 @@ from selfcal.report.paper_table import source_method_table
 
 
 def _entry(method, source, acc, std, ppl):
-    return {"method": method, "source": source, "n_sets": 3, "mean_acc": acc, "mean_acc.std": std, "ppl.wikitext2": ppl, "ppl.wikitext2.std": 0.0}
+    return {
+        "method": method,
+        "source": source,
+        "n_sets": 3,
+        "mean_acc": acc,
+        "mean_acc.std": std,
+        "ppl.wikitext2": ppl,
+        "ppl.wikitext2.std": 0.0,
+    }
 
 
 TABLE = [
@@ -30,7 +38,11 @@ def test_best_source_per_method_is_bold_and_direction_respected():
 
 
 def test_ties_at_printed_precision_are_all_marked_and_missing_cells_dash():
-    table = [_entry("gptq", "self", 0.4801, 0.0, 1.0), _entry("gptq", "c4", 0.4799, 0.0, 1.0), _entry("wanda", "self", 0.3, 0.0, 1.0)]
+    table = [
+        _entry("gptq", "self", 0.4801, 0.0, 1.0),
+        _entry("gptq", "c4", 0.4799, 0.0, 1.0),
+        _entry("wanda", "self", 0.3, 0.0, 1.0),
+    ]
     lines = source_method_table(table, "mean_acc").splitlines()
     assert lines[2] == "| self | **48.0** | **30.0** |"
     assert lines[3] == "| c4 | **48.0** | - |"

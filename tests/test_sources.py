@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfcal.calibration import corpus, sources
+from selfcal import textdata
+from selfcal.calibration import sources
 from selfcal.config import CorpusSourceConfig, JiSourceConfig, SelfSourceConfig, VocabSourceConfig
 from selfcal.errors import DataError
 from tests.helpers import STORIES
@@ -31,7 +32,9 @@ def _docs(k: int, words: int = 60) -> list[str]:
 
 
 def _req(tmp_path, n=4, seq_len=16, seed=0, name="c4"):
-    return sources.SourceRequest(n=n, seq_len=seq_len, seed=seed, batch_size=4, root=tmp_path, name=name, progress=False)
+    return sources.SourceRequest(
+        n=n, seq_len=seq_len, seed=seed, batch_size=4, root=tmp_path, name=name, progress=False
+    )
 
 
 def _corpus(path, **kw):
@@ -76,7 +79,7 @@ def test_corpus_too_small_is_a_clear_error_unless_overlap_allowed(tmp_path, toke
     build = sources.get("corpus").build
     with pytest.raises(DataError, match=r"fewer than the 100 requested"):
         build(_corpus("c.jsonl"), _req(tmp_path, n=100), tokenizer=tokenizer)
-    total = len(corpus.windows(corpus.token_stream(_docs(3, 20), tokenizer), 16))
+    total = len(textdata.windows(textdata.token_stream(_docs(3, 20), tokenizer), 16))
     with pytest.raises(DataError, match=rf"enough for {total // 2} disjoint set\(s\) of 2 .* allow_overlap: true"):
         build(_corpus("c.jsonl"), _req(tmp_path, n=2, seed=50), tokenizer=tokenizer)
     ok = build(_corpus("c.jsonl", allow_overlap=True), _req(tmp_path, n=2, seed=50), tokenizer=tokenizer)
@@ -149,7 +152,12 @@ def test_ji_synthesis_stops_at_eos_and_records_its_pool(tmp_path, tokenizer, tin
     assert prov["kept_texts"] <= 0.8 * prov["scored"] + 1e-9
     assert len(prov["window_starts"]) == 6
     with pytest.raises(DataError, match=r"pool_size: 50 prompts needed, p.jsonl gives 20 usable texts"):
-        sources.get("ji").build(spec.model_copy(update={"pool_size": 50}), _req(tmp_path, n=6, seq_len=16, name="ji"), model=model, tokenizer=tokenizer)
+        sources.get("ji").build(
+            spec.model_copy(update={"pool_size": 50}),
+            _req(tmp_path, n=6, seq_len=16, name="ji"),
+            model=model,
+            tokenizer=tokenizer,
+        )
 
 
 def test_ji_filter_keeps_texts_below_the_80th_percentile_of_whole_text_perplexity(tokenizer, tiny_model):
@@ -165,7 +173,7 @@ def test_ji_filter_keeps_texts_below_the_80th_percentile_of_whole_text_perplexit
             ids = torch.tensor([tokenizer(t)["input_ids"]])
             ppl.append(float(torch.exp(model(input_ids=ids, labels=ids).loss)))
     threshold = np.percentile(ppl, 80)
-    assert kept == [t for t, v in zip(texts[:10], ppl) if v < threshold]
+    assert kept == [t for t, v in zip(texts[:10], ppl, strict=True) if v < threshold]
     assert len(kept) == 8 and info["scored"] == 10 and info["generated"] == 11
     assert info["ppl_threshold"] == pytest.approx(threshold, rel=1e-4)
 
@@ -191,7 +199,7 @@ def test_wikiextractor_files_give_one_document_per_article_without_title_or_stub
         '<doc id="2" url="u" title="Stub">\nStub\n\n\n</doc>\n'
         '<doc id="3" url="u" title="A &amp; B">\nA & B\n\nA and B.\n</doc>\n'
     )
-    docs = corpus.read_documents("wiki.utf8", root=tmp_path)
+    docs = textdata.read_documents("wiki.utf8", root=tmp_path)
     assert docs == ["Alpha is a letter.\nSecond line.", "A and B."]
 
 
@@ -205,7 +213,9 @@ def test_self_source_first_token_restricted_to_stop_words(tmp_path, tokenizer, t
     spec = SelfSourceConfig(kind="self", first_token_words=words)
     r = sources.get("self").build(spec, _req(tmp_path, n=8, seq_len=24, name="self"), model=model, tokenizer=tokenizer)
     assert set(r.tokens[:, 1]) <= allowed
-    free = sources.get("self").build(SelfSourceConfig(kind="self"), _req(tmp_path, n=8, seq_len=24, name="self"), model=model, tokenizer=tokenizer)
+    free = sources.get("self").build(
+        SelfSourceConfig(kind="self"), _req(tmp_path, n=8, seq_len=24, name="self"), model=model, tokenizer=tokenizer
+    )
     assert not set(free.tokens[:, 1]) <= allowed
 
 
@@ -218,5 +228,7 @@ def test_first_token_words_use_the_start_of_text_spelling_and_refuse_multi_token
     assert bad == ["once", "xylophonist", "Xylophonist"]
     from selfcal.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^calibration.sources.self.first_token_words: not a single token after BOS .*'xylophonist'"):
+    with pytest.raises(
+        ConfigError, match=r"^calibration.sources.self.first_token_words: not a single token after BOS .*'xylophonist'"
+    ):
         sources.first_tokens_of(["xylophonist"], tokenizer, key="calibration.sources.self.first_token_words")

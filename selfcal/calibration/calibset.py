@@ -15,6 +15,7 @@ import numpy as np
 from selfcal.artifacts import atomic_dir, read_manifest, write_manifest
 from selfcal.errors import DataError
 from selfcal.hashing import sha256_tokens
+from selfcal.records import CalibrationManifest
 
 TOKENS = "tokens.safetensors"
 TEXT = "samples.jsonl"
@@ -23,11 +24,11 @@ TEXT = "samples.jsonl"
 @dataclass(frozen=True)
 class CalibrationSet:
     tokens: np.ndarray  # (n, seq_len) int32
-    manifest: dict
+    manifest: CalibrationManifest
 
     @property
     def digest(self) -> str:
-        return self.manifest["content_digest"]
+        return self.manifest.content_digest
 
     @property
     def n(self) -> int:
@@ -40,7 +41,8 @@ class CalibrationSet:
 
 def save_calibration_set(
     directory: Path, tokens: np.ndarray, texts: list[str], **manifest_fields
-) -> dict:
+) -> CalibrationManifest:
+    """Write the set atomically; ``manifest_fields`` are the CalibrationManifest's own fields."""
     from safetensors.numpy import save_file
 
     if tokens.ndim != 2 or tokens.shape[0] == 0:
@@ -53,11 +55,7 @@ def save_calibration_set(
             for i, text in enumerate(texts):
                 f.write(json.dumps({"index": i, "text": text}, ensure_ascii=False) + "\n")
         manifest = write_manifest(
-            tmp,
-            kind="calibration_set",
-            content_digest=digest,
-            shape=list(tokens.shape),
-            **manifest_fields,
+            tmp, CalibrationManifest, content_digest=digest, shape=list(tokens.shape), **manifest_fields
         )
     return manifest
 
@@ -68,8 +66,8 @@ def load_calibration_set(directory: Path) -> CalibrationSet:
     path = directory / TOKENS
     if not path.is_file():
         raise DataError(f"{path}: calibration tokens missing (run the generate stage first)")
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory, CalibrationManifest)
     tokens = load_file(str(path))["input_ids"]
-    if sha256_tokens(tokens) != manifest["content_digest"]:
+    if sha256_tokens(tokens) != manifest.content_digest:
         raise DataError(f"{path}: token content does not match the manifest's content_digest")
     return CalibrationSet(tokens=tokens, manifest=manifest)

@@ -90,7 +90,7 @@ def segment_lengths(tokens: np.ndarray, start_id: int | None) -> dict[str, float
     lengths = []
     for seq in tokens:
         starts = np.flatnonzero(seq == start_id).tolist() + [len(seq)]
-        lengths += [b - a for a, b in zip(starts[:-1], starts[1:])]
+        lengths += [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
     if not lengths:
         return {}
     arr = np.asarray(lengths)
@@ -156,7 +156,7 @@ def layer_input_stats(model, tokens: np.ndarray, batch_size: int = 8) -> list[tu
             sq[li] += (h * h).sum(0)
         count += ids.numel()
     stats = []
-    for s, q in zip(sums, sq):
+    for s, q in zip(sums, sq, strict=True):
         mean = s / count
         stats.append((mean.cpu(), (q / count - mean * mean).clamp_min(0).cpu()))
     return stats
@@ -165,7 +165,7 @@ def layer_input_stats(model, tokens: np.ndarray, batch_size: int = 8) -> list[tu
 def activation_distance(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]) -> dict:
     """Per-layer relative distance of means and of log-variances between two sets (b = reference)."""
     mean_d, var_d = [], []
-    for (ma, va), (mb, vb) in zip(a, b):
+    for (ma, va), (mb, vb) in zip(a, b, strict=True):
         mean_d.append(float((ma - mb).norm() / (mb.norm() + 1e-12)))
         la, lb = (va + 1e-8).log(), (vb + 1e-8).log()
         var_d.append(float((la - lb).abs().mean()))

@@ -76,9 +76,7 @@ def _fill_batch(
                 logits = logits + allowed
             steps += 1
             pos = filled[active]
-            tok = sample_tokens(
-                logits, schedule(step), uniforms[active, pos], top_k=top_k, top_p=top_p
-            ).cpu()
+            tok = sample_tokens(logits, schedule(step), uniforms[active, pos], top_k=top_k, top_p=top_p).cpu()
             out[active, pos] = tok
             filled[active] += 1
             on_tokens(active.numel())

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from selfcal import textdata
 from selfcal.calibration import corpus
 from selfcal.calibration.generator import generate_self_calibration
 from selfcal.calibration.schedule import LinearSchedule
 from selfcal.errors import ConfigError, DataError
+from selfcal.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,12 @@ class Source:
     version: int = 1
 
 
-SOURCES: dict[str, Source] = {}
+SOURCES: Registry[Source] = Registry("source kind")
 
 
 def register(kind: str, *, needs_model: bool, version: int = 1) -> Callable:
     def deco(fn: Callable[..., SourceResult]) -> Callable[..., SourceResult]:
-        SOURCES[kind] = Source(fn, needs_model, version)
+        SOURCES.register(kind, Source(fn, needs_model, version))
         return fn
 
     return deco
@@ -143,15 +145,26 @@ def self_calibration(spec, request: SourceRequest, *, model, tokenizer) -> Sourc
 @register("corpus", needs_model=False)
 def corpus_windows(spec, request: SourceRequest, *, tokenizer, model=None) -> SourceResult:
     key = f"calibration.sources.{request.name}.path"
-    docs = corpus.read_documents(
-        spec.path, root=request.root, text_field=spec.text_field, hub_config=spec.hub_config,
-        hub_split=spec.hub_split, max_documents=spec.max_documents, key=key,
+    docs = textdata.read_documents(
+        spec.path,
+        root=request.root,
+        text_field=spec.text_field,
+        hub_config=spec.hub_config,
+        hub_split=spec.hub_split,
+        max_documents=spec.max_documents,
+        key=key,
     )
-    stream = corpus.token_stream(docs, tokenizer)
+    stream = textdata.token_stream(docs, tokenizer)
     chosen, info = corpus.pick_windows(
-        corpus.windows(stream, request.seq_len), request.n, request.seed, allow_overlap=spec.allow_overlap, name=f"calibration.sources.{request.name}"
+        textdata.windows(stream, request.seq_len),
+        request.n,
+        request.seed,
+        allow_overlap=spec.allow_overlap,
+        name=f"calibration.sources.{request.name}",
     )
-    return SourceResult(tokens=chosen.astype(np.int32), provenance={"documents": len(docs), "corpus_tokens": int(len(stream)), **info})
+    return SourceResult(
+        tokens=chosen.astype(np.int32), provenance={"documents": len(docs), "corpus_tokens": int(len(stream)), **info}
+    )
 
 
 @register("vocab", needs_model=False)
@@ -162,7 +175,9 @@ def vocabulary(spec, request: SourceRequest, *, tokenizer, model=None) -> Source
         raise DataError("tokenizer has no non-special tokens to sample from")
     rng = np.random.default_rng(request.seed)
     tokens = allowed[rng.integers(0, allowed.size, size=(request.n, request.seq_len))]
-    return SourceResult(tokens=tokens, provenance={"vocabulary_size": int(allowed.size), "excluded_special_ids": sorted(special)})
+    return SourceResult(
+        tokens=tokens, provenance={"vocabulary_size": int(allowed.size), "excluded_special_ids": sorted(special)}
+    )
 
 
 @register("ji", needs_model=True, version=2)
@@ -179,10 +194,14 @@ def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceRes
     Here the pool's prompts are drawn with the set's seed, so each set has its own pool.
     """
     key = f"calibration.sources.{request.name}"
-    docs = corpus.read_documents(spec.prompt_path, root=request.root, text_field=spec.text_field, key=f"{key}.prompt_path")
+    docs = textdata.read_documents(
+        spec.prompt_path, root=request.root, text_field=spec.text_field, key=f"{key}.prompt_path"
+    )
     encoded = ji_prompts(docs, tokenizer, spec.prompt_tokens)
     if len(encoded) < spec.pool_size:
-        raise DataError(f"{key}.pool_size: {spec.pool_size} prompts needed, {spec.prompt_path} gives {len(encoded)} usable texts")
+        raise DataError(
+            f"{key}.pool_size: {spec.pool_size} prompts needed, {spec.prompt_path} gives {len(encoded)} usable texts"
+        )
     rng = np.random.default_rng(request.seed)
     prompts = torch.tensor([encoded[i] for i in rng.choice(len(encoded), spec.pool_size, replace=False)])
     device = next(model.parameters()).device
@@ -198,9 +217,16 @@ def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceRes
     for i in range(0, spec.pool_size, request.batch_size):
         batch = prompts[i : i + request.batch_size].to(device)
         out = model.generate(
-            input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=True, temperature=spec.temperature,
-            top_p=spec.top_p, top_k=spec.top_k, repetition_penalty=spec.repetition_penalty,
-            max_new_tokens=spec.max_new_tokens, eos_token_id=eos or None, pad_token_id=pad,
+            input_ids=batch,
+            attention_mask=torch.ones_like(batch),
+            do_sample=True,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k,
+            repetition_penalty=spec.repetition_penalty,
+            max_new_tokens=spec.max_new_tokens,
+            eos_token_id=eos or None,
+            pad_token_id=pad,
         ).cpu()
         for row in out[:, prompt_len:]:
             hit = torch.nonzero(torch.isin(row, eos_t)).flatten()
@@ -210,7 +236,9 @@ def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceRes
         bar.update(len(batch))
     bar.close()
     kept, filt = perplexity_filter(model, tokenizer, texts, spec.drop_fraction, batch_size=request.batch_size)
-    tokens, starts, joined = selfgen_windows(kept, tokenizer, n=request.n, seq_len=request.seq_len, seed=request.seed, key=key)
+    tokens, starts, joined = selfgen_windows(
+        kept, tokenizer, n=request.n, seq_len=request.seq_len, seed=request.seed, key=key
+    )
     return SourceResult(
         tokens=tokens,
         provenance={
@@ -229,22 +257,30 @@ def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceRes
 def ji_prompts(docs: list[str], tokenizer, prompt_tokens: int) -> list[list[int]]:
     """generate_data.py's prompts: ``tokenizer(text)["input_ids"][:2]``, special tokens included, so
     a tokenizer that adds BOS gives BOS + 1 real token. Texts shorter than that are left out."""
-    return [list(ids[:prompt_tokens]) for ids in tokenizer(docs, verbose=False)["input_ids"] if len(ids) >= prompt_tokens]
+    return [
+        list(ids[:prompt_tokens]) for ids in tokenizer(docs, verbose=False)["input_ids"] if len(ids) >= prompt_tokens
+    ]
 
 
-def selfgen_windows(texts: list[str], tokenizer, *, n: int, seq_len: int, seed: int, key: str = "ji") -> tuple[np.ndarray, list[int], int]:
+def selfgen_windows(
+    texts: list[str], tokenizer, *, n: int, seq_len: int, seed: int, key: str = "ji"
+) -> tuple[np.ndarray, list[int], int]:
     """Wanda/lib/data.py ``get_selfgen``: join with ' ', tokenize once (special tokens as the
     tokenizer adds them), then ``random.seed(seed)``; n times ``i = random.randint(0, L - seqlen - 1)``
     and the window ``ids[i : i + seqlen]``. Returns (windows, starts, L)."""
     stream = list(tokenizer(" ".join(texts))["input_ids"])
     if len(stream) <= seq_len + 1:
-        raise DataError(f"{key}: the {len(texts)} kept texts give {len(stream)} tokens, too few for a window of {seq_len}")
+        raise DataError(
+            f"{key}: the {len(texts)} kept texts give {len(stream)} tokens, too few for a window of {seq_len}"
+        )
     picker = random.Random(seed)  # the same draws as the module-level random.seed(seed) + random.randint
     starts = [picker.randint(0, len(stream) - seq_len - 1) for _ in range(n)]
     return np.asarray([stream[s : s + seq_len] for s in starts], dtype=np.int32), starts, len(stream)
 
 
-def perplexity_filter(model, tokenizer, texts: list[str], drop_fraction: float, *, batch_size: int) -> tuple[list[str], dict]:
+def perplexity_filter(
+    model, tokenizer, texts: list[str], drop_fraction: float, *, batch_size: int
+) -> tuple[list[str], dict]:
     """Keep texts whose perplexity is below the (1 - drop_fraction) percentile (sample_ppl.py).
 
     Texts of fewer than 2 tokens have no perplexity and are left out before the percentile.
@@ -268,7 +304,4 @@ def perplexity_filter(model, tokenizer, texts: list[str], drop_fraction: float, 
 
 
 def get(kind: str) -> Source:
-    try:
-        return SOURCES[kind]
-    except KeyError:
-        raise DataError(f"unknown calibration source kind {kind!r}; known: {sorted(SOURCES)}") from None
+    return SOURCES.get(kind, key="calibration.sources.*.kind")

@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from selfcal.artifacts import atomic_dir, write_manifest
-from selfcal.compression.layers import indivisible_layers, linear_layers, matches, targeted
-from selfcal.compression.registry import METHODS, Method, RecipeContext
+from selfcal.compression.layers import linear_layers, matches
+from selfcal.compression.methods import METHODS, CompressionMethod, RecipeContext
 from selfcal.errors import ConfigError
+from selfcal.records import CalibrationRef, CheckpointManifest, ModelFingerprint
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -34,7 +35,7 @@ _TOKENIZER_FILES = (
 class Plan:
     """Everything decided before weights are loaded, so bad settings fail in a second."""
 
-    method: Method
+    method: CompressionMethod
     section: object
     context: RecipeContext
 
@@ -44,41 +45,20 @@ class Plan:
 
 
 def plan(method_name: str, compression_cfg, model_config: dict) -> Plan:
-    try:
-        method = METHODS[method_name]
-    except KeyError:
-        raise ConfigError(f"compression.methods: unknown method {method_name!r}; known: {sorted(METHODS)}") from None
-    section = getattr(compression_cfg, method.config_key)
-    skipped: list[str] = []
+    """The method, its params section and the layer plan, from the model's config alone."""
+    method = METHODS.get(method_name, key="compression.methods")
+    section = getattr(compression_cfg, method.name)
     layers = linear_layers(model_config)
-    group = method.group_size(section)
-    if group:
-        bad = indivisible_layers(layers, group, list(section.ignore))
-        if bad and len(bad) == len(targeted(layers, list(section.ignore))):
-            raise ConfigError(
-                f"compression.{method.config_key}.group_size: {group} divides the input width of no "
-                f"targeted layer (e.g. {bad[0]}); nothing would be compressed"
-            )
-        if bad and not section.skip_indivisible:
-            raise ConfigError(
-                f"compression.{method.config_key}.group_size: {group} does not divide the input width of "
-                f"{len(bad)} layer(s) (e.g. {bad[0]}); choose another group_size or set "
-                f"compression.{method.config_key}.skip_indivisible: true to leave them dense"
-            )
-        skipped = bad
-    if method.family == "pruning" and section.n_m:
-        m = section.n_m[1]
-        bad = [n for n, (_, cols) in targeted(layers, list(section.ignore)).items() if cols % m]
-        if bad:
-            raise ConfigError(
-                f"compression.{method.config_key}.mask_structure: {section.mask_structure} needs input widths "
-                f"divisible by {m}; {bad[0]} is not"
-            )
+    skipped = method.skipped_layers(section, layers)
     arch = (model_config.get("architectures") or [None])[0]
     ignored = tuple(n for n in layers if matches(n, list(section.ignore)))
-    context = RecipeContext(architecture=arch, layers=tuple(layers), skipped_layers=tuple(skipped), ignored_layers=ignored)
+    context = RecipeContext(
+        architecture=arch, layers=tuple(layers), skipped_layers=tuple(skipped), ignored_layers=ignored
+    )
     if not context.targeted_layers:
-        raise ConfigError(f"compression.{method.config_key}.ignore: every linear layer is ignored; nothing would be compressed")
+        raise ConfigError(
+            f"compression.{method.name}.ignore: every linear layer is ignored; nothing would be compressed"
+        )
     return Plan(method=method, section=section, context=context)
 
 
@@ -88,27 +68,34 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
-def _verify(the_plan: Plan, checkpoint: Path, reference: dict | None, base_dir: Path | None) -> dict:
+def _verify(the_plan: Plan, checkpoint: Path, reference: dict, base_dir: Path | None) -> dict:
     """From the saved files: the targeted layers are compressed as the method claims, and every
     other tensor is bit-identical to the base model's."""
     from selfcal.compression import verify
 
-    cfg = the_plan.section
-    ctx = the_plan.context
-    targeted = verify.targeted_weights(verify.load_dense(checkpoint), set(ctx.targeted_layers))
-    if the_plan.method.family == "pruning":
-        layers = verify.check_pruning(targeted, cfg.sparsity, cfg.n_m)
-        verify.check_round_trip(targeted, reference)
-    else:
-        layers = verify.check_quantization(targeted, reference, cfg.bits, cfg.group_size)
-    report = {"family": the_plan.method.family, "layers": layers, **verify.summary(layers, the_plan.method.family)}
+    method, ctx = the_plan.method, the_plan.context
+    saved = verify.targeted_weights(verify.load_dense(checkpoint), set(ctx.targeted_layers))
+    layers = method.verify(the_plan.section, saved, reference)
+    report = {"family": method.family, "layers": layers, **method.summary(layers)}
     if base_dir is not None:
-        modules = verify.module_names(base_dir)
-        report["untouched"] = verify.check_untouched(base_dir, checkpoint, the_plan.method.changed_modules(ctx, modules))
+        report["untouched"] = verify.check_untouched(
+            base_dir, checkpoint, method.changed_modules(ctx, verify.module_names(base_dir))
+        )
     return report
 
 
-def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path, *, manifest_fields: dict, base_dir: Path | None) -> dict:
+def compress(
+    model,
+    tokenizer,
+    tokens: np.ndarray,
+    the_plan: Plan,
+    out_dir: Path,
+    *,
+    base_model: ModelFingerprint,
+    calibration: CalibrationRef,
+    device: str,
+    base_dir: Path | None,
+) -> CheckpointManifest:
     """Compress ``model`` in place with ``tokens``, verify, and write the checkpoint atomically.
 
     The checkpoint directory appears only if verification passes; ``compression.json``
@@ -119,18 +106,19 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
     from llmcompressor import oneshot
 
     from selfcal.compression import verify
-    from selfcal.compression.cpu_compat import allow_awq_without_cuda
 
-    if the_plan.method.name == "awq":
-        allow_awq_without_cuda()
+    method = the_plan.method
+    method.prepare()
     cfg = the_plan.section
     targets = set(the_plan.context.targeted_layers)
-    # Reconstruction error needs the weights before (GPTQ) or just before saving (AWQ); pruning does not.
-    quantizing = the_plan.method.family == "quantization"
-    reference = verify.targeted_weights(model, targets) if quantizing and the_plan.method.error_reference == "base" else None
+    # What verification compares with: the weights before oneshot (GPTQ's reconstruction error), or
+    # the model's own just before saving (AWQ's rescaled weights; pruning's round trip).
+    reference = verify.targeted_weights(model, targets) if method.reference_before() else None
     n, seq_len = tokens.shape
-    dataset = Dataset.from_dict({"input_ids": tokens.astype(np.int64).tolist(), "attention_mask": [[1] * seq_len for _ in range(n)]})
-    recipe = the_plan.method.build_recipe(cfg, the_plan.context)
+    dataset = Dataset.from_dict(
+        {"input_ids": tokens.astype(np.int64).tolist(), "attention_mask": [[1] * seq_len for _ in range(n)]}
+    )
+    recipe = method.recipe(cfg, the_plan.context)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -145,7 +133,6 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
     )
     seconds = time.perf_counter() - t0
     if reference is None:
-        # AWQ: its own rescaled weights; pruning: the pruned weights, which must read back exactly.
         reference = verify.targeted_weights(model, targets)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, save_compressed=True)
@@ -170,13 +157,15 @@ def compress(model, tokenizer, tokens: np.ndarray, the_plan: Plan, out_dir: Path
         (tmp / "compression.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         manifest = write_manifest(
             tmp,
-            kind="checkpoint",
+            CheckpointManifest,
             method=the_plan.method.name,
             method_params=cfg.model_dump(),
             recipe=(tmp / "recipe.yaml").read_text() if (tmp / "recipe.yaml").is_file() else None,
             skipped_layers=the_plan.skipped_layers,
             compress_seconds=round(seconds, 3),
             verification={k: v for k, v in report.items() if k != "layers"},
-            **manifest_fields,
+            base_model=base_model,
+            calibration=calibration,
+            device=device,
         )
     return manifest

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import re
 
-import torch
-
 
 def linear_layers(config: dict) -> dict[str, tuple[int, int]]:
     """Names and (out_features, in_features) of every nn.Linear, from the config alone."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model(**config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     return {
-        name: (m.out_features, m.in_features)
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear)
+        name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
     }
 
 

@@ -92,7 +92,9 @@ def check_untouched(base_dir: Path, checkpoint: Path, changed_modules: set[str])
         if name not in saved:
             raise VerificationError(f"{name}: left untouched by the method, but missing from the saved checkpoint")
         if not _same_bits(tensor, saved[name]):
-            raise VerificationError(f"{name}: must be bit-identical to the base model, but the saved checkpoint differs")
+            raise VerificationError(
+                f"{name}: must be bit-identical to the base model, but the saved checkpoint differs"
+            )
         checked += 1
     extra = [n for n in saved if n not in base and _module_of(n) not in changed_modules]
     if extra:
@@ -113,7 +115,9 @@ def check_pruning(weights: dict[str, torch.Tensor], sparsity: float, n_m: tuple[
         layers[name] = entry
     bad = [n for n, e in layers.items() if e.get("nm_compliance", 1.0) < 1.0]
     if bad:
-        raise VerificationError(f"{bad[0]}: {layers[bad[0]]['nm_compliance']:.4f} of groups keep the N:M pattern (must be 1)")
+        raise VerificationError(
+            f"{bad[0]}: {layers[bad[0]]['nm_compliance']:.4f} of groups keep the N:M pattern (must be 1)"
+        )
     low = [n for n, e in layers.items() if e["sparsity"] < sparsity - 1e-3]
     if low:
         raise VerificationError(f"{low[0]}: sparsity {layers[low[0]]['sparsity']:.4f} below the requested {sparsity}")
@@ -134,7 +138,9 @@ def max_values_per_group(w: torch.Tensor, group_size: int | None) -> int:
     return int(((sorted_vals[:, 1:] != sorted_vals[:, :-1]).sum(-1) + 1).max())
 
 
-def check_quantization(weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], bits: int, group_size: int | None) -> dict:
+def check_quantization(
+    weights: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], bits: int, group_size: int | None
+) -> dict:
     layers = {}
     for name, w in weights.items():
         ref = reference[name]
@@ -146,7 +152,9 @@ def check_quantization(weights: dict[str, torch.Tensor], reference: dict[str, to
         }
     over = [n for n, e in layers.items() if e["max_values_per_group"] > 2**bits]
     if over:
-        raise VerificationError(f"{over[0]}: a group holds {layers[over[0]]['max_values_per_group']} distinct values, more than 2**{bits}")
+        raise VerificationError(
+            f"{over[0]}: a group holds {layers[over[0]]['max_values_per_group']} distinct values, more than 2**{bits}"
+        )
     return layers
 
 
@@ -172,4 +180,3 @@ def summary(layers: dict[str, dict], family: str) -> dict:
         "mean_rel_error": sum(e["rel_error"] for e in layers.values()) / len(layers),
         "max_values_per_group": max(e["max_values_per_group"] for e in layers.values()),
     }
-

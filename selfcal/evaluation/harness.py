@@ -98,8 +98,16 @@ def run_tasks(
             log.warning("%s failed: %s", name, failed[name])
             continue
         except Exception as err:  # noqa: BLE001 - re-raised with the task's name
-            raise RuntimeError(f"task {name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
-        log.info("%s: acc %.4f on %s examples in %.1f s", name, results[name]["acc"] or float("nan"), results[name]["n"], results[name]["seconds"])
+            raise RuntimeError(
+                f"task {name}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            ) from err
+        log.info(
+            "%s: acc %.4f on %s examples in %.1f s",
+            name,
+            results[name]["acc"] or float("nan"),
+            results[name]["n"],
+            results[name]["seconds"],
+        )
     return {
         "tasks": results,
         "failed": failed,

@@ -12,8 +12,11 @@ import math
 from pathlib import Path
 
 import torch
+
 from selfcal.errors import DataError
+from selfcal.paths import resolve_path
 from selfcal.scoring import window_nll
+from selfcal.textdata import read_documents
 
 
 def token_windows(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -33,23 +36,40 @@ def perplexity_of_windows(model, windows: torch.Tensor, *, batch_size: int = 8, 
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": tokens, "windows": int(windows.shape[0])}
 
 
-def read_perplexity_text(path: str, *, root: Path, text_field: str = "text", hub_config: str | None = None, hub_split: str = "validation", max_documents: int = 100_000, key: str = "evaluation.perplexity") -> str:
+def read_perplexity_text(
+    path: str,
+    *,
+    root: Path,
+    text_field: str = "text",
+    hub_config: str | None = None,
+    hub_split: str = "validation",
+    max_documents: int = 100_000,
+    key: str = "evaluation.perplexity",
+) -> str:
     """The text a perplexity set scores: a .txt file verbatim, any other corpus's documents joined by blank lines."""
-    from selfcal.calibration.corpus import read_documents
-
-    local = Path(path).expanduser()
-    local = local if local.is_absolute() else root / local
+    local = resolve_path(path, root)
     if local.suffix == ".txt" and local.is_file():
         text = local.read_text()
         if not text.strip():
             raise DataError(f"{local}: perplexity text file is empty")
         return text
-    docs = read_documents(path, root=root, text_field=text_field, hub_config=hub_config, hub_split=hub_split, max_documents=max_documents, key=key)
+    docs = read_documents(
+        path,
+        root=root,
+        text_field=text_field,
+        hub_config=hub_config,
+        hub_split=hub_split,
+        max_documents=max_documents,
+        key=key,
+    )
     return "\n\n".join(docs)
 
 
-def perplexity_of_text(model, tokenizer, text: str, *, seq_len: int, max_windows: int | None, batch_size: int = 8, progress: bool = True) -> dict:
+def perplexity_of_text(
+    model, tokenizer, text: str, *, seq_len: int, max_windows: int | None, batch_size: int = 8, progress: bool = True
+) -> dict:
     ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
-    result = perplexity_of_windows(model, token_windows(ids, seq_len, max_windows), batch_size=batch_size, progress=progress)
+    result = perplexity_of_windows(
+        model, token_windows(ids, seq_len, max_windows), batch_size=batch_size, progress=progress
+    )
     return {**result, "seq_len": seq_len, "stride": seq_len}
-

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfcal.errors import DataError
+from selfcal.paths import shown_path
+from selfcal.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,11 @@ class LocalTask:
     on_request: bool = False
 
 
-TASKS: dict[str, LocalTask] = {}
+TASKS: Registry[LocalTask] = Registry("task")
 
 
 def register(task: LocalTask) -> LocalTask:
-    TASKS[task.name] = task
-    return task
+    return TASKS.register(task.name, task)
 
 
 # The local ARC and OpenBookQA copies store choices as a plain list and the answer as an
@@ -78,10 +79,7 @@ def _builtin_config(name: str) -> dict:
 
 def local_task_config(name: str, data_dir: Path) -> dict:
     """lm-eval's config for ``name``, reading ``data_dir/<file>`` instead of the hub."""
-    try:
-        task = TASKS[name]
-    except KeyError:
-        raise DataError(f"no local-file adapter for task {name!r}; known: {sorted(TASKS)}") from None
+    task = TASKS.get(name, key="evaluation.tasks")
     path = (data_dir / task.file).resolve()
     if not path.is_file():
         raise DataError(f"{path}: data file for task {name!r} not found (evaluation.data_dir={data_dir})")
@@ -100,18 +98,20 @@ def local_task_config(name: str, data_dir: Path) -> dict:
     return cfg
 
 
-def resolve_tasks(names: list[str], data_dir: Path | None) -> tuple[list, dict[str, str]]:
+def resolve_tasks(names: list[str], data_dir: Path | None, *, root: Path | None = None) -> tuple[list, dict[str, str]]:
     """Task specs for lm-eval (hub names, or local configs) and the tasks skipped, with why.
 
-    Runs before any model is loaded, so a missing data file costs nothing.
+    Runs before any model is loaded, so a missing data file costs nothing. A reason names its
+    file relative to ``root`` (the project), so records and reports carry no machine's paths.
     """
     if data_dir is None:
         return list(names), {}
     specs, skipped = [], {}
     for name in names:
-        task = TASKS.get(name)
-        if task is not None and task.on_request and not (data_dir / task.file).is_file():
-            skipped[name] = f"{data_dir / task.file} not found; its data is distributed on request only"
+        task = TASKS.get(name, key="evaluation.tasks")
+        if task.on_request and not (data_dir / task.file).is_file():
+            shown = shown_path(data_dir / task.file, root)
+            skipped[name] = f"{shown} not found; its data is distributed on request only"
             continue
         specs.append(local_task_config(name, data_dir))
     return specs, skipped

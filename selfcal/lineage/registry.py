@@ -14,12 +14,13 @@ import subprocess
 from pathlib import Path
 
 from selfcal.artifacts import MANIFEST
-from selfcal.calibration.calibset import CalibrationSet
 from selfcal.config import Params
 from selfcal.hashing import sha256_file
 from selfcal.lineage import tags as T
+from selfcal.lineage.tracking import RegisteredVersion, StageRun, flatten
 from selfcal.modelio import ModelRef
-from selfcal.tracking import RegisteredVersion, StageRun, flatten
+from selfcal.paths import resolve_path
+from selfcal.records import CalibrationManifest, CheckpointManifest, ModelFingerprint
 
 log = logging.getLogger("selfcal.lineage")
 MODEL_TYPE = "selfcal-checkpoint"
@@ -28,7 +29,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 def base_label(ref: ModelRef, root: Path) -> str:
     """The base model's short name: a local directory's name, or the hub id."""
-    local = (root / Path(ref.name).expanduser()).is_dir()
+    local = resolve_path(ref.name, root).is_dir()
     return Path(ref.name).name if local else ref.name
 
 
@@ -53,7 +54,9 @@ def code_state(root: Path) -> dict[str, str]:
     and its own hash is recorded beside the commit.
     """
     commit = _git(root, "rev-parse", "HEAD")
-    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock") if commit else None
+    status = (
+        _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock") if commit else None
+    )
     lock = root / "dvc.lock"
     return {
         T.GIT_COMMIT: commit or T.UNKNOWN,
@@ -64,49 +67,77 @@ def code_state(root: Path) -> dict[str, str]:
 
 def log_calibration(run: StageRun, name: str, directory: Path, content_digest: str, *, context: str) -> None:
     """The calibration set as an MLflow dataset: the digest identifies it, the path says where it is."""
-    run.dataset(name, T.dataset_digest(content_digest), directory, context=context, tags={T.CALIBRATION_DIGEST: content_digest})
+    run.dataset(
+        name, T.dataset_digest(content_digest), directory, context=context, tags={T.CALIBRATION_DIGEST: content_digest}
+    )
 
 
-def checkpoint_tags(params: Params, *, base: dict, checkpoint: Path, manifest: dict, calib: CalibrationSet, calib_dir: Path) -> dict[str, str]:
+def checkpoint_tags(
+    params: Params,
+    *,
+    base: ModelFingerprint,
+    checkpoint: Path,
+    manifest: CheckpointManifest,
+    calib: CalibrationManifest,
+    calib_dir: Path,
+    calib_name: str,
+) -> dict[str, str]:
     """Everything a version must carry to be traced and verified without the run that made it."""
-    recipe_sha = manifest["files"].get("recipe.yaml")
+    recipe_sha = manifest.files.get("recipe.yaml")
     return {
-        T.CALIBRATION_DIGEST: calib.digest,
-        T.CALIBRATION_NAME: f"{calib.manifest['source']}-s{calib.manifest['seed']}",
+        T.CALIBRATION_DIGEST: calib.content_digest,
+        T.CALIBRATION_NAME: calib_name,
         T.CALIBRATION_URI: calib_dir.resolve().as_uri(),
         T.CALIBRATION_MANIFEST_SHA: sha256_file(calib_dir / MANIFEST),
-        T.CHECKPOINT_DIGEST: manifest["content_digest"],
+        T.CHECKPOINT_DIGEST: manifest.content_digest,
         T.CHECKPOINT_URI: checkpoint.resolve().as_uri(),
         T.CHECKPOINT_MANIFEST_SHA: sha256_file(checkpoint / MANIFEST),
-        T.BASE_MODEL: base["name"],
-        T.BASE_REVISION: base["revision"] or "none",
-        T.BASE_DIGEST: base["digest"],
-        T.METHOD: manifest["method"],
-        T.METHOD_PARAMS: json.dumps(manifest["method_params"], sort_keys=True),
-        T.RECIPE: manifest.get("recipe") or "",
+        T.BASE_MODEL: base.name,
+        T.BASE_REVISION: base.revision or "none",
+        T.BASE_DIGEST: base.digest,
+        T.METHOD: manifest.method,
+        T.METHOD_PARAMS: json.dumps(manifest.method_params, sort_keys=True),
+        T.RECIPE: manifest.recipe or "",
         T.RECIPE_SHA: recipe_sha or "absent",
-        T.VERSIONS: json.dumps(manifest["versions"], sort_keys=True),
+        T.VERSIONS: json.dumps(manifest.versions, sort_keys=True),
         **code_state(params.root),
     }
 
 
 def register_checkpoint(
-    run: StageRun, params: Params, *, ref: ModelRef, base: dict, checkpoint: Path, manifest: dict, calib: CalibrationSet, calib_dir: Path
+    run: StageRun,
+    params: Params,
+    *,
+    ref: ModelRef,
+    base: ModelFingerprint,
+    checkpoint: Path,
+    manifest: CheckpointManifest,
+    calib: CalibrationManifest,
+    calib_dir: Path,
+    calib_name: str,
 ) -> RegisteredVersion | None:
     if run.run_id is None:
         return None  # tracking off: no registry, and no hashing for it
     name = registered_name(
         params.tracking.registered_model_name,
         base=base_label(ref, params.root),
-        method=manifest["method"],
-        source=calib.manifest["source"],
-        seed=calib.manifest["seed"],
+        method=manifest.method,
+        source=calib.source,
+        seed=calib.seed,
     )
-    tags = checkpoint_tags(params, base=base, checkpoint=checkpoint, manifest=manifest, calib=calib, calib_dir=calib_dir)
-    model_params = {k: str(v) for k, v in flatten({"method": manifest["method"], **manifest["method_params"]}).items()}
+    tags = checkpoint_tags(
+        params,
+        base=base,
+        checkpoint=checkpoint,
+        manifest=manifest,
+        calib=calib,
+        calib_dir=calib_dir,
+        calib_name=calib_name,
+    )
+    model_params = {k: str(v) for k, v in flatten({"method": manifest.method, **manifest.method_params}).items()}
     version = run.register_model(name, tags=tags, params=model_params, model_type=MODEL_TYPE)
     if version is not None:
-        log.info("registered %s (calibration %s)", version.ref, calib.digest[:16])
+        log.info("registered %s (calibration %s)", version.ref, calib.content_digest[:16])
     return version
 
 
@@ -124,6 +155,10 @@ def link_evaluation(run: StageRun, checkpoint_digest: str, metrics_file: Path) -
         return None
     run.tag_model_version(
         version,
-        {T.EVALUATE_RUN: run.run_id or "", T.METRICS_URI: metrics_file.resolve().as_uri(), T.METRICS_SHA: sha256_file(metrics_file)},
+        {
+            T.EVALUATE_RUN: run.run_id or "",
+            T.METRICS_URI: metrics_file.resolve().as_uri(),
+            T.METRICS_SHA: sha256_file(metrics_file),
+        },
     )
     return version

@@ -127,5 +127,10 @@ def dataset_input(run, digest: str) -> dict | None:
         tags = {t.key: t.value for t in entry.tags}
         if tags.get(T.CALIBRATION_DIGEST) == digest:
             ds = entry.dataset
-            return {"name": ds.name, "digest": ds.digest, "source": json.loads(ds.source).get("uri", ds.source), "context": tags.get("mlflow.data.context")}
+            return {
+                "name": ds.name,
+                "digest": ds.digest,
+                "source": json.loads(ds.source).get("uri", ds.source),
+                "context": tags.get("mlflow.data.context"),
+            }
     return None

@@ -7,6 +7,8 @@ finds generate runs, compress runs and registered versions alike.
 from __future__ import annotations
 
 STAGE = "selfcal.stage"
+ITEM = "selfcal.item"
+EXECUTION_ID = "selfcal.execution_id"
 
 CALIBRATION_DIGEST = "selfcal.calibration_digest"
 CALIBRATION_NAME = "selfcal.calibration"

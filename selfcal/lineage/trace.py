@@ -12,9 +12,11 @@ import json
 from datetime import datetime, timezone
 
 from selfcal.artifacts import MANIFEST, read_manifest
+from selfcal.errors import DataError
 from selfcal.lineage import store
 from selfcal.lineage import tags as T
-from selfcal.tracking import model_id_of
+from selfcal.lineage.tracking import model_id_of
+from selfcal.records import CalibrationManifest, parse_record
 
 NO_CALIBRATION = "no calibration lineage recorded"
 _CALIB_ARTIFACT = "calibration/manifest.json"
@@ -31,6 +33,14 @@ def _json_tag(tags: dict, key: str):
         return tags[key]
 
 
+def _parsed(data: object, where: str, missing: list[str]) -> CalibrationManifest | None:
+    try:
+        return parse_record(CalibrationManifest, data, where)
+    except DataError as err:
+        missing.append(str(err))
+        return None
+
+
 def _calibration(client, tags: dict, compress_run, missing: list[str]) -> dict | None:
     digest = tags.get(T.CALIBRATION_DIGEST)
     if not digest:
@@ -43,25 +53,30 @@ def _calibration(client, tags: dict, compress_run, missing: list[str]) -> dict |
     gen = store.generate_run(client, digest)
     manifest, recorded_in = None, None
     if gen is not None:
-        manifest, recorded_in = store.run_artifact_json(client, gen.info.run_id, _CALIB_ARTIFACT), f"generate run {gen.info.run_id}"
+        data = store.run_artifact_json(client, gen.info.run_id, _CALIB_ARTIFACT)
+        recorded_in = f"generate run {gen.info.run_id}"
+        manifest = _parsed(data, recorded_in, missing) if data is not None else None
     else:
         missing.append(f"no generate run recorded for calibration {digest}")
     if manifest is None and path is not None and (path / MANIFEST).is_file():
-        manifest, recorded_in = read_manifest(path), f"manifest on disk ({path})"
+        recorded_in = f"manifest on disk ({path})"
+        try:
+            manifest = read_manifest(path, CalibrationManifest)
+        except DataError as err:
+            missing.append(str(err))
     if manifest is None:
         missing.append(f"calibration {digest}: no manifest in the tracking store or on disk")
-        manifest = {}
-    generator = manifest.get("model") or {}
+    generator = manifest.model.model_dump() if manifest else {}
     uses_weights = gen.data.tags.get(T.GENERATOR_USES_WEIGHTS) if gen is not None else None
     return {
         "digest": digest,
         "name": tags.get(T.CALIBRATION_NAME),
         "path": str(path) if path else tags.get(T.CALIBRATION_URI),
-        "source": manifest.get("source"),
-        "seed": manifest.get("seed"),
-        "n_samples": manifest.get("n_samples"),
-        "seq_len": manifest.get("seq_len"),
-        "params": manifest.get("source_params"),
+        "source": manifest.source if manifest else None,
+        "seed": manifest.seed if manifest else None,
+        "n_samples": manifest.n_samples if manifest else None,
+        "seq_len": manifest.seq_len if manifest else None,
+        "params": manifest.source_params if manifest else None,
         "generator": {**generator, "uses_weights": None if uses_weights is None else uses_weights == "true"},
         "generate_run_id": gen.info.run_id if gen is not None else None,
         "dataset": dataset,
@@ -85,7 +100,11 @@ def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
         if run is None:
             return None
         values = dict(sorted(run.data.metrics.items()))
-    return {"evaluate_run_id": run_id, "values": values, "file": str(store.local_path(tags.get(T.METRICS_URI)) or "") or None}
+    return {
+        "evaluate_run_id": run_id,
+        "values": values,
+        "file": str(store.local_path(tags.get(T.METRICS_URI)) or "") or None,
+    }
 
 
 def trace(client, version) -> dict:
@@ -119,8 +138,16 @@ def trace(client, version) -> dict:
             "recipe": tags.get(T.RECIPE),
             "library_versions": _json_tag(tags, T.VERSIONS),
         },
-        "base_model": {"name": tags.get(T.BASE_MODEL), "revision": tags.get(T.BASE_REVISION), "digest": tags.get(T.BASE_DIGEST)},
-        "code": {"git_commit": tags.get(T.GIT_COMMIT), "git_dirty": tags.get(T.GIT_DIRTY), "dvc_lock_sha256": tags.get(T.DVC_LOCK_SHA)},
+        "base_model": {
+            "name": tags.get(T.BASE_MODEL),
+            "revision": tags.get(T.BASE_REVISION),
+            "digest": tags.get(T.BASE_DIGEST),
+        },
+        "code": {
+            "git_commit": tags.get(T.GIT_COMMIT),
+            "git_dirty": tags.get(T.GIT_DIRTY),
+            "dvc_lock_sha256": tags.get(T.DVC_LOCK_SHA),
+        },
         "calibration": _calibration(client, tags, compress_run, missing),
         "metrics": _metrics(client, model_id, tags),
         "missing": missing,
@@ -149,7 +176,11 @@ def _checkpoint_lines(lineage: dict) -> list[str]:
 
 def format_text(lineage: dict) -> str:
     m = lineage["model"]
-    run = f"run {m['compress_run_id']}  (pipeline run {m['pipeline_run_id']})" if m["compress_run_id"] else "no run linked"
+    run = (
+        f"run {m['compress_run_id']}  (pipeline run {m['pipeline_run_id']})"
+        if m["compress_run_id"]
+        else "no run linked"
+    )
     lines = [
         f"model        {m['name']}:{m['version']}  ({m['source']}, registered {m['registered_utc']})",
         f"  compress   {run}",
@@ -168,9 +199,15 @@ def format_text(lineage: dict) -> str:
             f"  digest     {cal['digest']}",
             f"  source     {cal['source']}  seed {cal['seed']}  {cal['n_samples']} x {cal['seq_len']} tokens",
             f"  params     {_kv(cal['params'])}",
-            f"  generator  {gen.get('name')}  revision {gen.get('revision') or 'none'}  digest {gen.get('digest')}  ({role}){same}",
+            f"  generator  {gen.get('name')}  revision {gen.get('revision') or 'none'}  digest "
+            f"{gen.get('digest')}  ({role}){same}",
             f"  recorded   {cal['details_from']}",
-            f"  dataset    " + (f"MLflow dataset {ds['name']} digest {ds['digest']} ({ds['context']} input of the compress run)" if ds else "-"),
+            "  dataset    "
+            + (
+                f"MLflow dataset {ds['name']} digest {ds['digest']} ({ds['context']} input of the compress run)"
+                if ds
+                else "-"
+            ),
         ]
     met = lineage["metrics"]
     if met is None:
@@ -207,5 +244,8 @@ def format_models(digest: str, models: list[dict]) -> str:
         return f"no registered model was made from calibration {digest}"
     lines = [f"{len(models)} model version(s) made from calibration {digest}:"]
     for m in models:
-        lines.append(f"  {m['model']}  {m['method']}  {m['calibration']} ({m['calibration_digest'][:16]})  {store.show(m['checkpoint'])}  registered {m['registered_utc']}")
+        lines.append(
+            f"  {m['model']}  {m['method']}  {m['calibration']} ({m['calibration_digest'][:16]})  "
+            f"{store.show(m['checkpoint'])}  registered {m['registered_utc']}"
+        )
     return "\n".join(lines)

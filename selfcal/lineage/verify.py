@@ -8,17 +8,17 @@ file rewritten together with its manifest still fails on the registered digests.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfcal.artifacts import MANIFEST
-from selfcal.errors import SelfcalError
+from selfcal.errors import DataError, SelfcalError
 from selfcal.hashing import file_digests, sha256_file, tree_digest
 from selfcal.lineage import store
-from selfcal.lineage.store import show
 from selfcal.lineage import tags as T
+from selfcal.lineage.store import show
 from selfcal.lineage.trace import NO_CALIBRATION
+from selfcal.records import ArtifactManifest, CalibrationManifest, CheckpointManifest, read_evaluation, read_record
 
 
 @dataclass
@@ -36,7 +36,9 @@ def _mismatch(path: Path, what: str, registered: str | None, actual: str) -> str
     return f"{show(path)}: {what} mismatch (registered {registered}, on disk {actual})"
 
 
-def check_tree(directory: Path, manifest_sha: str | None) -> tuple[dict | None, dict[str, str], list[str]]:
+def check_tree(
+    directory: Path, manifest_sha: str | None, record: type[ArtifactManifest]
+) -> tuple[ArtifactManifest | None, dict[str, str], list[str]]:
     """(manifest, sha256 of every file on disk, problems) for one artifact directory."""
     if not directory.is_dir():
         return None, {}, [f"{show(directory)}: directory missing"]
@@ -48,10 +50,10 @@ def check_tree(directory: Path, manifest_sha: str | None) -> tuple[dict | None, 
     if manifest_sha and actual_sha != manifest_sha:
         problems.append(_mismatch(path, "sha256", manifest_sha, actual_sha))
     try:
-        manifest = json.loads(path.read_text())
-        recorded: dict[str, str] = manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        return None, {}, [*problems, f"{show(path)}: not a selfcal manifest (unreadable JSON or no file list)"]
+        manifest = read_record(record, path)
+    except DataError as err:
+        return None, {}, [*problems, f"{show(path)}: not a selfcal {record.__name__} ({str(err).split(': ', 1)[-1]})"]
+    recorded = manifest.files
     on_disk = file_digests(directory, exclude=frozenset({MANIFEST}))
     for rel, want in sorted(recorded.items()):
         got = on_disk.get(rel)
@@ -59,7 +61,9 @@ def check_tree(directory: Path, manifest_sha: str | None) -> tuple[dict | None, 
             problems.append(f"{show(directory / rel)}: missing (listed in the manifest)")
         elif got != want:
             problems.append(f"{show(directory / rel)}: sha256 mismatch (recorded {want}, on disk {got})")
-    problems += [f"{show(directory / rel)}: not listed in the manifest" for rel in sorted(on_disk.keys() - recorded.keys())]
+    problems += [
+        f"{show(directory / rel)}: not listed in the manifest" for rel in sorted(on_disk.keys() - recorded.keys())
+    ]
     return manifest, on_disk, problems
 
 
@@ -68,15 +72,17 @@ def _checkpoint(tags: dict, report: Report) -> None:
     if path is None or T.CHECKPOINT_DIGEST not in tags:
         report.problems.append(f"{report.ref}: no checkpoint recorded (tags {T.CHECKPOINT_URI}, {T.CHECKPOINT_DIGEST})")
         return
-    manifest, on_disk, problems = check_tree(path, tags.get(T.CHECKPOINT_MANIFEST_SHA))
+    manifest, on_disk, problems = check_tree(path, tags.get(T.CHECKPOINT_MANIFEST_SHA), CheckpointManifest)
     report.problems += problems
     if manifest is None:
         return
     if not problems and tree_digest(on_disk) != tags[T.CHECKPOINT_DIGEST]:
         report.problems.append(_mismatch(path, "content digest", tags[T.CHECKPOINT_DIGEST], tree_digest(on_disk)))
-    linked = (manifest.get("calibration") or {}).get("digest")
+    linked = manifest.calibration.digest
     if T.CALIBRATION_DIGEST in tags and linked != tags[T.CALIBRATION_DIGEST]:
-        report.problems.append(f"{show(path / MANIFEST)}: names calibration {linked}, registered {tags[T.CALIBRATION_DIGEST]}")
+        report.problems.append(
+            f"{show(path / MANIFEST)}: names calibration {linked}, registered {tags[T.CALIBRATION_DIGEST]}"
+        )
     report.checked.append(f"checkpoint {show(path)} ({len(on_disk)} files)")
 
 
@@ -91,7 +97,7 @@ def _calibration(client, version, tags: dict, report: Report) -> None:
     if path is None:
         report.problems.append(f"{report.ref}: calibration {digest} has no recorded location ({T.CALIBRATION_URI})")
         return
-    manifest, on_disk, problems = check_tree(path, tags.get(T.CALIBRATION_MANIFEST_SHA))
+    manifest, on_disk, problems = check_tree(path, tags.get(T.CALIBRATION_MANIFEST_SHA), CalibrationManifest)
     report.problems += problems
     if manifest is not None and not problems:
         try:
@@ -106,9 +112,14 @@ def _calibration(client, version, tags: dict, report: Report) -> None:
     run = store.get_run(client, version.run_id)
     dataset = store.dataset_input(run, digest)
     if dataset is None:
-        report.problems.append(f"run {version.run_id}: calibration dataset {digest} is not an input of the compress run")
+        report.problems.append(
+            f"run {version.run_id}: calibration dataset {digest} is not an input of the compress run"
+        )
     elif dataset["digest"] != T.dataset_digest(digest):
-        report.problems.append(f"run {version.run_id}: dataset {dataset['name']} has digest {dataset['digest']}, expected {T.dataset_digest(digest)}")
+        report.problems.append(
+            f"run {version.run_id}: dataset {dataset['name']} has digest {dataset['digest']}, expected "
+            f"{T.dataset_digest(digest)}"
+        )
     if manifest is not None:
         report.checked.append(f"calibration {show(path)} ({len(on_disk)} files)")
 
@@ -124,9 +135,15 @@ def _metrics(tags: dict, report: Report) -> None:
     if actual != tags.get(T.METRICS_SHA):
         report.problems.append(_mismatch(path, "sha256", tags.get(T.METRICS_SHA), actual))
         return
-    recorded = json.loads(path.read_text()).get("checkpoint_digest")
+    try:
+        recorded = read_evaluation(path).checkpoint_digest
+    except DataError as err:
+        report.problems.append(str(err))
+        return
     if recorded != tags.get(T.CHECKPOINT_DIGEST):
-        report.problems.append(f"{show(path)}: scores checkpoint {recorded}, registered {tags.get(T.CHECKPOINT_DIGEST)}")
+        report.problems.append(
+            f"{show(path)}: scores checkpoint {recorded}, registered {tags.get(T.CHECKPOINT_DIGEST)}"
+        )
     report.checked.append(f"metrics {show(path)}")
 
 

@@ -13,62 +13,62 @@ from pathlib import Path
 from selfcal.artifacts import atomic_write_text
 from selfcal.config import Params
 from selfcal.errors import DataError
+from selfcal.lineage.tracking import stage_run
 from selfcal.pipeline import layout
-from selfcal.tracking import stage_run
+from selfcal.records import MEAN_ACC, EvaluationRecord, metric_name, read_evaluation
 
 log = logging.getLogger("selfcal.aggregate")
 
 
-def _scored(r: dict) -> set[str]:
-    return {t for t, v in r.get("zero_shot", {}).get("tasks", {}).items() if v.get("acc") is not None}
-
-
-def common_tasks(rows: list[dict]) -> list[str]:
+def common_tasks(rows: list[EvaluationRecord]) -> list[str]:
     """The tasks every row scored: ``mean_acc`` is only comparable over one task set, so the
     report's mean is taken over this one (and says which it is), whatever each row averaged."""
-    sets = [_scored(r) for r in rows]
+    sets = [set(r.scored_tasks()) for r in rows]
     return sorted(set.intersection(*sets)) if sets else []
 
 
-def _mean_over(r: dict, tasks: list[str]) -> float | None:
-    accs = [r["zero_shot"]["tasks"][t]["acc"] for t in tasks]
-    return sum(accs) / len(accs) if accs else None
+def _row_metrics(r: EvaluationRecord, shared: list[str]) -> dict[str, float]:
+    values = r.metrics()
+    values.pop(MEAN_ACC, None)
+    if shared:
+        values[MEAN_ACC] = sum(r.scored_tasks()[t] for t in shared) / len(shared)
+    return values
 
 
-def _columns(rows: list[dict]) -> list[str]:
-    tasks = sorted({t for r in rows for t in r.get("zero_shot", {}).get("tasks", {})})
-    cols = [f"acc.{t}" for t in tasks]
-    if common_tasks(rows):
-        cols.append("mean_acc")
-    cols += [f"ppl.{name}" for name in sorted({n for r in rows for n in r.get("perplexity", {})})]
+def _columns(rows: list[EvaluationRecord], shared: list[str]) -> list[str]:
+    tasks = sorted({t for r in rows for t in (r.zero_shot.tasks if r.zero_shot else {})})
+    cols = [metric_name("acc", t) for t in tasks]
+    if shared:
+        cols.append(MEAN_ACC)
+    cols += [metric_name("ppl", n) for n in sorted({n for r in rows for n in r.perplexity})]
     return cols
 
 
-def _value(r: dict, col: str) -> float | None:
-    if col.startswith("acc."):
-        return r.get("zero_shot", {}).get("tasks", {}).get(col[4:], {}).get("acc")
-    if col.startswith("ppl."):
-        return r.get("perplexity", {}).get(col[4:], {}).get("perplexity")
-    return r.get(col)
-
-
-def summarise(rows: list[dict]) -> tuple[list[str], list[dict]]:
-    """Group metric files by (method, source); mean, std and count over seeds per column."""
-    cols = _columns(rows)
+def summarise(rows: list[EvaluationRecord]) -> tuple[list[str], list[dict]]:
+    """Group evaluation records by (method, source); mean, std and count over seeds per metric."""
     shared = common_tasks(rows)
-    rows = [{**r, "mean_acc": _mean_over(r, shared)} for r in rows]
+    cols = _columns(rows, shared)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["method"], r["source"])].append(r)
+        groups[(r.method, r.source)].append(_row_metrics(r, shared))
     table = []
     for (method, source), members in sorted(groups.items(), key=lambda kv: (kv[0][0] != "none", kv[0])):
         entry = {"method": method, "source": source, "n_sets": len(members)}
         for c in cols:
-            vals = [v for v in (_value(m, c) for m in members) if v is not None]
+            vals = [m[c] for m in members if m.get(c) is not None]
             entry[c] = statistics.fmean(vals) if vals else None
             entry[c + ".std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
         table.append(entry)
     return cols, table
+
+
+def report_metrics(cols: list[str], table: list[dict]) -> dict:
+    """The aggregate's DVC metrics: {method: {source: {metric: mean}}}, shown by ``dvc metrics show``
+    and as ``dvc exp show`` columns (``gptq.self.mean_acc``)."""
+    out: dict = {}
+    for e in table:
+        out.setdefault(e["method"], {})[e["source"]] = {c: e[c] for c in cols if e[c] is not None}
+    return out
 
 
 def _fmt(mean: float | None, std: float | None, col: str) -> str:
@@ -79,17 +79,19 @@ def _fmt(mean: float | None, std: float | None, col: str) -> str:
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std else "")
 
 
-def unscored_tasks(rows: list[dict]) -> dict[str, str]:
+def unscored_tasks(rows: list[EvaluationRecord]) -> dict[str, str]:
     """Tasks some model did not score, with the first reason given: a table must not hide them."""
     out: dict[str, str] = {}
     for r in rows:
-        reasons = {**r.get("skipped_tasks", {}), **r.get("zero_shot", {}).get("failed", {})}
+        reasons = {**r.skipped_tasks, **(r.zero_shot.failed if r.zero_shot else {})}
         for task, why in reasons.items():
-            out.setdefault(task, f"{r['name']}: {why}")
+            out.setdefault(task, f"{r.name}: {why}")
     return out
 
 
-def to_markdown(cols: list[str], table: list[dict], unscored: dict[str, str] | None = None, mean_tasks: list[str] | None = None) -> str:
+def to_markdown(
+    cols: list[str], table: list[dict], unscored: dict[str, str] | None = None, mean_tasks: list[str] | None = None
+) -> str:
     head = ["method", "source", "sets", *[c.removeprefix("acc.").replace("ppl.", "ppl ") for c in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
@@ -112,7 +114,12 @@ def by_source_markdown(cols: list[str], table: list[dict], mean_tasks: list[str]
             ppl = col.startswith("ppl.")
             over = f" over {', '.join(mean_tasks)}" if mean_tasks else ""
             what = f"{col[4:]} perplexity (lower is better)" if ppl else f"mean zero-shot accuracy (%){over}"
-            parts.append(f"### {what}, mean ± std over calibration sets\n\n" + source_method_table(table, col, lower_is_better=ppl, scale=1.0 if ppl else 100.0, digits=2 if ppl else 1))
+            parts.append(
+                f"### {what}, mean ± std over calibration sets\n\n"
+                + source_method_table(
+                    table, col, lower_is_better=ppl, scale=1.0 if ppl else 100.0, digits=2 if ppl else 1
+                )
+            )
     return "\n".join(parts)
 
 
@@ -125,30 +132,35 @@ def to_csv(cols: list[str], table: list[dict]) -> str:
     return buf.getvalue()
 
 
-def load_metric_files(files: list[Path]) -> list[dict]:
-    """Only the files the current params produce: stale ones from removed items stay out."""
+def load_evaluations(files: list[Path]) -> list[EvaluationRecord]:
+    """Only the records the current params produce: stale ones from removed items stay out."""
     missing = [f for f in files if not f.is_file()]
     if missing:
-        raise DataError(f"{missing[0]}: metrics file missing (run the evaluate stage first)")
+        raise DataError(f"{missing[0]}: evaluation record missing (run the evaluate stage first)")
     if not files:
         raise DataError("nothing to aggregate: params define no evaluation targets")
-    return [json.loads(f.read_text()) for f in files]
+    return [read_evaluation(f) for f in files]
 
 
 def aggregate(params: Params) -> Path:
-    from selfcal.pipeline.inspect import diagnostics_markdown
+    from selfcal.report.diagnostics_table import diagnostics_markdown
 
-    rows = load_metric_files([layout.metrics_file(params, n) for n in layout.evaluation_targets(params)])
+    rows = load_evaluations([layout.evaluation_file(params, n) for n in layout.evaluation_targets(params)])
     cols, table = summarise(rows)
     diag_files = [layout.diagnostics_file(params, layout.calib_name(s, k)) for s, k in layout.calibration_names(params)]
     diag_rows = [json.loads(f.read_text()) for f in diag_files if f.is_file()]
     out = layout.report_dir(params)
     with stage_run(params, "aggregate", "report") as run:
         atomic_write_text(out / "results.csv", to_csv(cols, table))
+        atomic_write_text(
+            layout.report_metrics_file(params), json.dumps(report_metrics(cols, table), indent=2, sort_keys=True) + "\n"
+        )
         atomic_write_text(out / "results.md", to_markdown(cols, table, unscored_tasks(rows), common_tasks(rows)))
         atomic_write_text(out / "by_source.md", by_source_markdown(cols, table, common_tasks(rows)))
-        if diag_rows:
-            atomic_write_text(out / "diagnostics.md", diagnostics_markdown(diag_rows))
+        atomic_write_text(
+            out / "diagnostics.md",
+            diagnostics_markdown(diag_rows) if diag_rows else "No calibration-set diagnostics were computed.\n",
+        )
         log.info("wrote %s (%d rows from %d metric files)", out, len(table), len(rows))
         run.artifact(out / "results.md", "report")
         run.artifact(out / "results.csv", "report")

@@ -36,7 +36,7 @@ def _matrix_items(matrix: dict, raw: dict) -> list[dict]:
             found, values = _lookup(raw, m.group(1))
             values = (list(values) if isinstance(values, (dict, list)) else []) if found else []
         axes[key] = list(values) if isinstance(values, (list, dict)) else [values]
-    return [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
+    return [dict(zip(axes, combo, strict=True)) for combo in itertools.product(*axes.values())]
 
 
 def dvc_param_keys(dvc_yaml: Path, raw: dict) -> list[tuple[str, str]]:
@@ -49,7 +49,9 @@ def dvc_param_keys(dvc_yaml: Path, raw: dict) -> list[tuple[str, str]]:
             if isinstance(entry, dict):  # {other.yaml: [keys]}: another file, not ours
                 continue
             for item in items:
-                key = _INTERP.sub(lambda m, item=item: str(item.get(m.group(1).removeprefix("item."), m.group(0))), str(entry))
+                key = _INTERP.sub(
+                    lambda m, item=item: str(item.get(m.group(1).removeprefix("item."), m.group(0))), str(entry)
+                )
                 if "${" not in key:
                     out.append((stage, key))
     return list(dict.fromkeys(out))
@@ -64,7 +66,8 @@ def check_dvc_params(params_file: Path, dvc_yaml: Path) -> None:
         if not found:
             raise ConfigError(
                 f"{params_file.name}: {key}: dvc.yaml's stage '{stage}' reads it, but it is not set in the file "
-                f"(DVC would stop with \"Parameters '{key}' are missing\"); write the section out (`{{}}` takes the defaults)"
+                f"(DVC would stop with \"Parameters '{key}' are missing\"); write the section out "
+                f"(`{{}}` takes the defaults)"
             )
 
 
@@ -76,7 +79,10 @@ def check_tokenizer_settings(params: Params, tokenizer) -> None:
         if words:
             _, bad = first_token_candidates(words, tokenizer)
             if bad:
-                raise ConfigError(f"calibration.sources.{name}.first_token_words: not a single token after BOS with this tokenizer: {bad}")
+                raise ConfigError(
+                    f"calibration.sources.{name}.first_token_words: not a single token after BOS with "
+                    f"this tokenizer: {bad}"
+                )
 
 
 def check(params: Params, params_file: Path) -> str:

@@ -30,7 +30,8 @@ def check_sources(config: dict, params: Params) -> None:
     for name, spec in params.calibration.sources.items():
         if spec.kind == "ji" and window is not None and spec.prompt_tokens + spec.max_new_tokens > window:
             raise ConfigError(
-                f"calibration.sources.{name}.max_new_tokens: {spec.prompt_tokens} prompt + {spec.max_new_tokens} new tokens "
+                f"calibration.sources.{name}.max_new_tokens: {spec.prompt_tokens} prompt + "
+                f"{spec.max_new_tokens} new tokens "
                 f"exceed the model's context window of {window} tokens"
             )
 
@@ -44,6 +45,15 @@ def setup_logging(verbose: bool = False) -> None:
     # Per-request HTTP logs from Prefect's client and MLflow drown the pipeline's own.
     for noisy in ("httpx", "httpcore", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_step(step: Callable[[Params], object]) -> int:
+    """A DVC stage's whole process: logging, the validated params ($SELFCAL_PARAMS or ./params.yaml),
+    the step, and a SelfcalError as one line with exit status 2."""
+    from selfcal.config import load_params
+
+    setup_logging()
+    return run_cli(lambda: step(load_params()))
 
 
 def run_cli(fn: Callable[[], object]) -> int:

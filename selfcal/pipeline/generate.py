@@ -11,15 +11,16 @@ from selfcal.config import Params
 from selfcal.errors import ConfigError
 from selfcal.lineage import tags as T
 from selfcal.lineage.registry import log_calibration
+from selfcal.lineage.tracking import stage_run
 from selfcal.modelio import fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
 from selfcal.pipeline.common import base_model, check_context, check_sources
-from selfcal.tracking import stage_run
+from selfcal.records import CalibrationManifest
 
 log = logging.getLogger("selfcal.generate")
 
 
-def generate(params: Params, source: str, seed: int, *, progress: bool = True) -> dict:
+def generate(params: Params, source: str, seed: int, *, progress: bool = True) -> CalibrationManifest:
     cal = params.calibration
     if source not in cal.sources:
         raise ConfigError(f"calibration.sources: no source named {source!r}; defined: {sorted(cal.sources)}")
@@ -35,12 +36,20 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
         model = None
         if source_impl.needs_model:
             log.info("loading %s on %s", ref.name, device)
-            model = load_model(ref, dtype=params.model.dtype, device=device, trust_remote_code=params.model.trust_remote_code)
+            model = load_model(
+                ref, dtype=params.model.dtype, device=device, trust_remote_code=params.model.trust_remote_code
+            )
         tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
         log.info("%s (%s): %d x %d tokens, seed %d", source, spec.kind, cal.n_samples, cal.seq_len, seed)
         t0 = time.perf_counter()
         request = sources.SourceRequest(
-            n=cal.n_samples, seq_len=cal.seq_len, seed=seed, batch_size=cal.batch_size, root=params.root, name=source, progress=progress
+            n=cal.n_samples,
+            seq_len=cal.seq_len,
+            seed=seed,
+            batch_size=cal.batch_size,
+            root=params.root,
+            name=source,
+            progress=progress,
         )
         result = source_impl.build(spec, request, model=model, tokenizer=tokenizer)
         texts = tokenizer.batch_decode(result.tokens.tolist())
@@ -61,16 +70,25 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
             provenance=result.provenance,
             wall_seconds=round(time.perf_counter() - t0, 3),
         )
-        log.info("wrote %s (content digest %s)", out, manifest["content_digest"][:16])
-        run.params({"source": source, "seed": seed, "n_samples": cal.n_samples, "seq_len": cal.seq_len, "source_params": source_params, "model": ref.name})
+        log.info("wrote %s (content digest %s)", out, manifest.content_digest[:16])
+        run.params(
+            {
+                "source": source,
+                "seed": seed,
+                "n_samples": cal.n_samples,
+                "seq_len": cal.seq_len,
+                "source_params": source_params,
+                "model": ref.name,
+            }
+        )
         run.tags(
             {
-                T.CALIBRATION_DIGEST: manifest["content_digest"],
-                T.BASE_DIGEST: manifest["model"]["digest"],
+                T.CALIBRATION_DIGEST: manifest.content_digest,
+                T.BASE_DIGEST: manifest.model.digest,
                 T.GENERATOR_USES_WEIGHTS: str(source_impl.needs_model).lower(),
             }
         )
-        log_calibration(run, item, out, manifest["content_digest"], context="generated")
+        log_calibration(run, item, out, manifest.content_digest, context="generated")
         numeric = {k: v for k, v in result.provenance.items() if isinstance(v, (int, float))}
         run.metrics(numeric)
         run.artifact(out / "manifest.json", "calibration")

@@ -6,21 +6,27 @@ import json
 import logging
 from pathlib import Path
 
+from selfcal import textdata
 from selfcal.artifacts import atomic_write_text
 from selfcal.calibration import corpus, diagnostics
 from selfcal.calibration.calibset import load_calibration_set
 from selfcal.config import Params
+from selfcal.lineage import tags as T
+from selfcal.lineage.tracking import stage_run
 from selfcal.modelio import ModelRef, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
-from selfcal.tracking import stage_run
 
 log = logging.getLogger("selfcal.inspect")
 
 
 def reference_windows(path: str, tokenizer, *, n: int, seq_len: int, root: Path, text_field: str = "text"):
-    docs = corpus.read_documents(path, root=root, text_field=text_field, key="calibration.diagnostics.reference_path")
+    docs = textdata.read_documents(path, root=root, text_field=text_field, key="calibration.diagnostics.reference_path")
     chosen, _ = corpus.pick_windows(
-        corpus.windows(corpus.token_stream(docs, tokenizer), seq_len), n, 0, allow_overlap=False, name="calibration.diagnostics.reference_path"
+        textdata.windows(textdata.token_stream(docs, tokenizer), seq_len),
+        n,
+        0,
+        allow_overlap=False,
+        name="calibration.diagnostics.reference_path",
     )
     return chosen
 
@@ -41,17 +47,19 @@ def inspect_set(
     calib = load_calibration_set(calib_dir)
     tokenizer = load_tokenizer(ref, trust_remote_code=trust_remote_code)
     model = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    start = calib.manifest.get("provenance", {}).get("start_token_id")
+    start = calib.manifest.provenance.get("start_token_id")
     result = {
         "calibration": calib_dir.name,
         "calibration_digest": calib.digest,
-        "source": calib.manifest.get("source"),
-        "kind": calib.manifest.get("source_params", {}).get("kind"),
+        "source": calib.manifest.source,
+        "kind": calib.manifest.source_params.get("kind"),
         **diagnostics.text_measures(calib.tokens, len(tokenizer), start),
         **diagnostics.set_perplexity(model, calib.tokens, batch_size),
     }
     if reference_path:
-        reference = reference_windows(reference_path, tokenizer, n=calib.n, seq_len=calib.seq_len, root=root, text_field=reference_text_field)
+        reference = reference_windows(
+            reference_path, tokenizer, n=calib.n, seq_len=calib.seq_len, root=root, text_field=reference_text_field
+        )
         result["activation"] = {
             "reference": reference_path,
             **diagnostics.activation_distance(
@@ -86,34 +94,6 @@ def inspect_stage(params: Params, source: str, seed: int) -> dict:
         run.metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
         if "activation" in result:
             run.metrics({f"activation.{k}": v for k, v in result["activation"].items() if isinstance(v, float)})
-        run.tags({"selfcal.calibration_digest": result["calibration_digest"]})
+        run.tags({T.CALIBRATION_DIGEST: result["calibration_digest"]})
         run.artifact(out, "diagnostics")
     return result
-
-
-# The paper's Table 4 columns first (Williams et al.: PPL, Rep., n-gram div., Cov., Zipf), then the rest.
-DIAGNOSTIC_COLUMNS = (
-    ("perplexity", "ppl", "{:.2f}"),
-    ("repetition", "rep.", "{:.3f}"),
-    ("ngram_diversity", "n-gram div.", "{:.3f}"),
-    ("vocab_coverage", "vocab cov.", "{:.3f}"),
-    ("zipf", "zipf", "{:.2f}"),
-    ("pooled_perplexity", "pooled ppl", "{:.2f}"),
-    ("seq_rep_4", "seq-rep-4", "{:.3f}"),
-    ("distinct_product", "dist. product", "{:.4f}"),
-    ("segment_len_mean", "gen. len", "{:.0f}"),
-)
-
-
-def diagnostics_markdown(rows: list[dict]) -> str:
-    has_act = any("activation" in r for r in rows)
-    head = ["set", "kind", *[c[1] for c in DIAGNOSTIC_COLUMNS]] + (["act. mean dist", "act. logvar dist"] if has_act else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["calibration"], str(r.get("kind"))]
-        cells += [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in DIAGNOSTIC_COLUMNS]
-        if has_act:
-            act = r.get("activation", {})
-            cells += [f"{act['mean_rel_distance_avg']:.3f}" if act else "-", f"{act['logvar_abs_distance_avg']:.3f}" if act else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -21,8 +21,17 @@ def checkpoint_name(source: str, seed: int, method: str) -> str:
     return f"{calib_name(source, seed)}-{method}"
 
 
+def checkpoints_root(params: Params) -> Path:
+    return params.artifacts_dir / "checkpoints"
+
+
 def checkpoint_dir(params: Params, source: str, seed: int, method: str) -> Path:
-    return params.artifacts_dir / "checkpoints" / checkpoint_name(source, seed, method)
+    return checkpoint_path(params, checkpoint_name(source, seed, method))
+
+
+def checkpoint_path(params: Params, name: str) -> Path:
+    """The checkpoint folder of a checkpoint name (``SOURCE-sSEED-METHOD``)."""
+    return checkpoints_root(params) / name
 
 
 def metrics_dir(params: Params) -> Path:
@@ -30,11 +39,26 @@ def metrics_dir(params: Params) -> Path:
 
 
 def metrics_file(params: Params, name: str) -> Path:
+    """The flat metrics of one evaluated model (``acc.TASK``, ``mean_acc``, ``ppl.SET``): DVC metrics."""
     return metrics_dir(params) / f"{name}.json"
+
+
+def evaluation_file(params: Params, name: str) -> Path:
+    """The full evaluation record of one model (``selfcal.records.EvaluationRecord``)."""
+    return params.artifacts_dir / "evaluations" / f"{name}.json"
 
 
 def report_dir(params: Params) -> Path:
     return params.artifacts_dir / "report"
+
+
+def results_markdown(params: Params) -> Path:
+    return report_dir(params) / "results.md"
+
+
+def report_metrics_file(params: Params) -> Path:
+    """The aggregate's DVC metrics: mean per method x source."""
+    return report_dir(params) / "metrics.json"
 
 
 def evaluation_targets(params: Params) -> list[str]:

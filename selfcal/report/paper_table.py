@@ -17,7 +17,9 @@ def _cell(entry: dict | None, col: str, scale: float, digits: int) -> tuple[str,
     return text, rounded
 
 
-def source_method_table(table: list[dict], col: str, *, lower_is_better: bool = False, scale: float = 100.0, digits: int = 1) -> str:
+def source_method_table(
+    table: list[dict], col: str, *, lower_is_better: bool = False, scale: float = 100.0, digits: int = 1
+) -> str:
     """Markdown for one metric column of ``aggregate.summarise``'s table."""
     methods = [m for m in dict.fromkeys(e["method"] for e in table) if m != "none"]
     sources = [s for s in dict.fromkeys(e["source"] for e in table) if s != "none"]

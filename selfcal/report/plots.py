@@ -35,7 +35,9 @@ def accuracy_vs_n(rows: list[dict], path: Path, *, metric: str = "mean_acc", tit
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in sorted(lines.items()):
         pts.sort()
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=label)
+        ax.errorbar(
+            [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=label
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("calibration set size n (sequences)")
     ax.set_ylabel(f"{metric} (%)")

@@ -21,12 +21,12 @@ from urllib.parse import urlparse
 
 from selfcal.config import Params
 from selfcal.errors import ConfigError
-from selfcal.lineage.tags import STAGE
+from selfcal.lineage import tags as T
 
 log = logging.getLogger(__name__)
 EXECUTION_ENV = "SELFCAL_EXECUTION_ID"
-_TAG_EXEC = "selfcal.execution_id"
-_TAG_STAGE = STAGE  # lineage reads stage runs back by this tag
+_TAG_EXEC = T.EXECUTION_ID
+_TAG_STAGE = T.STAGE  # lineage reads stage runs back by this tag
 _MODELS_SCHEME = "models:/"
 
 
@@ -77,7 +77,9 @@ def open_client(uri: str):
     if parsed.scheme == "sqlite":
         db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
         if db is not None and not db.is_file():
-            raise ConfigError(f"tracking.tracking_uri: no MLflow store at {db} (run the pipeline with tracking enabled first)")
+            raise ConfigError(
+                f"tracking.tracking_uri: no MLflow store at {db} (run the pipeline with tracking enabled first)"
+            )
     return mlflow.MlflowClient(tracking_uri=uri)
 
 
@@ -173,7 +175,9 @@ class StageRun:
         ds = MetaDataset(source=src, name=name, digest=digest)
         self._mlflow.log_input(ds, context=context, tags=tags)
 
-    def register_model(self, name: str, *, tags: dict[str, str], params: dict[str, str], model_type: str) -> RegisteredVersion | None:
+    def register_model(
+        self, name: str, *, tags: dict[str, str], params: dict[str, str], model_type: str
+    ) -> RegisteredVersion | None:
         """Register a model whose files stay outside MLflow, as a new version of ``name``.
 
         An *external* LoggedModel (MLflow keeps only a stub MLmodel file) is the output
@@ -206,7 +210,11 @@ class StageRun:
             if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
                 raise
         mv = client.create_model_version(
-            name, source=f"{_MODELS_SCHEME}{logged.model_id}", run_id=run.info.run_id, tags=tags, model_id=logged.model_id
+            name,
+            source=f"{_MODELS_SCHEME}{logged.model_id}",
+            run_id=run.info.run_id,
+            tags=tags,
+            model_id=logged.model_id,
         )
         return RegisteredVersion(name=mv.name, version=str(mv.version), model_id=logged.model_id)
 
@@ -249,6 +257,6 @@ def stage_run(params: Params, stage: str, item: str) -> Iterator[StageRun]:
     with mlflow.start_run(experiment_id=exp_id, **parent_kwargs) as parent:
         mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: "pipeline"})
         with mlflow.start_run(experiment_id=exp_id, run_name=f"{stage}@{item}", nested=True):
-            mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: stage, "selfcal.item": item})
+            mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: stage, T.ITEM: item})
             log.info("MLflow: run %s under pipeline run %s", mlflow.active_run().info.run_id, parent.info.run_id)
             yield StageRun(mlflow)

@@ -1,0 +1,35 @@
+"""The calibration-set diagnostics as one Markdown table (``artifacts/report/diagnostics.md``)."""
+
+from __future__ import annotations
+
+# The paper's Table 4 columns first (Williams et al.: PPL, Rep., n-gram div., Cov., Zipf), then the rest.
+DIAGNOSTIC_COLUMNS = (
+    ("perplexity", "ppl", "{:.2f}"),
+    ("repetition", "rep.", "{:.3f}"),
+    ("ngram_diversity", "n-gram div.", "{:.3f}"),
+    ("vocab_coverage", "vocab cov.", "{:.3f}"),
+    ("zipf", "zipf", "{:.2f}"),
+    ("pooled_perplexity", "pooled ppl", "{:.2f}"),
+    ("seq_rep_4", "seq-rep-4", "{:.3f}"),
+    ("distinct_product", "dist. product", "{:.4f}"),
+    ("segment_len_mean", "gen. len", "{:.0f}"),
+)
+
+
+def diagnostics_markdown(rows: list[dict]) -> str:
+    has_act = any("activation" in r for r in rows)
+    head = ["set", "kind", *[c[1] for c in DIAGNOSTIC_COLUMNS]] + (
+        ["act. mean dist", "act. logvar dist"] if has_act else []
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["calibration"], str(r.get("kind"))]
+        cells += [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in DIAGNOSTIC_COLUMNS]
+        if has_act:
+            act = r.get("activation", {})
+            cells += [
+                f"{act['mean_rel_distance_avg']:.3f}" if act else "-",
+                f"{act['logvar_abs_distance_avg']:.3f}" if act else "-",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
