@@ -9,6 +9,7 @@ retry for the same output.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -40,6 +41,20 @@ def _kill_tree(pid: int) -> None:
         except psutil.NoSuchProcess:
             continue
     psutil.wait_procs(procs, timeout=30)
+
+
+def _repair_rwlock(cwd: Path) -> None:
+    """After a kill: DVC rewrites ``.dvc/tmp/rwlock`` (JSON) as stages start and end, and a kill in the
+    middle of that write leaves it empty or cut, after which every dvc command fails ("Unable to read
+    RWLock-file ... JSON structure is corrupted"). Every process of the tree that held it is dead now,
+    so a file that does not parse is removed; DVC recreates it."""
+    path = Path(cwd) / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(path.read_text())
+    except FileNotFoundError:
+        return
+    except ValueError:
+        path.unlink(missing_ok=True)
 
 
 # Where the reason for a failure is, most telling first: the stage's own one-line error, then DVC's.
@@ -96,9 +111,11 @@ def run_dvc(
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_tree(proc.pid)
+        _repair_rwlock(cwd)
         raise DvcTimeoutError(f"{shown}: still running after {timeout:g} s; killed it and its stage") from None
     except BaseException:
         _kill_tree(proc.pid)
+        _repair_rwlock(cwd)
         raise
     finally:
         reader.join(timeout=10)

@@ -106,7 +106,8 @@ class CalibrationConfig(Strict):
     n_samples: int = Field(128, ge=1)
     seq_len: int = Field(2048, ge=2)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    batch_size: int = Field(32, ge=1)
+    # Rows generated at once; "auto": as many as free device memory holds (64 on CPU).
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     sources: dict[str, SourceConfig] = Field(min_length=1)
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
 

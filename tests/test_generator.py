@@ -1,40 +1,39 @@
-"""Self-calibration generator: BOS-only start, EOS concatenation, seeds, batch invariance."""
+"""Self-calibration generator: BOS-only starts, EOS restarts in lockstep, seeds, batch invariance,
+and every set checked against a full recomputation without any cache (``replay``)."""
 
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from selfcal.calibration.generator import generate_self_calibration
+from selfcal.calibration.lockstep import LockstepRows, StaticKVCache, plan_for
+from selfcal.calibration.replay import replay, segments
+from selfcal.calibration.sampling import row_uniforms
 from selfcal.calibration.schedule import LinearSchedule
 from selfcal.hashing import sha256_tokens
 
-BOS, EOS, V = 1, 2, 16
+BOS, EOS = 1, 2
 
 
-class ScriptedLM(torch.nn.Module):
-    """Logits depend only on the last input token: uniform over 3..V-1, except that
-    token 5 is always followed by EOS. Lets tests reason about exact outputs."""
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    from transformers import AutoModelForCausalLM
 
-    def __init__(self):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.seen_first_inputs = []
+    return AutoModelForCausalLM.from_pretrained(tiny_model).eval()
 
-    def forward(self, input_ids, past_key_values=None, use_cache=True):
-        if past_key_values is not None and past_key_values.get_seq_length() == 0:
-            self.seen_first_inputs.append(input_ids.clone())
-        last = input_ids[:, -1]
-        logits = torch.full((input_ids.shape[0], 1, V), -1e9)
-        logits[:, :, 3:] = 0.0
-        logits[last == 5, :, :] = -1e9
-        logits[last == 5, :, EOS] = 0.0
-        if past_key_values is not None:  # grow the cache so batch selection has something to select
-            from transformers import DynamicCache  # noqa: F401
 
-            k = torch.zeros(input_ids.shape[0], 1, input_ids.shape[1], 2)
-            past_key_values.update(k, k.clone(), 0)
-        return SimpleNamespace(logits=logits)
+def boosted(model, boosts: dict[int, float]):
+    """The same model with fixed logit offsets on some tokens: a model made to emit them often."""
+    import copy
+
+    m = copy.deepcopy(model)
+    bias = torch.zeros(m.config.vocab_size)
+    for tok, b in boosts.items():
+        bias[tok] = b
+    m.lm_head.register_forward_hook(lambda mod, inp, out: out + bias.to(out))
+    return m
 
 
 def gen(model, **kw):
@@ -49,84 +48,98 @@ def gen(model, **kw):
         progress=False,
     )
     args.update(kw)
-    return generate_self_calibration(model, **args)[0]
+    return generate_self_calibration(model, **args)
 
 
-def test_every_sequence_starts_with_bos_and_every_generation_is_conditioned_on_bos_only():
-    model = ScriptedLM()
-    tokens = gen(model)
-    assert (tokens[:, 0] == BOS).all()
-    assert all((x == BOS).all() and x.shape[1] == 1 for x in model.seen_first_inputs)
+def check_replay(model, tokens, *, seed=0, eos=(EOS,), schedule=LinearSchedule(1.0, 1.0, 10), **kw):
+    report = replay(
+        model,
+        tokens,
+        seed=seed,
+        rows=range(len(tokens)),
+        bos_id=BOS,
+        eos_ids=list(eos),
+        schedule=schedule,
+        **kw,
+    )
+    assert report.identical, (
+        f"{report.mismatches} tokens differ from the full recompute, first at {report.first_mismatch}"
+    )
+    return report
 
 
-def test_eos_is_followed_by_a_fresh_generation_until_seq_len():
-    tokens = gen(ScriptedLM(), n=8, seq_len=64)
-    assert tokens.shape == (8, 64) and (tokens >= 0).all()
-    saw_restart = False
+def test_every_row_starts_with_bos_and_matches_a_full_recompute_without_cache(model):
+    sched = LinearSchedule(1.5, 0.5, 5)
+    tokens, stats = gen(model, n=3, seq_len=48, schedule=sched)
+    assert (tokens[:, 0] == BOS).all() and (tokens >= 0).all()
+    assert stats.forward_steps == 47, "lockstep: seq_len - 1 steps, whatever the generations"
+    check_replay(model, tokens, schedule=sched)
+
+
+def test_many_restarts_each_generation_is_an_independent_sample_from_bos(model):
+    """EOS made frequent (about one token in five): every EOS is followed by BOS, and every
+    generation, recomputed alone from its BOS with no cache, gives exactly the same tokens."""
+    chatty = boosted(model, {EOS: 4.5})
+    sched = LinearSchedule(2.0, 1.0, 6)
+    tokens, stats = gen(chatty, n=5, seq_len=64, schedule=sched)
+    gens = sum(len(segments(list(r), [EOS])) for r in tokens)
+    assert gens >= 5 * 4, f"the boosted model should restart often, saw {gens} generations"
+    assert stats.generations == gens
     for row in tokens:
         for i in range(len(row) - 1):
-            if row[i] == 5:
-                assert row[i + 1] == EOS
             if row[i] == EOS:
                 assert row[i + 1] == BOS
-                saw_restart = True
-    assert saw_restart, "token 5 is common enough that some sequence must have hit EOS"
+    # Log-probs recorded on the engine agree with the full recompute's.
+    plan = plan_for(bos_id=BOS, eos_id=EOS, schedule=sched)
+    engine = LockstepRows(chatty, plan, row_uniforms(0, range(5), 64), logprobs=True, window_chunk=16)
+    engine.run()
+    np.testing.assert_array_equal(engine.out.numpy(), tokens)
+    report = check_replay(chatty, tokens, schedule=sched, logprobs=engine.logprobs.numpy())
+    assert report.generations == gens and report.max_logprob_diff < 1e-4
 
 
-def test_same_seed_same_hash_different_seed_different_hash():
-    a = sha256_tokens(gen(ScriptedLM(), seed=3))
-    b = sha256_tokens(gen(ScriptedLM(), seed=3))
-    c = sha256_tokens(gen(ScriptedLM(), seed=4))
-    assert a == b
-    assert a != c
+def test_window_chunks_and_batch_sizes_do_not_change_the_set(model):
+    full, _ = gen(model, batch_size=6)
+    for kw in ({"batch_size": 1}, {"batch_size": 4}, {"window_chunk": 1}, {"window_chunk": 7}, {"batch_size": "auto"}):
+        np.testing.assert_array_equal(full, gen(model, **kw)[0], err_msg=str(kw))
 
 
-def test_batch_size_does_not_change_the_set():
-    full = gen(ScriptedLM(), batch_size=6)
-    np.testing.assert_array_equal(full, gen(ScriptedLM(), batch_size=1))
-    np.testing.assert_array_equal(full, gen(ScriptedLM(), batch_size=4))
+def test_same_seed_same_hash_different_seed_different_hash(model):
+    a = sha256_tokens(gen(model, seed=3)[0])
+    assert a == sha256_tokens(gen(model, seed=3)[0])
+    assert a != sha256_tokens(gen(model, seed=4)[0])
 
 
-def test_greedy_temperature_is_deterministic_across_seeds():
+def test_greedy_temperature_is_deterministic_across_seeds(model):
     sched = LinearSchedule(0.0, 0.0, 0)
-    np.testing.assert_array_equal(gen(ScriptedLM(), schedule=sched, seed=1), gen(ScriptedLM(), schedule=sched, seed=2))
+    np.testing.assert_array_equal(gen(model, schedule=sched, seed=1)[0], gen(model, schedule=sched, seed=2)[0])
 
 
-def test_real_transformer_with_kv_cache_matches_a_full_recompute(tiny_model):
-    """The cached batched loop must produce exactly what step-by-step full forwards give."""
-    from transformers import AutoModelForCausalLM
-
-    from selfcal.calibration.sampling import row_uniforms, sample_tokens
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    sched = LinearSchedule(1.5, 0.5, 5)
-    cached = gen(model, n=3, seq_len=24, schedule=sched, eos_id=None, batch_size=3)
-    u = row_uniforms(0, range(3), 24)
-    ids = torch.full((3, 1), BOS)
-    with torch.no_grad():
-        for step in range(23):
-            logits = model(input_ids=ids).logits[:, -1]
-            nxt = sample_tokens(logits, sched(step), u[:, step + 1])
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-    np.testing.assert_array_equal(cached, ids.numpy())
+def test_a_per_row_schedule_restarts_with_each_generation(model):
+    """Temperature 0 for the first 3 tokens of every generation, then 1: the first three tokens
+    after each BOS are the greedy continuation of BOS, in every row and after every restart."""
+    chatty = boosted(model, {EOS: 4.0})
+    sched = LinearSchedule(0.0, 1.0, 3)  # step 0 at t=0 (greedy), steps >= 3 at t=1
+    tokens, _ = gen(chatty, n=6, seq_len=64, schedule=sched, seed=5)
+    firsts = {int(row[s + 1]) for row in tokens for s, e in segments(list(row), [EOS]) if e - s > 1}
+    assert len(firsts) == 1, f"step 0 of every generation is greedy, saw first tokens {firsts}"
+    check_replay(chatty, tokens, schedule=sched, seed=5)
 
 
-class TwoEosLM(ScriptedLM):
-    """As ScriptedLM, and token 6 is always followed by token 7: a second EOS id."""
-
-    def forward(self, input_ids, past_key_values=None, use_cache=True):
-        out = super().forward(input_ids, past_key_values, use_cache)
-        last = input_ids[:, -1]
-        out.logits[last == 6, :, :] = -1e9
-        out.logits[last == 6, :, 7] = 0.0
-        out.logits[:, :, 7] = torch.where(
-            (last == 6)[:, None], out.logits[:, :, 7], torch.full_like(out.logits[:, :, 7], -1e9)
-        )
-        return out
+def test_top_k_top_p_and_first_token_constraint_run_on_the_device_per_row(model):
+    chatty = boosted(model, {EOS: 3.0})
+    allowed = [10, 11, 12]
+    tokens, _ = gen(chatty, n=4, seq_len=48, top_k=20, top_p=0.9, first_token_ids=allowed, seed=2)
+    for row in tokens:
+        for s, e in segments(list(row), [EOS]):
+            if e - s > 1:
+                assert row[s + 1] in allowed
+    check_replay(chatty, tokens, seed=2, top_k=20, top_p=0.9, first_token_ids=allowed)
 
 
-def test_any_of_several_eos_ids_ends_a_generation():
-    tokens = gen(TwoEosLM(), n=8, seq_len=64, eos_id=[EOS, 7])
+def test_any_of_several_eos_ids_ends_a_generation(model):
+    chatty = boosted(model, {EOS: 3.5, 7: 3.5})
+    tokens, _ = gen(chatty, n=6, seq_len=64, eos_id=[EOS, 7])
     ended = {EOS: 0, 7: 0}
     for row in tokens:
         for i in range(len(row) - 1):
@@ -134,9 +147,30 @@ def test_any_of_several_eos_ids_ends_a_generation():
                 assert row[i + 1] == BOS, f"a generation must restart after EOS id {row[i]}"
                 ended[int(row[i])] += 1
     assert ended[EOS] > 0 and ended[7] > 0
+    check_replay(chatty, tokens, eos=(EOS, 7))
     # With only the first id as EOS, 7 is an ordinary token: the generation goes on after it.
-    single = gen(TwoEosLM(), n=8, seq_len=64, eos_id=EOS)
+    single, _ = gen(chatty, n=6, seq_len=64, eos_id=EOS)
     assert any(row[i] == 7 and row[i + 1] != BOS for row in single for i in range(len(row) - 1))
+
+
+def test_the_static_cache_is_what_the_decoder_layers_call():
+    cache = StaticKVCache(layers=2, batch=3, kv_heads=2, length=8, head_dim=4, dtype=torch.float32, device="cpu")
+    cache.slot.fill_(5)
+    cache.window = 6
+    k = torch.randn(3, 2, 1, 4)
+    keys, values = cache.update(k, -k, 1)
+    assert keys.shape == (3, 2, 6, 4)
+    torch.testing.assert_close(keys[:, :, 5:6], k)
+    torch.testing.assert_close(cache.values[1][:, :, 5:6], -k)
+    assert cache.keys[0].abs().sum() == 0 and cache.keys[1][:, :, :5].abs().sum() == 0
+
+
+def test_a_sliding_window_decoder_is_refused_in_one_line():
+    from selfcal.calibration.lockstep import check_supported
+
+    cfg = SimpleNamespace(layer_types=["sliding_attention", "full_attention"], model_type="toy", sliding_window=4)
+    with pytest.raises(NotImplementedError, match="full attention"):
+        check_supported(SimpleNamespace(config=cfg))
 
 
 def test_eos_ids_come_from_the_tokenizer_and_every_id_the_generation_config_lists():
@@ -147,3 +181,12 @@ def test_eos_ids_come_from_the_tokenizer_and_every_id_the_generation_config_list
     assert eos_ids(tok, model) == [2, 1, 106]
     assert eos_ids(tok, SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=2))) == [2]
     assert eos_ids(tok) == [2]
+
+
+def test_a_mismatch_is_measured_against_the_reference_interval():
+    from selfcal.calibration.replay import tie_distance
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.25]]))
+    assert tie_distance(logits, 1.0, 0.6, 1) == 0.0  # 0.6 lies in token 1's [0.5, 0.75)
+    assert abs(tie_distance(logits, 1.0, 0.6, 0) - 0.1) < 1e-9  # 0.1 past token 0's interval
+    assert abs(tie_distance(logits, 1.0, 0.6, 2) - 0.15) < 1e-9

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from selfcal import textdata
 from selfcal.calibration import corpus
 from selfcal.calibration.generator import generate_self_calibration
+from selfcal.calibration.pool import PoolSampling, generate_pool
 from selfcal.calibration.schedule import LinearSchedule
 from selfcal.errors import ConfigError, DataError
 from selfcal.registry import Registry
@@ -29,7 +30,7 @@ class SourceRequest:
     n: int
     seq_len: int
     seed: int
-    batch_size: int
+    batch_size: int | str  # rows at once, or "auto" (free device memory)
     root: Path = Path(".")  # params.yaml's directory: relative corpus paths start here
     name: str = "source"  # the params key, for error messages
     progress: bool = True
@@ -180,7 +181,7 @@ def vocabulary(spec, request: SourceRequest, *, tokenizer, model=None) -> Source
     )
 
 
-@register("ji", needs_model=True, version=2)
+@register("ji", needs_model=True, version=3)
 def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceResult:
     """Ji et al. (2024) as their code does it (github.com/Dereck0602/calibration_data).
 
@@ -191,7 +192,10 @@ def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceRes
       whole re-tokenized text, prompt included; texts below the 80th percentile are kept.
     - Wanda/lib/data.py ``get_selfgen``: the kept texts are joined with ' ', tokenized once,
       and ``random.seed(seed)`` + ``random.randint(0, len - seqlen - 1)`` picks each window.
-    Here the pool's prompts are drawn with the set's seed, so each set has its own pool.
+    Here the pool's prompts are drawn with the set's seed, so each set has its own pool, and the
+    pool runs on the lockstep engine (``pool.py``: transformers' processors in its order, on the
+    device; generation i draws from stream (seed, i)); version 3 (2 sampled with
+    ``model.generate``'s multinomial: the same distribution, other draws).
     """
     key = f"calibration.sources.{request.name}"
     docs = textdata.read_documents(
@@ -204,38 +208,32 @@ def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceRes
         )
     rng = np.random.default_rng(request.seed)
     prompts = torch.tensor([encoded[i] for i in rng.choice(len(encoded), spec.pool_size, replace=False)])
-    device = next(model.parameters()).device
     eos = eos_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    torch.manual_seed(request.seed)
-    texts: list[str] = []
-    new_tokens: list[int] = []
-    stopped = 0
-    prompt_len = prompts.shape[1]
-    eos_t = torch.as_tensor(eos or [-1])
     bar = tqdm(total=spec.pool_size, unit="gen", desc="ji synthesis", disable=not request.progress)
-    for i in range(0, spec.pool_size, request.batch_size):
-        batch = prompts[i : i + request.batch_size].to(device)
-        out = model.generate(
-            input_ids=batch,
-            attention_mask=torch.ones_like(batch),
-            do_sample=True,
-            temperature=spec.temperature,
-            top_p=spec.top_p,
-            top_k=spec.top_k,
-            repetition_penalty=spec.repetition_penalty,
+    try:
+        pool = generate_pool(
+            model,
+            prompts.tolist(),
             max_new_tokens=spec.max_new_tokens,
-            eos_token_id=eos or None,
-            pad_token_id=pad,
-        ).cpu()
-        for row in out[:, prompt_len:]:
-            hit = torch.nonzero(torch.isin(row, eos_t)).flatten()
-            new_tokens.append(int(hit[0]) + 1 if hit.numel() else int(row.numel()))
-            stopped += int(hit.numel() > 0)
-        texts += tokenizer.batch_decode(out, skip_special_tokens=True)
-        bar.update(len(batch))
-    bar.close()
-    kept, filt = perplexity_filter(model, tokenizer, texts, spec.drop_fraction, batch_size=request.batch_size)
+            eos_ids=eos,
+            sampling=PoolSampling(
+                temperature=spec.temperature,
+                top_k=spec.top_k,
+                top_p=spec.top_p,
+                repetition_penalty=spec.repetition_penalty,
+            ),
+            seed=request.seed,
+            batch_size=request.batch_size,
+            on_done=bar.update,
+        )
+    finally:
+        bar.close()
+    texts = tokenizer.batch_decode(pool.generations, skip_special_tokens=True)
+    prompt_len = prompts.shape[1]
+    new_tokens = [len(g) - prompt_len for g in pool.generations]
+    stopped = sum(pool.stopped_at_eos)
+    scoring_batch = request.batch_size if isinstance(request.batch_size, int) else 16
+    kept, filt = perplexity_filter(model, tokenizer, texts, spec.drop_fraction, batch_size=scoring_batch)
     tokens, starts, joined = selfgen_windows(
         kept, tokenizer, n=request.n, seq_len=request.seq_len, seed=request.seed, key=key
     )
@@ -250,6 +248,8 @@ def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceRes
             "joined_tokens": joined,
             "window_starts": starts,
             "eos_token_ids": eos,
+            "forward_steps": pool.forward_steps,
+            "generation_seconds": round(pool.seconds, 3),
         },
     )
 
