@@ -20,6 +20,9 @@ OUTCOMES = {
 }
 
 
+GUARD_STAGE = "guard"  # always changed; the flow does its work itself (flows/pipeline.py)
+
+
 def stage_items(root: Path) -> list[str]:
     """Every stage item (``generate@self-0``, ``aggregate``…), dependencies first.
 

@@ -26,12 +26,13 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from flows.dvc_items import outcome, stage_items
+from flows.dvc_items import GUARD_STAGE, outcome, stage_items
 from flows.dvc_process import run_dvc
 from flows.summary import RESULTS_ARTIFACT, run_summary
 from selfcal.config import DEFAULT_PARAMS, PARAMS_ENV, load_params
 from selfcal.lineage.tracking import EXECUTION_ENV
 from selfcal.pipeline import layout
+from selfcal.pipeline.guard import guard
 from selfcal.profiles import apply_profile
 from selfcal.scratch import sweep_scratch
 from selfcal.workspace_lock import lock_path, workspace_lock
@@ -81,6 +82,10 @@ def _prepare(root: Path, profile: str | None, logger) -> Path:
     params = load_params(root / DEFAULT_PARAMS)  # one clear line now, not one failed task per item later
     for path in sweep_scratch(params.artifacts_dir):
         logger.info("removed scratch left by an interrupted stage: %s", path)
+    # The guard stage's work, done here once under the run's lock: `selfcal check` before any item
+    # (so DVC deletes no output of an item whose params would be refused) and its constant output,
+    # which every other stage depends on. The `guard` item itself is not run (always changed).
+    logger.info("guard: %s", guard(params))
     return layout.results_markdown(params)
 
 
@@ -121,7 +126,7 @@ def pipeline(
         report = _prepare(root, profile, logger)
         if sync_remote:
             remote_sync.with_options(**options)("pull", str(root), execution_id, timeout_seconds)
-        items = stage_items(root)
+        items = [i for i in stage_items(root) if i != GUARD_STAGE]
         logger.info("%d stage items: %s", len(items), ", ".join(items))
         results = [
             repro_item.with_options(**options)(item, str(root), execution_id, force, sync_remote, timeout_seconds)

@@ -27,6 +27,8 @@ from selfcal.records import ArtifactManifest, dump_record, read_record
 M = TypeVar("M", bound=ArtifactManifest)
 
 MANIFEST = "manifest.json"
+# How a run went (wall times, peak memory): listed in a manifest's files, never in its content digest.
+RUN_FACTS = "run.json"
 _TRACKED_PACKAGES = ("selfcal", "torch", "transformers", "llmcompressor", "compressed-tensors", "lm-eval")
 
 

@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
         "  selfcal aggregate                          write artifacts/report/results.{csv,md}\n"
         "  selfcal run                                the whole pipeline (Prefect flow over dvc repro)\n"
         "  selfcal lineage stories260K-gptq-self:1    model -> calibration set -> generator, commit, metrics\n"
-        "  selfcal verify stories260K-gptq-self       recompute every registered hash on disk\n",
+        "  selfcal verify stories260K-gptq-self       recompute every registered hash on disk\n"
+        "  selfcal models                             every registered model version and its calibration set\n",
     )
     p.add_argument("--params", help="params file (default: $SELFCAL_PARAMS or ./params.yaml)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -81,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     lg.add_argument("--calibration", metavar="DIGEST", help="calibration content digest (or a prefix of 8+ hex digits)")
     lg.add_argument("--json", action="store_true", help="print JSON instead of text")
     lg.add_argument("--tracking-uri", help=store_help)
+    ms = sub.add_parser(
+        "models",
+        help="list every registered model version with its method, calibration set and checkpoint",
+        description="Every version in the MLflow model registry, by name then version, with the lineage tags "
+        "selfcal registered (method, calibration set and digest, checkpoint); versions registered by "
+        "hand say 'no selfcal lineage'. Then `selfcal lineage NAME:VERSION` traces one.",
+    )
+    ms.add_argument("--json", action="store_true", help="print JSON instead of text")
+    ms.add_argument("--tracking-uri", help=store_help)
     vf = sub.add_parser(
         "verify",
         help="recompute the hashes of a registered model's checkpoint, calibration set and metrics on disk",
@@ -197,6 +207,15 @@ def _lineage(args) -> None:
     print(json.dumps(chain, indent=2) if args.json else trace.format_text(chain))
 
 
+def _models(args) -> None:
+    import json
+
+    from selfcal.lineage import trace
+
+    models = trace.all_models(_audit_client(args))
+    print(json.dumps(models, indent=2) if args.json else trace.format_model_list(models))
+
+
 def _verify(args) -> None:
     from selfcal.errors import VerificationError
     from selfcal.lineage import store
@@ -241,6 +260,36 @@ def _inspect(args, params) -> None:
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
+WRITERS = ("generate", "compress", "evaluate", "inspect", "aggregate")  # take the workspace lock
+
+
+def _dispatch(args, params, progress: bool) -> None:
+    from selfcal.config import params_path
+
+    if args.command == "check":
+        from selfcal.pipeline.check import check
+
+        print(check(params, params_path(args.params)))
+    elif args.command == "generate":
+        from selfcal.pipeline.generate import generate
+
+        generate(params, args.source, args.seed, progress=progress)
+    elif args.command == "compress":
+        from selfcal.pipeline.compress import compress
+
+        compress(params, args.source, args.seed, args.method)
+    elif args.command == "evaluate":
+        from selfcal.pipeline.evaluate import evaluate
+
+        evaluate(params, args.target, progress=progress)
+    elif args.command == "inspect":
+        _inspect(args, params)
+    elif args.command == "aggregate":
+        from selfcal.pipeline.aggregate import aggregate
+
+        aggregate(params)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -248,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         from selfcal.config import load_params, params_path
 
-        if args.command in ("lineage", "verify"):
-            (_lineage if args.command == "lineage" else _verify)(args)  # an auditor may have no params.yaml
+        if args.command in ("lineage", "verify", "models"):  # an auditor may have no params.yaml
+            {"lineage": _lineage, "verify": _verify, "models": _models}[args.command](args)
             return
         if args.command == "run":
             _run(args)  # before load_params: the profile may replace params.yaml
@@ -259,28 +308,19 @@ def main(argv: list[str] | None = None) -> int:
             return
         params = load_params(args.params)
         progress = not args.no_progress
-        if args.command == "check":
-            from selfcal.pipeline.check import check
+        if args.command in WRITERS:
+            from selfcal.pipeline.common import check_artifacts_dir
+            from selfcal.workspace_lock import write_guard
 
-            print(check(params, params_path(args.params)))
-        elif args.command == "generate":
-            from selfcal.pipeline.generate import generate
+            check_artifacts_dir(params)
 
-            generate(params, args.source, args.seed, progress=progress)
-        elif args.command == "compress":
-            from selfcal.pipeline.compress import compress
+            from selfcal.pipeline.common import sweep_if_sole_writer
 
-            compress(params, args.source, args.seed, args.method)
-        elif args.command == "evaluate":
-            from selfcal.pipeline.evaluate import evaluate
-
-            evaluate(params, args.target, progress=progress)
-        elif args.command == "inspect":
-            _inspect(args, params)
-        elif args.command == "aggregate":
-            from selfcal.pipeline.aggregate import aggregate
-
-            aggregate(params)
+            with write_guard(params.root, label=f"selfcal {' '.join(argv if argv is not None else sys.argv[1:])}") as h:
+                sweep_if_sole_writer(params, h)
+                _dispatch(args, params, progress)
+            return
+        _dispatch(args, params, progress)
 
     return run_cli(go)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator
@@ -21,6 +22,8 @@ from selfcal.paths import resolve_path
 from selfcal.schema import Strict
 
 DEFAULT_PARAMS = Path("params.yaml")
+# Names that become folder names and CLI words: no leading "-" (an option), no "." or "/".
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 PARAMS_ENV = "SELFCAL_PARAMS"
 REGISTERED_NAME_FIELDS = ("base", "method", "source", "seed")
 
@@ -105,7 +108,8 @@ class DiagnosticsConfig(Strict):
 class CalibrationConfig(Strict):
     n_samples: int = Field(128, ge=1)
     seq_len: int = Field(2048, ge=2)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # strict: YAML's true/false are not seeds; a seed is a non-negative integer.
+    seeds: list[Annotated[int, Field(strict=True, ge=0)]] = Field(default_factory=lambda: [0], min_length=1)
     # Rows generated at once; "auto": as many as free device memory holds (64 on CPU).
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     sources: dict[str, SourceConfig] = Field(min_length=1)
@@ -115,8 +119,10 @@ class CalibrationConfig(Strict):
     @classmethod
     def _names_are_path_safe(cls, sources: dict[str, SourceConfig]) -> dict[str, SourceConfig]:
         for name in sources:
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"source name {name!r} must be letters, digits, '-' or '_'")
+            if not SAFE_NAME.fullmatch(name):
+                raise ValueError(
+                    f"source name {name!r} must start with a letter or digit, then letters, digits, '-' or '_'"
+                )
         return sources
 
     @field_validator("seeds")
@@ -178,7 +184,7 @@ class EvaluationConfig(Strict):
     data_dir: str | None = None
     limit: int | None = Field(None, ge=1)
     # "auto": lm-eval's largest-batch search on a GPU, a fixed 16 on CPU (see harness).
-    batch_size: int | Literal["auto"] = "auto"
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     # Named perplexity sets, e.g. {wikitext2: {...}, c4: {...}}; each is a metric.
     perplexity: dict[str, PerplexityConfig] = Field(default_factory=dict)
 
@@ -289,8 +295,35 @@ def load_params(path: str | os.PathLike[str] | None = None) -> Params:
     p = params_path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: params file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+    data = read_yaml(p.read_text(), source=p)
     return parse_params(data, source=str(p), root=p.resolve().parent)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key given twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]})", mark
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str, *, source: str | os.PathLike[str]) -> Any:
+    """Parse a params/profile file: one line on a syntax error or a duplicate key, naming
+    ``FILE:LINE:COLUMN``."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else str(source)
+        what = err.problem or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {str(err).splitlines()[0]}") from None

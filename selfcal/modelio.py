@@ -47,10 +47,41 @@ def resolve_model(
     if candidate.is_dir():
         if not (candidate / "config.json").is_file():
             raise ModelNotFoundError(f"{key}: {name!r} is a directory without config.json, not a Hugging Face model")
+        check_weights(candidate, key=key)
         return ModelRef(name=name, local_dir=candidate.resolve(), revision=revision)
     if name.startswith(LOCAL_PREFIXES) or candidate.exists():
         raise ModelNotFoundError(f"{key}: local model directory {str(candidate)!r} does not exist")
     return _resolve_hub(name, revision=revision, key=key)
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weights(directory: Path, *, key: str = "model.path") -> None:
+    """A local model folder must hold safetensors weights with readable headers: selfcal never
+    loads pickles (``*.bin`` can run code when unpickled), and a cut or corrupt file should be
+    named here, in one line, not deep inside ``from_pretrained``."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelNotFoundError(
+                f"{key}: {directory} has only pickle weights ({', '.join(pickles[:3])}); selfcal loads "
+                "safetensors only: convert them (transformers' save_pretrained(safe_serialization=True))"
+            )
+        raise ModelNotFoundError(f"{key}: {directory} has no weights (*.safetensors)")
+    for f in files:
+        size = f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if size < 8 or n <= 0 or 8 + n > size:
+                    raise ValueError(f"header length {n} does not fit a {size}-byte file")
+                json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise ModelNotFoundError(
+                f"{key}: {f}: corrupt safetensors header ({err}); re-download or rebuild it"
+            ) from None
 
 
 def _resolve_hub(name: str, *, revision: str | None, key: str) -> ModelRef:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from selfcal.artifacts import atomic_write_text
-from selfcal.config import DEFAULT_PARAMS, parse_params
+from selfcal.config import DEFAULT_PARAMS, parse_params, read_yaml
 from selfcal.errors import ConfigError
 
 PROFILE_DIR = Path("profiles")
@@ -37,10 +35,7 @@ def read_profile(root: Path, profile: str) -> str:
     """The profile's text, once it validates as the params.yaml it would become."""
     path = resolve_profile(root, profile)
     text = path.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    data = read_yaml(text, source=path)
     # Relative paths in it resolve from the workspace root, as they will in params.yaml.
     parse_params(data, source=str(path), root=Path(root).resolve())
     return text

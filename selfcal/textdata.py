@@ -35,6 +35,19 @@ def _files(path: Path) -> list[Path]:
 
 
 def _read_file(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of one file; a file that is not UTF-8 text or valid JSON is one DataError."""
+    try:
+        yield from _read_file_unchecked(path, text_field)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); "
+            "a corpus is .txt, .jsonl, .json or .parquet text"
+        ) from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+
+
+def _read_file_unchecked(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix in JSON_SUFFIXES:
         with open(path) as f:
             first = f.read(1)

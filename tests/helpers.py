@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -169,3 +170,39 @@ def calibration_fields(tokens, **overrides) -> dict:
     }
     fields.update(overrides)
     return fields
+
+
+@contextmanager
+def hold_workspace(root: Path, label: str):
+    """Another process holds ``root``'s workspace lock for the block, as a running flow would; yields
+    the owner's pid (a ``sleep`` the holder process keeps the lock for)."""
+    import subprocess
+    import sys
+
+    owner = subprocess.Popen(["sleep", "300"])
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "selfcal.workspace_lock", str(root), str(owner.pid), label],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield owner.pid
+    finally:
+        owner.kill()
+        owner.wait()
+        holder.wait(timeout=30)
+
+
+def params_error(data) -> str:
+    """The one-line ConfigError that parse_params gives for ``data`` (asserted to be one line)."""
+    import pytest
+
+    from selfcal.config import parse_params
+    from selfcal.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_params(data, source="params.yaml")
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg

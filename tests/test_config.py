@@ -6,15 +6,11 @@ from selfcal.cli import main
 from selfcal.config import load_params, parse_params
 from selfcal.errors import ConfigError, ModelNotFoundError
 from selfcal.pipeline.common import base_model, check_context
-from tests.helpers import small_params, write_params
+from tests.helpers import params_error, small_params, write_params
 
 
 def _err(data) -> str:
-    with pytest.raises(ConfigError) as e:
-        parse_params(data, source="params.yaml")
-    msg = str(e.value)
-    assert "\n" not in msg
-    return msg
+    return params_error(data)
 
 
 def test_valid_params_parse(tiny_model, tmp_path):
@@ -143,7 +139,8 @@ def _check_workspace(tmp_path, data: dict):
 
 
 def test_check_refuses_a_method_whose_params_section_dvc_cannot_find(tiny_model, tmp_path, capsys):
-    data = small_params(tiny_model, tmp_path, **{"compression.methods": ["gptq", "wanda"]})
+    # No perplexity set: `check` reads it, and the unit tier runs without ../shared.
+    data = small_params(tiny_model, tmp_path, **{"compression.methods": ["gptq", "wanda"], "evaluation.perplexity": {}})
     path = _check_workspace(tmp_path, data)
     assert main(["--params", str(path), "check"]) == 2
     err = capsys.readouterr().err.strip()
@@ -155,7 +152,7 @@ def test_check_refuses_a_method_whose_params_section_dvc_cannot_find(tiny_model,
 
 
 def test_check_refuses_first_token_words_that_are_not_one_token(tiny_model, tmp_path, capsys):
-    data = small_params(tiny_model, tmp_path)
+    data = small_params(tiny_model, tmp_path, **{"evaluation.perplexity": {}})
     data["calibration"]["sources"]["self"]["first_token_words"] = ["the", "xylophonist"]
     path = _check_workspace(tmp_path, data)
     assert main(["--params", str(path), "check"]) == 2

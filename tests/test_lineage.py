@@ -236,3 +236,16 @@ def test_registered_name_template_and_sanitising(tiny_model, tmp_path):
         parse_params(
             small_params(tiny_model, tmp_path, **{"tracking.registered_model_name": "{base}-{nope}"}), root=tmp_path
         )
+
+
+def test_models_lists_every_registered_version_for_an_auditor_who_knows_no_name(audited, capsys):
+    code, out, _ = _cli(capsys, audited, "models")
+    assert code == 0 and "registered model version(s):" in out.splitlines()[0]
+    for source in SOURCES:
+        assert f"  {_name(source)}:1  gptq  {source}-s0 (" in out
+    if "hand-made:1" in out:  # registered by hand in the test above: said so, not hidden
+        assert "hand-made:1  no selfcal lineage" in out
+    code, out, _ = _cli(capsys, audited, "models", "--json")
+    rows = {r["model"]: r for r in json.loads(out)}
+    assert {f"{_name(s)}:1" for s in SOURCES} <= set(rows)
+    assert all(rows[f"{_name(s)}:1"]["calibration"] == f"{s}-s0" for s in SOURCES)

@@ -167,6 +167,23 @@ def _runs_by_execution(db: Path) -> dict[str, list]:
     return by_exec
 
 
+def test_a_held_workspace_refuses_dvc_repro_before_anything_is_written(dvc_workspace):
+    """Another run holds the workspace lock: the guard stage refuses `dvc repro` naming it, and no
+    stage runs, no artifact and no dvc.lock appear."""
+    from tests.helpers import hold_workspace
+
+    ws, _ = dvc_workspace
+    with hold_workspace(ws, "nightly selfcal run") as owner:
+        env = {k: v for k, v in _GIT_ENV.items() if k != "MLFLOW_TRACKING_URI"}
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+        proc = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=ws, env=env, capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"is in use by nightly selfcal run (pid {owner}" in out
+    assert [line for line in out.splitlines() if "Running stage" in line] == ["Running stage 'guard':"]
+    assert not (ws / "dvc.lock").exists() and not (ws / "artifacts" / "calibration").exists()
+
+
 def test_dvc_repro_end_to_end_then_noop_then_partial(dvc_workspace):
     ws, data = dvc_workspace
     out = _dvc(ws, "repro")
@@ -186,7 +203,9 @@ def test_dvc_repro_end_to_end_then_noop_then_partial(dvc_workspace):
     stages = sorted(r.data.tags["selfcal.stage"] for r in runs)
     assert stages == ["aggregate", "compress", "evaluate", "evaluate", "generate", "inspect", "pipeline"]
 
-    assert "Data and pipelines are up to date." in _dvc(ws, "repro")
+    again = _dvc(ws, "repro")  # a no-op: only the guard stage (always run, output unchanged) runs
+    assert "Running stage 'guard'" in again
+    assert [line for line in again.splitlines() if "Running stage" in line] == ["Running stage 'guard':"]
 
     # DVC's own tools see the metrics, under the names MLflow and the report use.
     shown = json.loads(_dvc_json(ws, "metrics", "show", "--json"))

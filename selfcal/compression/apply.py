@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from selfcal.artifacts import atomic_dir, write_manifest
+from selfcal.artifacts import MANIFEST, RUN_FACTS, atomic_dir, write_manifest
 from selfcal.compression.layers import linear_layers, matches
 from selfcal.compression.methods import METHODS, CompressionMethod, RecipeContext
 from selfcal.errors import ConfigError
+from selfcal.hashing import file_digests, tree_digest
 from selfcal.records import CalibrationRef, CheckpointManifest, ModelFingerprint
 
 _TOKENIZER_FILES = (
@@ -29,6 +30,9 @@ _TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+
+
+REPORT = "compression.json"  # the deterministic per-layer verification report
 
 
 @dataclass(frozen=True)
@@ -143,27 +147,33 @@ def compress(
         report = _verify(the_plan, tmp, reference, base_dir)
         report.update(
             {
-                "verify_seconds": round(time.perf_counter() - t1, 3),
                 "method": the_plan.method.name,
-                "compress_seconds": round(seconds, 3),
                 "size_bytes": verify.size_on_disk(tmp),
                 "dense_size_bytes": verify.size_on_disk(base_dir) if base_dir else None,
-                "peak_rss_bytes": verify.peak_rss_bytes(),
-                "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
                 "skipped_layers": the_plan.skipped_layers,
                 "dense_layers": list(the_plan.context.dense_layers),
             }
         )
-        (tmp / "compression.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        # What determines the model goes in compression.json (and the content digest); how this
+        # run went (times, memory) goes in run.json beside it, outside the digest.
+        (tmp / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        facts = {
+            "compress_seconds": round(seconds, 3),
+            "verify_seconds": round(time.perf_counter() - t1, 3),
+            "peak_rss_bytes": verify.peak_rss_bytes(),
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+        }
+        (tmp / RUN_FACTS).write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n")
         manifest = write_manifest(
             tmp,
             CheckpointManifest,
+            content_digest=tree_digest(file_digests(tmp, exclude=frozenset({MANIFEST, RUN_FACTS}))),
             method=the_plan.method.name,
             method_params=cfg.model_dump(),
             recipe=(tmp / "recipe.yaml").read_text() if (tmp / "recipe.yaml").is_file() else None,
             skipped_layers=the_plan.skipped_layers,
             compress_seconds=round(seconds, 3),
-            verification={k: v for k, v in report.items() if k != "layers"},
+            verification={k: v for k, v in report.items() if k != "layers"} | facts,
             base_model=base_model,
             calibration=calibration,
             device=device,

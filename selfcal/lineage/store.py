@@ -56,6 +56,14 @@ def versions_for_calibration(client, digest: str) -> list:
     return sorted(found, key=lambda v: (v.name, int(v.version)))
 
 
+def all_versions(client) -> list:
+    """Every registered model version in the store, by name then version."""
+    found = []
+    for model in client.search_registered_models():
+        found += client.search_model_versions(f"name = '{model.name}'")
+    return sorted(found, key=lambda v: (v.name, int(v.version)))
+
+
 def local_path(uri: str | None) -> Path | None:
     """A ``file://`` URI or plain path as a Path; None for anything not on this machine."""
     if not uri:

@@ -46,3 +46,11 @@ DATASET_DIGEST_CHARS = 32
 
 def dataset_digest(content_digest: str) -> str:
     return content_digest[:DATASET_DIGEST_CHARS]
+
+
+# The process and host of a stage run, so a later stage can end the runs of dead processes.
+PID = "selfcal.pid"
+HOST = "selfcal.host"
+FAILED_REASON = "selfcal.failed_reason"
+# Set on a stage run when params let the model folder's own code run (model.trust_remote_code).
+TRUST_REMOTE_CODE = "selfcal.trust_remote_code"

@@ -220,23 +220,42 @@ def format_text(lineage: dict) -> str:
     return "\n".join(lines)
 
 
+def _version_row(v) -> dict:
+    tags = dict(v.tags)
+    uri = tags.get(T.CHECKPOINT_URI)
+    return {
+        "model": f"{v.name}:{v.version}",
+        "calibration_digest": tags.get(T.CALIBRATION_DIGEST),
+        "calibration": tags.get(T.CALIBRATION_NAME),
+        "method": tags.get(T.METHOD),
+        "base_model": tags.get(T.BASE_MODEL),
+        "checkpoint": str(store.local_path(uri) or uri) if uri else None,
+        "registered_utc": _utc(v.creation_timestamp),
+    }
+
+
 def models_from_calibration(client, digest: str) -> list[dict]:
     """Every registered version made from the calibration set ``digest`` (a prefix is enough)."""
-    out = []
-    for v in store.versions_for_calibration(client, digest):
-        tags = dict(v.tags)
-        out.append(
-            {
-                "model": f"{v.name}:{v.version}",
-                "calibration_digest": tags.get(T.CALIBRATION_DIGEST),
-                "calibration": tags.get(T.CALIBRATION_NAME),
-                "method": tags.get(T.METHOD),
-                "base_model": tags.get(T.BASE_MODEL),
-                "checkpoint": str(store.local_path(tags.get(T.CHECKPOINT_URI)) or tags.get(T.CHECKPOINT_URI)),
-                "registered_utc": _utc(v.creation_timestamp),
-            }
+    return [_version_row(v) for v in store.versions_for_calibration(client, digest)]
+
+
+def all_models(client) -> list[dict]:
+    """Every registered version, for an auditor who does not know a name yet (``selfcal models``)."""
+    return [_version_row(v) for v in store.all_versions(client)]
+
+
+def format_model_list(models: list[dict]) -> str:
+    if not models:
+        return "no registered models in this store"
+    lines = [f"{len(models)} registered model version(s):"]
+    for m in models:
+        lineage = (
+            f"{m['method']}  {m['calibration']} ({(m['calibration_digest'] or '')[:16]})  {store.show(m['checkpoint'])}"
+            if m["calibration_digest"]
+            else "no selfcal lineage"
         )
-    return out
+        lines.append(f"  {m['model']}  {lineage}  registered {m['registered_utc']}")
+    return "\n".join(lines)
 
 
 def format_models(digest: str, models: list[dict]) -> str:

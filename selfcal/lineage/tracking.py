@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -236,6 +237,30 @@ class StageRun:
             client.set_model_version_tag(version.name, version.version, key, value)
 
 
+def fail_dead_runs(client, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING stage runs of this host whose process is gone (``kill -9``, a lost
+    machine): without it they stay RUNNING forever in the UI. A pid reused since is told apart by
+    the process's start time. Returns the run ids it ended."""
+    import psutil
+
+    host = socket.gethostname()
+    ended = []
+    for run in client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{T.HOST}` = '{host}'"
+    ):
+        pid = int(run.data.tags.get(T.PID, "0") or 0)
+        try:
+            alive = pid > 0 and psutil.Process(pid).create_time() * 1000 <= run.info.start_time + 1000
+        except psutil.NoSuchProcess:
+            alive = False
+        if not alive:
+            client.set_tag(run.info.run_id, T.FAILED_REASON, f"its process (pid {pid} on {host}) died")
+            client.set_terminated(run.info.run_id, status="FAILED")
+            ended.append(run.info.run_id)
+            log.info("MLflow: marked run %s FAILED: its process (pid %d) died", run.info.run_id, pid)
+    return ended
+
+
 @contextmanager
 def stage_run(params: Params, stage: str, item: str) -> Iterator[StageRun]:
     if not params.tracking.enabled:
@@ -246,6 +271,7 @@ def stage_run(params: Params, stage: str, item: str) -> Iterator[StageRun]:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri(params))
     exp_id = _experiment_id(mlflow, params)
+    fail_dead_runs(mlflow.MlflowClient(), exp_id)
     exec_id = execution_id()
     found = mlflow.search_runs(
         experiment_ids=[exp_id],
@@ -257,6 +283,9 @@ def stage_run(params: Params, stage: str, item: str) -> Iterator[StageRun]:
     with mlflow.start_run(experiment_id=exp_id, **parent_kwargs) as parent:
         mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: "pipeline"})
         with mlflow.start_run(experiment_id=exp_id, run_name=f"{stage}@{item}", nested=True):
-            mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: stage, T.ITEM: item})
+            mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: stage, T.ITEM: item, T.PID: str(os.getpid())})
+            mlflow.set_tag(T.HOST, socket.gethostname())
+            if params.model.trust_remote_code:
+                mlflow.set_tag(T.TRUST_REMOTE_CODE, "true")
             log.info("MLflow: run %s under pipeline run %s", mlflow.active_run().info.run_id, parent.info.run_id)
             yield StageRun(mlflow)

@@ -85,14 +85,38 @@ def check_tokenizer_settings(params: Params, tokenizer) -> None:
                 )
 
 
+def check_local_files(params: Params) -> None:
+    """Every local text file the stages will read exists and reads as text (corpus and Ji sources,
+    the diagnostics reference, the perplexity sets): read now, not after an hour of generation."""
+    from selfcal import textdata
+    from selfcal.paths import LOCAL_PREFIXES
+
+    wanted: list[tuple[str, str, str]] = []
+    for name, spec in params.calibration.sources.items():
+        for attr in ("path", "prompt_path"):
+            if getattr(spec, attr, None):
+                wanted.append((f"calibration.sources.{name}.{attr}", getattr(spec, attr), spec.text_field))
+    diag = params.calibration.diagnostics
+    if diag.reference_path:
+        wanted.append(("calibration.diagnostics.reference_path", diag.reference_path, diag.reference_text_field))
+    for name, ppl in params.evaluation.perplexity.items():
+        wanted.append((f"evaluation.perplexity.{name}.path", ppl.path, ppl.text_field))
+    for key, value, field in wanted:
+        local = params.resolve(value)
+        if local.exists() or value.startswith(LOCAL_PREFIXES):
+            textdata.read_documents(value, root=params.root, text_field=field, key=key)
+
+
 def check(params: Params, params_file: Path) -> str:
     """Run every static check; return the one-line summary ``selfcal check`` prints."""
     from selfcal.compression.apply import plan
     from selfcal.modelio import load_tokenizer
-    from selfcal.pipeline.common import base_model, check_context, check_sources
+    from selfcal.pipeline.common import base_model, check_artifacts_dir, check_context, check_sources
 
+    check_artifacts_dir(params)
     ref, config = base_model(params)
     check_context(config, params.calibration.seq_len, "calibration.seq_len")
+    check_local_files(params)
     check_sources(config, params)
     for method in params.compression.methods:
         plan(method, params.compression, config)
@@ -101,4 +125,8 @@ def check(params: Params, params_file: Path) -> str:
     dvc_yaml = params_file.resolve().parent / "dvc.yaml"
     if dvc_yaml.is_file():
         check_dvc_params(params_file, dvc_yaml)
-    return f"ok: params valid; model {ref.name} -> {ref.local_dir}"
+    summary = f"ok: params valid; model {ref.name} -> {ref.local_dir}"
+    if params.model.trust_remote_code:
+        # Said once here, and recorded as a tag on every stage run (lineage), never silently.
+        summary += "; WARNING: model.trust_remote_code is true: the model folder's own Python code will run"
+    return summary

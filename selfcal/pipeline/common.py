@@ -9,6 +9,7 @@ from collections.abc import Callable
 from selfcal.config import Params
 from selfcal.errors import ConfigError, SelfcalError
 from selfcal.modelio import ModelRef, context_window, model_config, resolve_model
+from selfcal.workspace_lock import write_guard
 
 log = logging.getLogger("selfcal")
 
@@ -47,13 +48,53 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_step(step: Callable[[Params], object]) -> int:
+def check_artifacts_dir(params: Params) -> None:
+    """The artifacts folder is a folder this user can write (or can be made): one line otherwise."""
+    import os
+
+    path = params.artifacts_dir
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"paths.artifacts: {path} is a file, not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"paths.artifacts: {probe} (on the way to {path}) is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"paths.artifacts: {probe} is not writable by this user")
+
+
+def sweep_if_sole_writer(params: Params, holder) -> None:
+    """Delete the scratch killed writers left, when this process holds the workspace itself (no run
+    around it whose other items may be writing): nobody else can be writing then."""
+    import os
+
+    from selfcal.scratch import sweep_scratch
+
+    if holder is not None and holder.pid == os.getpid() and params.artifacts_dir.is_dir():
+        for path in sweep_scratch(params.artifacts_dir):
+            logging.getLogger("selfcal").info("removed scratch a killed writer left: %s", path)
+
+
+def run_step(step: Callable[[Params], object], *, label: str | None = None, lock: bool = True) -> int:
     """A DVC stage's whole process: logging, the validated params ($SELFCAL_PARAMS or ./params.yaml),
-    the step, and a SelfcalError as one line with exit status 2."""
+    the step under the workspace lock (or inside the run that holds it), and a SelfcalError as one
+    line with exit status 2."""
     from selfcal.config import load_params
 
     setup_logging()
-    return run_cli(lambda: step(load_params()))
+
+    def body() -> None:
+        params = load_params()
+        check_artifacts_dir(params)
+        if not lock:
+            step(params)
+            return
+        with write_guard(params.root, label=label or f"dvc stage {' '.join(sys.argv[1:]) or sys.argv[0]}") as holder:
+            sweep_if_sole_writer(params, holder)
+            step(params)
+
+    return run_cli(body)
 
 
 def run_cli(fn: Callable[[], object]) -> int:

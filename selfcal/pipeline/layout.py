@@ -21,6 +21,11 @@ def checkpoint_name(source: str, seed: int, method: str) -> str:
     return f"{calib_name(source, seed)}-{method}"
 
 
+def guard_file(params: Params) -> Path:
+    """The guard stage's output: every other stage depends on it, so it runs first."""
+    return params.artifacts_dir / "checked.json"
+
+
 def checkpoints_root(params: Params) -> Path:
     return params.artifacts_dir / "checkpoints"
 
@@ -30,8 +35,23 @@ def checkpoint_dir(params: Params, source: str, seed: int, method: str) -> Path:
 
 
 def checkpoint_path(params: Params, name: str) -> Path:
-    """The checkpoint folder of a checkpoint name (``SOURCE-sSEED-METHOD``)."""
+    """The checkpoint folder of a checkpoint name (``SOURCE-sSEED-METHOD``), always inside the
+    checkpoints folder: a name with a path in it (``../../x``) is refused, not followed."""
+    from selfcal.config import SAFE_NAME
+    from selfcal.errors import ConfigError
+
+    if not SAFE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{name!r} is not a checkpoint name: give 'dense' or SOURCE-sSEED-METHOD "
+            f"(a folder of {shown(checkpoints_root(params), params)}), not a path"
+        )
     return checkpoints_root(params) / name
+
+
+def shown(path: Path, params: Params) -> str:
+    from selfcal.paths import shown_path
+
+    return shown_path(path, params.root)
 
 
 def metrics_dir(params: Params) -> Path:

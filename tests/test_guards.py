@@ -1,0 +1,264 @@
+"""Reliability guards (issue 16): hashes that reproduce, bad input refused in one line before compute,
+paths that stay inside the workspace."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfcal.cli import main
+from selfcal.config import load_params, parse_params
+from selfcal.errors import ConfigError
+from selfcal.pipeline import layout
+from tests.helpers import params_error, small_params, write_params
+
+
+def _err(data) -> str:
+    return params_error(data)
+
+
+# -- YAML ---------------------------------------------------------------------------------------
+def test_a_duplicate_key_is_refused_with_both_lines(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("model:\n  path: a\ncalibration:\n  seq_len: 8\n  seq_len: 16\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(p)
+    assert f"{p}:5:3: not valid YAML: duplicate key 'seq_len' (first at line 4)" == str(e.value)
+
+
+def test_a_syntax_error_names_line_and_column(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("model:\n  path: a\n calibration: [\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:3:") and "not valid YAML" in msg and "\n" not in msg
+
+
+def test_a_profile_with_a_duplicate_key_is_refused(tmp_path):
+    from selfcal.profiles import read_profile
+
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "x.yaml").write_text("a: 1\na: 2\n")
+    with pytest.raises(ConfigError, match=r"x.yaml:2:1: not valid YAML: duplicate key 'a'"):
+        read_profile(tmp_path, "x")
+
+
+# -- schema holes ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("seeds", [[True], [0, False], [-1], ["1"]])
+def test_seeds_are_non_negative_integers_not_bools(tiny_model, tmp_path, seeds):
+    msg = _err(small_params(tiny_model, tmp_path, **{"calibration.seeds": seeds}))
+    assert msg.startswith("params.yaml: calibration.seeds.")
+
+
+def test_evaluation_batch_size_zero_is_refused(tiny_model, tmp_path):
+    msg = _err(small_params(tiny_model, tmp_path, **{"evaluation.batch_size": 0}))
+    assert msg.startswith("params.yaml: evaluation.batch_size")
+
+
+@pytest.mark.parametrize("name", ["-h", "--version", ".hidden", "a/b", ""])
+def test_a_source_name_must_be_a_safe_folder_and_cli_word(tiny_model, tmp_path, name):
+    data = small_params(tiny_model, tmp_path)
+    data["calibration"]["sources"] = {name: data["calibration"]["sources"]["self"]}
+    assert "must start with a letter or digit" in _err(data)
+
+
+# -- paths ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["../../../x", "/etc", "self-s0-gptq/../../x", ".."])
+def test_an_evaluate_target_is_a_checkpoint_name_never_a_path(tiny_model, tmp_path, target):
+    p = parse_params(small_params(tiny_model, tmp_path), root=tmp_path)
+    with pytest.raises(ConfigError, match="is not a checkpoint name"):
+        layout.checkpoint_path(p, target)
+
+
+def test_selfcal_evaluate_with_a_path_writes_nothing(tiny_model, tmp_path, capsys, monkeypatch):
+    path = write_params(tmp_path / "params.yaml", small_params(tiny_model, tmp_path))
+    monkeypatch.chdir(tmp_path)
+    rc = main(["--params", str(path), "evaluate", "../../../x"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "is not a checkpoint name" in err[0]
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").rglob("*.json"))
+
+
+# -- the checkpoint digest covers what determines the model, not how the run went ---------------------
+def test_the_same_inputs_give_the_same_checkpoint_digest(tiny_model, tmp_path):
+    from selfcal.pipeline.compress import compress
+    from selfcal.pipeline.generate import generate
+
+    digests, facts = [], []
+    for i in range(2):
+        work = tmp_path / f"run{i}"
+        p = parse_params(small_params(tiny_model, work, **{"tracking.enabled": False}), root=work)
+        generate(p, "self", 0, progress=False)
+        manifest = compress(p, "self", 0, "gptq")
+        ckpt = layout.checkpoint_dir(p, "self", 0, "gptq")
+        digests.append(manifest.content_digest)
+        facts.append(json.loads((ckpt / "run.json").read_text()))
+        report = json.loads((ckpt / "compression.json").read_text())
+        assert not {"compress_seconds", "verify_seconds", "peak_rss_bytes"} & set(report), "run facts in the digest"
+        assert "run.json" in manifest.files  # listed, so verify still catches a flipped byte in it
+    assert digests[0] == digests[1]
+    assert set(facts[0]) >= {"compress_seconds", "verify_seconds", "peak_rss_bytes"}
+
+
+# -- one lock for every writer -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--source", "self", "--seed", "0"],
+        ["compress", "--source", "self", "--seed", "0", "--method", "gptq"],
+        ["evaluate", "dense"],
+        ["inspect", "--source", "self", "--seed", "0"],
+        ["aggregate"],
+    ],
+    ids=lambda a: a[0],
+)
+def test_a_held_workspace_refuses_every_writing_command_naming_the_holder(tiny_model, tmp_path, capsys, argv):
+    from tests.helpers import hold_workspace
+
+    path = write_params(tmp_path / "params.yaml", small_params(tiny_model, tmp_path))
+    with hold_workspace(tmp_path, "selfcal run --profile paper") as owner:
+        rc = main(["--params", str(path), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert f"is in use by selfcal run --profile paper (pid {owner} on " in err[0] and "since 20" in err[0]
+    assert not (tmp_path / "artifacts").exists(), "nothing may be written"
+
+
+def test_a_held_workspace_refuses_a_stage_command(tiny_model, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, hold_workspace
+
+    write_params(tmp_path / "params.yaml", small_params(tiny_model, tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "stages.generate", "--source", "self", "--seed", "0"]
+    with hold_workspace(tmp_path, "dvc repro") as owner:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert f"is in use by dvc repro (pid {owner}" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_the_lock_holder_ends_with_its_owner_and_children_of_the_owner_go_on(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from selfcal.workspace_lock import held_by_ancestor, read_holder, write_guard
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "selfcal.workspace_lock", str(tmp_path), str(owner.pid), "dvc repro"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    rec = read_holder(tmp_path)
+    assert rec.owner == owner.pid and not held_by_ancestor(rec)
+    assert held_by_ancestor(rec, pid=owner.pid)  # the owner's own stages are part of its run
+    owner.kill()
+    owner.wait()
+    holder.wait(timeout=10)  # the holder notices its owner is gone and lets go
+    t0 = time.monotonic()
+    with write_guard(tmp_path, label="next"):
+        assert time.monotonic() - t0 < 5
+
+
+# -- check reads what the stages will read; no tracebacks from bad inputs ------------------------------
+def _check(tmp_path, data, capsys) -> tuple[int, list[str]]:
+    path = write_params(tmp_path / "params.yaml", data)
+    rc = main(["--params", str(path), "check"])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_binary_corpus_is_refused_by_check_in_one_line(tiny_model, tmp_path, capsys):
+    (tmp_path / "blob.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 50)
+    data = small_params(tiny_model, tmp_path)
+    data["calibration"]["sources"]["c4"] = {"kind": "corpus", "path": "./blob.txt"}
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and "blob.txt: not UTF-8 text (byte 0x89 at offset 0)" in err[0]
+
+
+def test_a_missing_perplexity_file_is_refused_by_check(tiny_model, tmp_path, capsys):
+    data = small_params(tiny_model, tmp_path)
+    data["evaluation"]["perplexity"] = {"wikitext2": {"path": "./nowhere/wiki.txt"}}
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and "evaluation.perplexity.wikitext2.path" in err[0]
+
+
+@pytest.mark.parametrize("weights", ["pickle", "none", "corrupt"])
+def test_a_model_folder_without_good_safetensors_is_named_in_one_line(tiny_model, tmp_path, capsys, weights):
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_model, bad)
+    for f in bad.glob("*.safetensors"):
+        if weights == "corrupt":
+            f.write_bytes(f.read_bytes()[:100])
+        else:
+            f.unlink()
+    if weights == "pickle":
+        (bad / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    rc, err = _check(tmp_path, small_params(bad, tmp_path), capsys)
+    expect = {"pickle": "has only pickle weights", "none": "has no weights", "corrupt": "corrupt safetensors header"}
+    assert rc == 2 and len(err) == 1 and expect[weights] in err[0], err
+
+
+def test_an_artifacts_path_that_is_a_file_is_refused_before_anything_runs(tiny_model, tmp_path, capsys):
+    data = small_params(tiny_model, tmp_path)
+    (tmp_path / "art").write_text("not a folder")
+    data["paths"] = {**data.get("paths", {}), "artifacts": "./art"}
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and "is a file, not a folder" in err[0]
+    path = write_params(tmp_path / "params.yaml", data)
+    assert main(["--params", str(path), "generate", "--source", "self", "--seed", "0"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+# -- leftovers of killed writers -------------------------------------------------------------------------
+def test_runs_of_dead_processes_are_marked_failed_and_live_ones_left(tmp_path):
+    import os
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    from selfcal.lineage import tags as T
+    from selfcal.lineage.tracking import fail_dead_runs
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("selfcal")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    import socket
+
+    host = socket.gethostname()
+    killed = client.create_run(exp, tags={T.PID: str(dead.pid), T.HOST: host}).info.run_id
+    live = client.create_run(exp, tags={T.PID: str(os.getpid()), T.HOST: host}).info.run_id
+    other_host = client.create_run(exp, tags={T.PID: str(dead.pid), T.HOST: "elsewhere"}).info.run_id
+    assert fail_dead_runs(client, exp) == [killed]
+    assert client.get_run(killed).info.status == "FAILED"
+    assert "died" in client.get_run(killed).data.tags[T.FAILED_REASON]
+    assert client.get_run(live).info.status == "RUNNING" and client.get_run(other_host).info.status == "RUNNING"
+
+
+def test_a_writer_holding_the_workspace_sweeps_scratch_killed_writers_left(tiny_model, tmp_path, capsys):
+    data = small_params(tiny_model, tmp_path, **{"tracking.enabled": False})
+    path = write_params(tmp_path / "params.yaml", data)
+    left = tmp_path / "artifacts" / "calibration" / ".self-s0.tmp-0123abcd"
+    left.mkdir(parents=True)
+    (left / "tokens.safetensors").write_bytes(b"half")
+    assert main(["--params", str(path), "generate", "--source", "self", "--seed", "0"]) == 0
+    assert not left.exists()
+    assert (tmp_path / "artifacts" / "calibration" / "self-s0" / "manifest.json").is_file()
+
+
+def test_trust_remote_code_is_said_by_check(tiny_model, tmp_path, capsys):
+    data = small_params(tiny_model, tmp_path, **{"model.trust_remote_code": True, "evaluation.perplexity": {}})
+    path = write_params(tmp_path / "params.yaml", data)
+    assert main(["--params", str(path), "check"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: model.trust_remote_code is true: the model folder's own Python code will run" in out
