@@ -111,6 +111,12 @@ def read_documents(
 
 
 def _read_hub(name: str, config: str | None, split: str, text_field: str, limit: int, key: str) -> list[str]:
+    from selfcal.hub import unreachable_reason
+
+    if reason := unreachable_reason():
+        raise DataError(
+            f"{key}: {name!r} is not a local file and the Hugging Face hub is unreachable ({reason}); give a local path"
+        )
     try:
         from datasets import load_dataset
 

@@ -262,3 +262,15 @@ def test_trust_remote_code_is_said_by_check(tiny_model, tmp_path, capsys):
     assert main(["--params", str(path), "check"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: model.trust_remote_code is true: the model folder's own Python code will run" in out
+
+
+def test_an_unreachable_hub_is_said_at_once(tiny_model, tmp_path, capsys, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = small_params(tiny_model, tmp_path, **{"evaluation.data_dir": None, "evaluation.perplexity": {}})
+    t0 = time.monotonic()
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and time.monotonic() - t0 < 10
+    assert "evaluation.data_dir: null reads arc_easy from the Hugging Face hub, which is unreachable" in err[0]
+    assert "HF_HUB_OFFLINE is set" in err[0]

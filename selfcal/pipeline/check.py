@@ -101,10 +101,21 @@ def check_local_files(params: Params) -> None:
         wanted.append(("calibration.diagnostics.reference_path", diag.reference_path, diag.reference_text_field))
     for name, ppl in params.evaluation.perplexity.items():
         wanted.append((f"evaluation.perplexity.{name}.path", ppl.path, ppl.text_field))
+    from selfcal.hub import unreachable_reason
+
     for key, value, field in wanted:
         local = params.resolve(value)
         if local.exists() or value.startswith(LOCAL_PREFIXES):
             textdata.read_documents(value, root=params.root, text_field=field, key=key)
+        elif reason := unreachable_reason():
+            raise ConfigError(
+                f"{key}: {value!r} is not a local file and the Hugging Face hub is unreachable ({reason})"
+            )
+    if params.evaluation.tasks and params.evaluation.data_dir is None and (reason := unreachable_reason()):
+        raise ConfigError(
+            f"evaluation.data_dir: null reads {', '.join(params.evaluation.tasks)} from the Hugging Face hub, "
+            f"which is unreachable ({reason}); point data_dir at local task copies (../shared/data)"
+        )
 
 
 def check(params: Params, params_file: Path) -> str:

@@ -97,11 +97,17 @@ def run_step(step: Callable[[Params], object], *, label: str | None = None, lock
     return run_cli(body)
 
 
+def one_line(message: str) -> str:
+    """A message as one printable line: a value from the input (a YAML string with a control
+    character, a newline) must not split or garble the error it is quoted in."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 def run_cli(fn: Callable[[], object]) -> int:
     """Turn a SelfcalError into one line on stderr and exit status 2."""
     try:
         fn()
     except SelfcalError as err:
-        print(f"selfcal: error: {err}", file=sys.stderr)
+        print(f"selfcal: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     return 0
