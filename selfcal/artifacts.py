@@ -20,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
+from selfcal import faults
 from selfcal.errors import DataError
 from selfcal.hashing import file_digests, tree_digest
 from selfcal.records import ArtifactManifest, dump_record, read_record
@@ -59,9 +60,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        faults.point("artifacts:before-rename")
         if final.exists():
             old = _scratch(final, "old")
             os.replace(final, old)
+            faults.point("artifacts:mid-swap")
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:

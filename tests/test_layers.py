@@ -10,7 +10,8 @@ from tests.dvc_graph import _imported
 from tests.helpers import REPO
 
 GROUND = {"errors", "schema", "registry", "paths", "hashing", "artifacts"}
-GROUND |= {"records", "modelio", "textdata", "scoring", "workspace_lock", "scratch", "hub"}  # every writer: lock, sweep
+GROUND |= {"records", "modelio", "textdata", "scoring", "hub", "faults"}
+GROUND |= {"workspace_lock", "scratch"}  # every writer takes the lock and may sweep
 DOMAINS = {"calibration", "compression", "evaluation"}
 LAYERS = [
     GROUND,

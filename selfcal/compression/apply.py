@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from selfcal import faults
 from selfcal.artifacts import MANIFEST, RUN_FACTS, atomic_dir, write_manifest
 from selfcal.compression.layers import linear_layers, matches
 from selfcal.compression.methods import METHODS, CompressionMethod, RecipeContext
@@ -136,10 +137,12 @@ def compress(
         batch_size=1,
     )
     seconds = time.perf_counter() - t0
+    faults.point("compress:after-oneshot")
     if reference is None:
         reference = verify.targeted_weights(model, targets)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, save_compressed=True)
+        faults.point("compress:after-save")
         tokenizer.save_pretrained(tmp)
         if base_dir is not None:
             _copy_tokenizer(base_dir, tmp)

@@ -281,7 +281,8 @@ def stage_run(params: Params, stage: str, item: str) -> Iterator[StageRun]:
     )
     parent_kwargs = {"run_id": found[0].info.run_id} if found else {"run_name": f"pipeline {exec_id}"}
     with mlflow.start_run(experiment_id=exp_id, **parent_kwargs) as parent:
-        mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: "pipeline"})
+        mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: "pipeline", T.PID: str(os.getpid())})
+        mlflow.set_tag(T.HOST, socket.gethostname())  # the last stage that resumed it
         with mlflow.start_run(experiment_id=exp_id, run_name=f"{stage}@{item}", nested=True):
             mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: stage, T.ITEM: item, T.PID: str(os.getpid())})
             mlflow.set_tag(T.HOST, socket.gethostname())

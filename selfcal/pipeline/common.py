@@ -6,6 +6,7 @@ import logging
 import sys
 from collections.abc import Callable
 
+from selfcal import faults
 from selfcal.config import Params
 from selfcal.errors import ConfigError, SelfcalError
 from selfcal.modelio import ModelRef, context_window, model_config, resolve_model
@@ -92,6 +93,7 @@ def run_step(step: Callable[[Params], object], *, label: str | None = None, lock
             return
         with write_guard(params.root, label=label or f"dvc stage {' '.join(sys.argv[1:]) or sys.argv[0]}") as holder:
             sweep_if_sole_writer(params, holder)
+            faults.point("stage:start")
             step(params)
 
     return run_cli(body)

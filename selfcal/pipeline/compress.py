@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from selfcal import faults
 from selfcal.calibration.calibset import load_calibration_set
 from selfcal.compression.apply import compress as apply_compression
 from selfcal.compression.apply import plan
@@ -77,6 +78,7 @@ def compress(params: Params, source: str, seed: int, method: str) -> CheckpointM
             ),
             device=device,
         )
+        faults.point("compress:before-register")
         log.info("wrote %s in %.1fs", out, manifest.compress_seconds)
         run.params(
             {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+from selfcal import faults
 from selfcal.calibration import sources
 from selfcal.calibration.calibset import save_calibration_set
 from selfcal.config import Params
@@ -39,6 +40,7 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
             model = load_model(
                 ref, dtype=params.model.dtype, device=device, trust_remote_code=params.model.trust_remote_code
             )
+        faults.point("generate:after-load")
         tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
         log.info("%s (%s): %d x %d tokens, seed %d", source, spec.kind, cal.n_samples, cal.seq_len, seed)
         t0 = time.perf_counter()
@@ -52,6 +54,7 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
             progress=progress,
         )
         result = source_impl.build(spec, request, model=model, tokenizer=tokenizer)
+        faults.point("generate:after-sampling")
         texts = tokenizer.batch_decode(result.tokens.tolist())
         source_params = spec.model_dump()
         manifest = save_calibration_set(
@@ -88,6 +91,7 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
                 T.GENERATOR_USES_WEIGHTS: str(source_impl.needs_model).lower(),
             }
         )
+        faults.point("generate:before-log")
         log_calibration(run, item, out, manifest.content_digest, context="generated")
         numeric = {k: v for k, v in result.provenance.items() if isinstance(v, (int, float))}
         run.metrics(numeric)
