@@ -333,7 +333,8 @@ def replay_check(args, bos, eos) -> dict:
     )
     pool_check = None
     if args.pool:
-        from selfcal.calibration.pool import PoolSampling, draw, generate_pool, process_logits
+        from selfcal.calibration.pool import PoolSampling, generate_pool, process_logits
+        from selfcal.calibration.sampling import inverse_cdf as draw
 
         ji = PoolSampling(temperature=0.6, top_k=50, top_p=0.95, repetition_penalty=1.2)
         g = torch.Generator().manual_seed(1)

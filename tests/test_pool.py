@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfcal.calibration.pool import PoolSampling, draw, generate_pool, process_logits
+from selfcal.calibration.pool import PoolSampling, generate_pool, process_logits
+from selfcal.calibration.sampling import inverse_cdf as draw
 from selfcal.calibration.sampling import row_uniforms
 
 BOS, EOS = 1, 2

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from selfcal.calibration.sampling import filter_logits
+from selfcal.calibration.sampling import filter_logits, inverse_cdf
 from selfcal.calibration.schedule import LinearSchedule
 
 log = logging.getLogger("selfcal.lockstep")
@@ -285,11 +285,7 @@ class LockstepRows:
         logits = filter_logits(logits.float(), self.plan.top_k, self.plan.top_p)
         greedy = logits.argmax(dim=-1)
         safe = torch.where(temps == 0, torch.ones_like(temps), temps)
-        probs = torch.softmax(logits / safe.unsqueeze(-1), dim=-1).double()
-        cdf = probs.cumsum(dim=-1)
-        target = u.unsqueeze(-1) * cdf[..., -1:]
-        drawn = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
-        return torch.where(temps == 0, greedy, drawn)
+        return torch.where(temps == 0, greedy, inverse_cdf(logits / safe.unsqueeze(-1), u))
 
     def _step(self, window: int) -> None:
         """Advance every row from position p to p + 1 (no host sync; graph-capturable)."""

@@ -33,7 +33,7 @@ from selfcal.calibration.lockstep import (
     default_attention,
     lockstep_attention_on,
 )
-from selfcal.calibration.sampling import row_uniforms
+from selfcal.calibration.sampling import inverse_cdf, row_uniforms
 
 log = logging.getLogger("selfcal.pool")
 
@@ -78,13 +78,6 @@ def process_logits(logits: torch.Tensor, sampling: PoolSampling, seen: torch.Ten
         remove[..., -1:] = False
         scores = scores.masked_fill(remove.scatter(1, sorted_indices, remove), float("-inf"))
     return scores
-
-
-def draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw from softmax(scores) with one uniform per row (sampling.sample_tokens)."""
-    cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)
-    target = u.unsqueeze(-1) * cdf[..., -1:]
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=scores.shape[-1] - 1)
 
 
 class PoolRows:
@@ -163,7 +156,7 @@ class PoolRows:
         scores = process_logits(logits, self.sampling, self.seen)
         nxt_rel = (rel + 1).clamp(max=length - 1)
         u = self.uniforms[self.item, nxt_rel]
-        sampled = draw(scores, u)
+        sampled = inverse_cdf(scores, u)
         forced = nxt_rel < self.plen
         nxt = torch.where(forced, self.prompts[self.item, nxt_rel.clamp(max=self.plen - 1)], sampled)
         self.out[self.item, nxt_rel] = nxt

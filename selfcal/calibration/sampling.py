@@ -43,6 +43,16 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def inverse_cdf(scores: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from softmax(scores), by inverse CDF on one uniform per row: the one draw
+    every sampler here uses (the scalar sampler below, the lockstep engine, the Ji pool)."""
+    cdf = torch.softmax(scores, dim=-1).double().cumsum(dim=-1)
+    target = uniforms.to(cdf.device, torch.float64).unsqueeze(-1) * cdf[..., -1:]
+    # right=True: the first index whose cumulative mass exceeds the target, so a
+    # zero-probability token can never be chosen.
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=scores.shape[-1] - 1)
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float,
@@ -55,10 +65,4 @@ def sample_tokens(
     logits = filter_logits(logits.float(), top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1).double()
-    cdf = probs.cumsum(dim=-1)
-    target = uniforms.to(cdf.device, torch.float64).unsqueeze(-1) * cdf[..., -1:]
-    # right=True: the first index whose cumulative mass exceeds the target, so a
-    # zero-probability token can never be chosen.
-    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
-    return tokens.clamp_(max=logits.shape[-1] - 1)
+    return inverse_cdf(logits / temperature, uniforms)
