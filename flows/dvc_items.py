@@ -29,6 +29,12 @@ def stage_items(root: Path) -> list[str]:
     Ties are broken by dvc.yaml's order, so all items of one stage stay together
     whenever the graph allows it; that is what a reader of the run expects to see.
     """
+    return list(stage_graph(root))
+
+
+def stage_graph(root: Path) -> dict[str, list[str]]:
+    """Every stage item -> the items it depends on (whose outputs it reads), dependencies first (as
+    ``stage_items``). Read once, before any item runs: concurrent ``dvc`` processes rewrite dvc.lock."""
     import networkx as nx
     from dvc.repo import Repo
 
@@ -36,10 +42,12 @@ def stage_items(root: Path) -> list[str]:
         stages = list(repo.index.stages)
         position = {stage: i for i, stage in enumerate(stages)}
         # DVC's edges point from a stage to what it depends on; reversed, dependencies come first.
-        graph = repo.index.graph.reverse(copy=True)
-        return [
-            _target(stage, Path(root)) for stage in nx.lexicographical_topological_sort(graph, key=position.__getitem__)
-        ]
+        graph = repo.index.graph
+        order = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=position.__getitem__)
+        return {
+            _target(stage, Path(root)): sorted(_target(dep, Path(root)) for dep in graph.successors(stage))
+            for stage in order
+        }
 
 
 def _target(stage, root: Path) -> str:
@@ -55,3 +63,8 @@ def outcome(item: str, lines: list[str]) -> str:
         if any(re.search(needle, line) for line in lines):
             return meaning
     return "unknown"
+
+
+def ran_items(lines: list[str]) -> list[str]:
+    """The items whose command DVC started, from its output (``Running stage '…'``)."""
+    return re.findall(r"Running stage '([^']+)'", "\n".join(lines))

@@ -29,6 +29,19 @@ class DvcTimeoutError(SelfcalError, TimeoutError):
     """An attempt ran past its time limit and was killed."""
 
 
+_RUNNING: set[int] = set()  # pids of the dvc processes this process started and that still run
+_RUNNING_LOCK = threading.Lock()
+
+
+def kill_running() -> None:
+    """Kill every dvc tree this process started that still runs: the flow's last word when it is interrupted
+    (Prefect neither kills a task's subprocess on cancel nor interrupts a task thread)."""
+    with _RUNNING_LOCK:
+        pids = list(_RUNNING)
+    for pid in pids:
+        _kill_tree(pid)
+
+
 def _kill_tree(pid: int) -> None:
     try:
         root = psutil.Process(pid)
@@ -94,6 +107,8 @@ def run_dvc(
         errors="replace",
         bufsize=1,
     )
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc.pid)
     lines: list[str] = []
 
     def pump() -> None:
@@ -119,6 +134,8 @@ def run_dvc(
         raise
     finally:
         reader.join(timeout=10)
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc.pid)
     if proc.returncode != 0:
         raise DvcCommandError(f"{shown} exited with {proc.returncode}: {_reason(lines)}")
     return lines

@@ -4,8 +4,17 @@ It orchestrates and does not reimplement: every task is ``dvc repro
 --single-item ITEM``, so a flow run and a researcher's ``dvc repro`` produce the
 same artifacts and the same dvc.lock. One task per *item* (``compress@self-0-gptq``,
 not ``compress``) so that a failure retries that item alone and the UI shows
-which one failed. Items run one after another: a GPU box runs one at a time, and
-DVC allows one ``dvc`` process per workspace anyway.
+which one failed.
+
+Up to ``jobs`` items run at once (Prefect's ``ThreadPoolTaskRunner``), each as soon as every item
+whose outputs it reads has finished, each on its own device slot (``flows/slots.py``: a free GPU
+through ``CUDA_VISIBLE_DEVICES``, ``slots_per_gpu`` items per GPU, or a share of the CPU cores).
+Concurrent ``dvc repro --single-item`` processes are DVC's documented way to run stages in
+parallel: DVC releases its repo lock while a stage's command runs and takes it again to record the
+outputs, and ``--wait-for-lock`` makes every ``dvc`` wait for those short phases instead of failing
+after 3 s (which would throw a finished stage's work away). dvc.lock is rewritten under that lock,
+re-read each time, so every item's entry lands. With ``fan_out`` the items instead run as flow
+runs of the ``selfcal-item`` deployment (``flows/item.py``) on whichever worker of the pool is free.
 
 The whole run holds the workspace lock (``selfcal.workspace_lock``), so a second
 run against the same checkout waits or fails with one line naming the first.
@@ -26,11 +35,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from flows.dvc_items import GUARD_STAGE, outcome, stage_items
-from flows.dvc_process import run_dvc
+from flows.dvc_items import GUARD_STAGE, outcome, stage_graph
+from flows.dvc_process import kill_running, run_dvc
+from flows.item import ItemRunError, parse_item_result
+from flows.schedule import run_in_order
+from flows.slots import SlotPool, plan_slots, visible_gpus
 from flows.summary import RESULTS_ARTIFACT, run_summary
 from selfcal.config import DEFAULT_PARAMS, PARAMS_ENV, load_params
-from selfcal.lineage.tracking import EXECUTION_ENV
+from selfcal.lineage.tracking import EXECUTION_ENV, close_pipeline_run, open_pipeline_run
 from selfcal.pipeline import layout
 from selfcal.pipeline.guard import guard
 from selfcal.profiles import apply_profile
@@ -39,6 +51,8 @@ from selfcal.workspace_lock import lock_path, workspace_lock
 
 # Remote sync around the run. The run-cache goes both ways so that a worker can
 # skip any item another worker already computed with the same code and params.
+# How much longer than an item's own --timeout the coordinator waits for its flow run on a worker.
+FAN_OUT_MARGIN_SECONDS = 900
 REMOTE_SYNC = {
     "pull": ["pull", "--run-cache", "--allow-missing"],
     "push": ["push", "--run-cache"],
@@ -54,18 +68,62 @@ def _dvc_env(execution_id: str) -> dict[str, str]:
 
 
 @task(name="dvc-repro", task_run_name="{item}", cache_policy=NO_CACHE)
-def repro_item(item: str, root: str, execution_id: str, force: bool, pull: bool, timeout: float | None) -> dict:
+def repro_item(
+    item: str, root: str, execution_id: str, force: bool, pull: bool, timeout: float | None, slots: SlotPool
+) -> dict:
     logger = get_run_logger()
     args = ["repro", "--single-item", item, *(["--force"] if force else []), *(["--pull"] if pull else [])]
-    logger.info("attempt %d: dvc %s", task_run.run_count, " ".join(args))
-    start = time.monotonic()
-    lines = run_dvc(args, cwd=Path(root), env=_dvc_env(execution_id), on_line=logger.info, timeout=timeout)
+    with slots.take() as slot:
+        logger.info("attempt %d on %s: dvc %s", task_run.run_count, slot.describe(), " ".join(args))
+        start = time.monotonic()
+        env = {**_dvc_env(execution_id), **slot.env()}
+        lines = run_dvc(["--wait-for-lock", *args], cwd=Path(root), env=env, on_line=logger.info, timeout=timeout)
     return {
         "item": item,
         "outcome": outcome(item, lines),
         "attempts": task_run.run_count,
         "seconds": round(time.monotonic() - start, 1),
+        "where": slot.describe(),
     }
+
+
+@task(name="dvc-repro-remote", task_run_name="{item}", cache_policy=NO_CACHE)
+def fan_out_item(item: str, deployment: str, parameters: dict, timeout: float | None) -> dict:
+    """One item as a flow run of the per-item deployment, on whichever worker of its pool is free. A run that
+    does not complete raises, so the task's retries submit it again, to any worker: failed, crashed (its worker
+    died: nothing half-written is left, stages write atomically and DVC records only finished items), or still
+    not final after ``timeout`` (a box that vanished reports nothing; the run is cancelled first)."""
+    logger = get_run_logger()
+    logger.info("attempt %d: %s on deployment %s", task_run.run_count, item, deployment)
+    start = time.monotonic()
+    run = submit_item(deployment, {"item": item, **parameters}, timeout)
+    state = run.state
+    if state is None or not state.is_final():
+        cancel_flow_run(run.id)
+        raise ItemRunError(f"{item}: flow run {run.name} had no final state after {timeout:g} s; cancelled it")
+    if not state.is_completed():
+        raise ItemRunError(f"{item}: flow run {run.name} ended {state.type.value}: {state.message or ''}".strip())
+    result = parse_item_result(state.message or "")
+    if result.get("upstream_ran"):  # the remote lacked an upstream item's outputs: computed there a second time
+        result["outcome"] += f" (and upstream {', '.join(result['upstream_ran'])} recomputed on {result['where']})"
+    result.update({"attempts": task_run.run_count, "seconds": round(time.monotonic() - start, 1)})
+    logger.info("%s: %s on %s", item, result.get("outcome"), result.get("where"))
+    return result
+
+
+def submit_item(deployment: str, parameters: dict, timeout: float | None):
+    """A flow run of ``deployment``, waited for (at most ``timeout`` s); Prefect's FlowRun with its state."""
+    from prefect.deployments import run_deployment
+
+    return run_deployment(deployment, parameters=parameters, timeout=timeout, as_subflow=True, poll_interval=2)
+
+
+def cancel_flow_run(flow_run_id) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message="selfcal: no result in time"), force=True)
 
 
 @task(name="dvc-remote", task_run_name="dvc {action}", cache_policy=NO_CACHE)
@@ -74,8 +132,8 @@ def remote_sync(action: str, root: str, execution_id: str, timeout: float | None
     run_dvc(REMOTE_SYNC[action], cwd=Path(root), env=_dvc_env(execution_id), on_line=logger.info, timeout=timeout)
 
 
-def _prepare(root: Path, profile: str | None, logger) -> Path:
-    """Install the profile, validate params, clear a killed run's scratch; returns the report's path."""
+def _prepare(root: Path, profile: str | None, logger):
+    """Install the profile, validate params, clear a killed run's scratch; returns the params."""
     if profile:
         changed = apply_profile(root, profile)
         logger.info("profile %s: %s", profile, "installed as params.yaml" if changed else "already params.yaml")
@@ -86,7 +144,7 @@ def _prepare(root: Path, profile: str | None, logger) -> Path:
     # (so DVC deletes no output of an item whose params would be refused) and its constant output,
     # which every other stage depends on. The `guard` item itself is not run (always changed).
     logger.info("guard: %s", guard(params))
-    return layout.results_markdown(params)
+    return params
 
 
 @flow(name="selfcal-pipeline")
@@ -99,6 +157,9 @@ def pipeline(
     retry_delay_seconds: float = 30,
     timeout_seconds: float | None = None,
     lock_timeout: float = 0,
+    jobs: int = 1,
+    slots_per_gpu: int = 1,
+    fan_out: str | None = None,
 ) -> str:
     """generate -> inspect -> compress -> evaluate -> aggregate, one task per stage item.
 
@@ -108,6 +169,10 @@ def pipeline(
     retries, retry_delay_seconds: per item, so a failure re-runs only that item.
     timeout_seconds: per attempt of one item; the item's processes are killed when it passes.
     lock_timeout: how long to wait for another run holding this workspace before failing.
+    jobs: items at once; an item starts when every item it reads from has finished.
+    slots_per_gpu: items that may share one GPU (small models); jobs are capped at GPUs x slots_per_gpu.
+    fan_out: a deployment (`selfcal-item/NAME`, flows/item.py) to run each item on the pool's workers
+      instead of here; artifacts travel through the DVC remote and its run-cache.
     """
     logger = get_run_logger()
     root = Path(workdir).resolve()
@@ -123,23 +188,68 @@ def pipeline(
     label = f"selfcal-pipeline flow run '{flow_run.get_name()}' ({run_id})"
     with workspace_lock(root, label=label, timeout=lock_timeout, on_wait=waiting):
         logger.info("holding %s", lock_path(root))
-        report = _prepare(root, profile, logger)
-        if sync_remote:
-            remote_sync.with_options(**options)("pull", str(root), execution_id, timeout_seconds)
-        items = [i for i in stage_items(root) if i != GUARD_STAGE]
-        logger.info("%d stage items: %s", len(items), ", ".join(items))
-        results = [
-            repro_item.with_options(**options)(item, str(root), execution_id, force, sync_remote, timeout_seconds)
-            for item in items
-        ]
-        if sync_remote:
-            remote_sync.with_options(**options)("push", str(root), execution_id, timeout_seconds)
-    summary = run_summary(results, report, profile)
+        params = _prepare(root, profile, logger)
+        parent = open_pipeline_run(params, execution_id)  # before items start, so they all find one parent
+        graph = {i: [d for d in deps if d != GUARD_STAGE] for i, deps in stage_graph(root).items() if i != GUARD_STAGE}
+        logger.info("%d stage items: %s", len(graph), ", ".join(graph))
+        failed = True
+        try:
+            if fan_out:
+                outcome_of = _fan_out(root, graph, fan_out, execution_id, force, jobs, timeout_seconds, options, logger)
+            else:
+                if sync_remote:
+                    remote_sync.with_options(**options)("pull", str(root), execution_id, timeout_seconds)
+                slots = plan_slots(jobs, visible_gpus(), slots_per_gpu)
+                logger.info("%d item(s) at once: %s", len(slots), "; ".join(s.describe() for s in slots))
+                pool = SlotPool(slots)
+                common = {"root": str(root), "execution_id": execution_id, "force": force, "pull": sync_remote}
+                outcome_of = run_in_order(
+                    graph,
+                    repro_item.with_options(**options),
+                    lambda item: {"item": item, **common, "timeout": timeout_seconds, "slots": pool},
+                    jobs=len(slots),
+                    on_event=logger.warning,
+                )
+                if sync_remote and not outcome_of.failed:
+                    remote_sync.with_options(**options)("push", str(root), execution_id, timeout_seconds)
+            failed = bool(outcome_of.failed)
+        finally:
+            kill_running()  # an interrupted flow leaves no dvc (or stage) of its own running
+            close_pipeline_run(params, parent, failed=failed)
+    summary = run_summary(outcome_of.results, layout.results_markdown(params), profile, outcome_of.not_run())
     create_markdown_artifact(
         key=RESULTS_ARTIFACT, markdown=summary, description="selfcal: aggregate table and what each stage item did"
     )
+    if outcome_of.failed:
+        raise ItemRunError(outcome_of.failure_line())
     return summary
 
 
-if __name__ == "__main__":
-    pipeline()
+def _fan_out(root: Path, graph, deployment: str, execution_id: str, force: bool, jobs: int, timeout, options, logger):
+    """Every item as a flow run of ``deployment`` (``selfcal-item/NAME``) on the pool's workers, dependencies
+    first, ``jobs`` at once. Each worker's workspace is brought to this run's commit and params first; the
+    artifacts travel through the DVC remote (outputs and run-cache), the lineage to the shared MLflow store."""
+    from flows.item import workspace_state
+
+    commit, params_text = workspace_state(root)
+    parameters = {
+        "execution_id": execution_id,
+        "git_commit": commit,
+        "params_yaml": params_text,
+        "force": force,
+        "timeout_seconds": timeout,
+    }
+    logger.info("fanning %d item(s) out to deployment %s, %d at once (commit %s)", len(graph), deployment, jobs, commit)
+    return run_in_order(
+        graph,
+        fan_out_item.with_options(**options),
+        lambda item: {
+            "item": item,
+            "deployment": deployment,
+            "parameters": {**parameters, "deps": graph[item]},
+            # a worker must pick it up, sync and restore its inputs before the item's own limit starts
+            "timeout": None if timeout is None else timeout + FAN_OUT_MARGIN_SECONDS,
+        },
+        jobs=jobs,
+        on_event=logger.warning,
+    )

@@ -117,3 +117,14 @@ def read_manifest(directory: Path, record: type[M]) -> M:
     if not path.is_file():
         raise DataError(f"{path}: manifest missing; is {directory} an artifact written by selfcal?")
     return read_record(record, path)
+
+
+def intact(directory: Path, record: type[M]) -> M | None:
+    """The manifest of ``directory`` when it is a complete artifact: a valid ``record`` whose listed files are
+    exactly the files there, byte for byte. None for anything else (missing, half, edited, other schema)."""
+    try:
+        manifest = read_manifest(directory, record)
+        on_disk = file_digests(directory, exclude=frozenset({MANIFEST}))
+    except (DataError, OSError):
+        return None
+    return manifest if on_disk == manifest.files else None

@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         "  selfcal run                                the whole pipeline (Prefect flow over dvc repro)\n"
         "  selfcal lineage stories260K-gptq-self:1    model -> calibration set -> generator, commit, metrics\n"
         "  selfcal verify stories260K-gptq-self       recompute every registered hash on disk\n"
+        "  selfcal restore stories260K-gptq-self:1 /tmp/v1   a version's files, even after a later run replaced them\n"
         "  selfcal models                             every registered model version and its calibration set\n",
     )
     p.add_argument("--params", help="params file (default: $SELFCAL_PARAMS or ./params.yaml)")
@@ -99,12 +100,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     vf.add_argument("model", metavar="MODEL[:VERSION]", help="a registered model name, optionally :VERSION")
     vf.add_argument("--tracking-uri", help=store_help)
+    rs = sub.add_parser(
+        "restore",
+        help="copy a registered version's checkpoint and calibration set, verified, into a new folder",
+        description="Finds the version's files in the workspace or, when a later run replaced them there, in the "
+        "DVC cache (by the md5s recorded at registration), verifies them against the registry, and copies them "
+        "into DEST/checkpoint and DEST/calibration. DEST must be new or empty; the workspace is not touched.",
+    )
+    rs.add_argument("model", metavar="MODEL[:VERSION]", help="a registered model name, optionally :VERSION")
+    rs.add_argument("dest", metavar="DEST", help="a new or empty folder")
+    rs.add_argument("--tracking-uri", help=store_help)
 
     r = sub.add_parser(
         "run",
         help="run the whole pipeline as a Prefect flow (local ephemeral API)",
-        description="The Prefect flow in flows/pipeline.py on Prefect's temporary local API: one retried "
-        "task per DVC stage item, holding the workspace lock (.selfcal/run.lock) for the whole run.",
+        description="The Prefect flow in flows/pipeline.py on Prefect's temporary local API (or PREFECT_API_URL): "
+        "one retried task per DVC stage item, holding the workspace lock (.selfcal/run.lock) for the whole run. "
+        "--jobs N runs up to N independent items at once, each on its own GPU slot (or share of the CPU); "
+        "--fan-out sends the items to a work pool's workers instead.",
     )
     r.add_argument("--profile", help="profiles/NAME.yaml (or a path) to validate and install as params.yaml first")
     r.add_argument("--force", action="store_true", help="re-run stages even if DVC says they are up to date")
@@ -123,7 +136,39 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="wait this long for a run holding the workspace (default 0: fail)",
     )
+    r.add_argument(
+        "--jobs",
+        "-j",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="stage items at once, each as soon as the items it reads are done (default 1); on GPUs at most "
+        "GPUs x --slots-per-gpu, each item on its own GPU; on a CPU the cores are divided among them",
+    )
+    r.add_argument(
+        "--slots-per-gpu",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="items that may share one GPU (default 1; small models fit several)",
+    )
+    r.add_argument(
+        "--fan-out",
+        metavar="DEPLOYMENT",
+        help="run each item as a flow run of this selfcal-item deployment (e.g. selfcal-item/items) on the work "
+        "pool's workers, --jobs at once; needs a Prefect server (PREFECT_API_URL) and a shared DVC remote",
+    )
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1")
+    return value
 
 
 def _run(args) -> None:
@@ -147,6 +192,11 @@ def _run(args) -> None:
     if args.lock_timeout <= 0:
         with workspace_lock(Path.cwd(), label="selfcal run (start-up check)"):
             pass
+    if args.fan_out and not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError(
+            "run --fan-out: the items go to the workers of a Prefect server's work pool; set PREFECT_API_URL "
+            "(a temporary local API has no workers)"
+        )
     # A temporary local server has nobody to report usage to (and no network on many GPU boxes).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect waits 20 s for its temporary server; a fresh Prefect home (database migrations) on a
@@ -166,6 +216,9 @@ def _run(args) -> None:
         retry_delay_seconds=args.retry_delay,
         timeout_seconds=args.timeout,
         lock_timeout=args.lock_timeout,
+        jobs=args.jobs,
+        slots_per_gpu=args.slots_per_gpu,
+        fan_out=args.fan_out,
     )
     print(summary)
 
@@ -225,9 +278,22 @@ def _verify(args) -> None:
     report = verify(client, store.resolve_version(client, args.model))
     for line in report.problems:
         print(f"verify: {line}", file=sys.stderr)
+    for line in report.notes:
+        print(f"verify: note: {line}", file=sys.stderr)
     if not report.ok:
         raise VerificationError(f"{report.ref} failed verification: {len(report.problems)} problem(s) listed above")
     print(f"verify: ok: {report.ref}: {', '.join(report.checked)} match the registry")
+
+
+def _restore(args) -> None:
+    from pathlib import Path
+
+    from selfcal.lineage import store
+    from selfcal.lineage.verify import restore
+
+    client = _audit_client(args)
+    for path in restore(client, store.resolve_version(client, args.model), Path(args.dest)):
+        print(f"restore: {store.show(path)}")
 
 
 def _inspect(args, params) -> None:
@@ -290,6 +356,9 @@ def _dispatch(args, params, progress: bool) -> None:
         aggregate(params)
 
 
+AUDIT = {"lineage": _lineage, "verify": _verify, "models": _models, "restore": _restore}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -297,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     def go() -> None:
         from selfcal.config import load_params, params_path
 
-        if args.command in ("lineage", "verify", "models"):  # an auditor may have no params.yaml
-            {"lineage": _lineage, "verify": _verify, "models": _models}[args.command](args)
+        if args.command in AUDIT:  # an auditor may have no params.yaml
+            AUDIT[args.command](args)
             return
         if args.command == "run":
             _run(args)  # before load_params: the profile may replace params.yaml

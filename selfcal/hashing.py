@@ -24,6 +24,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def md5_file(path: Path) -> str:
+    """The md5 DVC 3 keys its cache by (``.dvc/cache/files/md5/ab/cdef...``): recorded at registration so
+    a version's files can be found there after a later run replaced them in the workspace."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_md5s(root: Path) -> dict[str, str]:
+    """md5 of every file below ``root`` (manifest included), keyed by POSIX relative path."""
+    return {p.relative_to(root).as_posix(): md5_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

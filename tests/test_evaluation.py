@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from selfcal.config import parse_params
-from selfcal.errors import DataError
+from selfcal.errors import ConfigError, DataError
 from selfcal.evaluation.perplexity import perplexity_of_windows, token_windows
 from selfcal.evaluation.tasks import _builtin_config, local_task_config, resolve_tasks, task_manager
 from tests.helpers import DATA, small_params
@@ -132,7 +132,7 @@ def test_missing_task_file_fails_before_the_model_loads(shared_data, tiny_model,
         ),
         root=tmp_path,
     )
-    with pytest.raises(DataError, match="arc_easy/test.jsonl: data file for task 'arc_easy' not found"):
+    with pytest.raises(ConfigError, match=r"has no data for 1 listed task\(s\): arc_easy \(arc_easy/test.jsonl\)"):
         evaluate(params, "dense", progress=False)
     assert not (tmp_path / "artifacts" / "metrics").exists()
 

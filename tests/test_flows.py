@@ -141,6 +141,20 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 
 
+def _spans(output: str) -> dict[str, tuple[float, float]]:
+    """Each task run's (first log line, last log line) in seconds of the day, from Prefect's console log."""
+    spans: dict[str, list[float]] = {}
+    for h, m, sec, item in re.findall(r"^(\d\d):(\d\d):(\d\d\.\d+) \| \w+ +\| Task run '([^']+)'", output, re.M):
+        t = int(h) * 3600 + int(m) * 60 + float(sec)
+        span = spans.setdefault(item, [t, t])
+        span[0], span[1] = min(span[0], t), max(span[1], t)
+    return {k: (a, b) for k, (a, b) in spans.items()}
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
 def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -181,7 +195,7 @@ def worker_a(tiny_model, tmp_path_factory, shared):
     shim = _python_shim(ws.parent / "shim", "stages.compress --source self --seed 0 --method wanda", fail_once)
     env = _env(shared["prefect_home"], path_first=shim, MLFLOW_TRACKING_URI=shared["mlflow_uri"])
 
-    first = _start(ws, env, "--profile", "tiny", "--sync-remote")
+    first = _start(ws, env, "--profile", "tiny", "--sync-remote", "--jobs", "4")
     holder = _wait_for(
         lambda: (h := read_holder(ws)) and h.label.startswith("selfcal-pipeline") and h,
         120,
@@ -213,7 +227,17 @@ def test_flow_runs_every_stage_item_in_ephemeral_mode(worker_a, shared):
     assert len(items) == 8 and items[-1] == "aggregate"
     assert "Task run 'guard'" not in out and "guard: ok: params valid" in out
     for item in items:
-        assert f"Task run '{item}' - attempt 1: dvc repro --single-item {item} --pull" in out
+        assert re.search(
+            rf"Task run '{item}' - attempt 1 on slot \d \(CPU, 1 CPU thread\): dvc repro --single-item {item} --pull",
+            out,
+        )
+    # --jobs 4 on a CPU: four slots of one thread each (2 cores), and items that read nothing of each other ran
+    # at the same time (the two compress items and inspect, once generate was done)
+    assert "4 item(s) at once: slot 0 (CPU, 1 CPU thread); slot 1" in out
+    spans = _spans(out)
+    assert _overlap(spans["compress@self-0-gptq"], spans["compress@self-0-wanda"]), spans
+    # ... and never before what they read: generate ended before any compress began
+    assert spans["generate@self-0"][1] <= min(spans["compress@self-0-gptq"][0], spans["compress@self-0-wanda"][0])
     # the profile was installed before anything ran, and the stages used it (seed 0, not 7)
     assert (ws / "params.yaml").read_text() == (ws / "profiles" / "tiny.yaml").read_text()
     assert "| gptq | self | 1 |" in (ws / "artifacts" / "report" / "results.md").read_text()
@@ -247,7 +271,7 @@ def test_a_failed_compress_item_is_retried_and_only_it_runs_again(worker_a):
     ran = _ran(out)
     assert ran.pop(FLAKY_ITEM) == 2
     assert set(ran.values()) == {1} and len(ran) == 7  # every other item ran exactly once
-    assert re.findall(r"attempt 2: dvc repro --single-item (\S+)", out) == [FLAKY_ITEM]
+    assert re.findall(r"attempt 2 on slot \d \([^)]*\): dvc repro --single-item (\S+)", out) == [FLAKY_ITEM]
 
 
 def test_a_second_run_fails_at_once_naming_the_first(worker_a):
@@ -419,7 +443,14 @@ def test_deployment_file_matches_the_flow():
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     model = PrefectYamlModel.model_validate(spec)  # the schema `prefect deploy` reads it with
     assert model.deployments
+    (items,) = [d for d in model.deployments if d.entrypoint.startswith("flows/item.py")]
+    flow = load_flow_from_entrypoint(str(REPO / items.entrypoint))
+    assert flow.name == "selfcal-item" and items.name == "items"
+    # each worker's own workspace, resolved when the worker runs the step (not when `prefect deploy` reads it)
+    assert items.pull[-1]["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $SELFCAL_WORKSPACE }}"
     for dep in model.deployments:
+        if dep is items:
+            continue
         flow = load_flow_from_entrypoint(str(REPO / dep.entrypoint))
         assert flow.name == "selfcal-pipeline"
         signature = inspect.signature(flow.fn).parameters
@@ -429,7 +460,7 @@ def test_deployment_file_matches_the_flow():
         CronSchedule(cron=schedule.cron, timezone=schedule.timezone)  # raises on a bad expression
         assert dep.work_pool.name == "gpu-pool" and dep.work_pool.job_variables["working_dir"]
         assert dep.concurrency_limit.limit == 1
-    profiles = [d.parameters["profile"] for d in model.deployments]
+    profiles = [d.parameters["profile"] for d in model.deployments if d is not items]
     assert None in profiles and all(p is None or (REPO / "profiles" / f"{p}.yaml").is_file() for p in profiles)
 
 

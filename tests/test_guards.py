@@ -274,3 +274,145 @@ def test_an_unreachable_hub_is_said_at_once(tiny_model, tmp_path, capsys, monkey
     assert rc == 2 and len(err) == 1 and time.monotonic() - t0 < 10
     assert "evaluation.data_dir: null reads arc_easy from the Hugging Face hub, which is unreachable" in err[0]
     assert "HF_HUB_OFFLINE is set" in err[0]
+
+
+# -- a registration that failed after the checkpoint was written --------------------------------------------
+def test_a_failed_registration_is_retried_without_recompressing(tiny_model, tmp_path, monkeypatch):
+    import selfcal.pipeline.compress as step
+    from selfcal.lineage import tags as T
+    from selfcal.lineage.tracking import open_client
+    from selfcal.pipeline.generate import generate
+
+    p = parse_params(small_params(tiny_model, tmp_path), root=tmp_path)
+    generate(p, "self", 0, progress=False)
+
+    def down(*args, **kwargs):
+        raise ConnectionError("tracking server unreachable (injected)")
+
+    monkeypatch.setattr(step, "register_checkpoint", down)
+    with pytest.raises(ConnectionError):
+        step.compress(p, "self", 0, "gptq")
+    ckpt = layout.checkpoint_dir(p, "self", 0, "gptq")
+    assert (ckpt / "manifest.json").is_file(), "the checkpoint was written before registration failed"
+    monkeypatch.undo()
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the stranded checkpoint was recomputed")
+
+    monkeypatch.setattr(step, "apply_compression", must_not_run)
+    manifest = step.compress(p, "self", 0, "gptq")
+    client = open_client(p.tracking.tracking_uri)
+    versions = client.search_model_versions(f"tags.`{T.CHECKPOINT_DIGEST}` = '{manifest.content_digest}'")
+    assert len(versions) == 1 and versions[0].tags[T.CODE_DIGEST]
+    # Registered now: a further run (dvc repro --force) recomputes, it does not register twice.
+    with pytest.raises(AssertionError, match="recomputed"):
+        step.compress(p, "self", 0, "gptq")
+
+
+def test_a_stranded_checkpoint_with_other_params_is_recomputed(tiny_model, tmp_path, monkeypatch):
+    import selfcal.pipeline.compress as step
+    from selfcal.pipeline.generate import generate
+
+    p = parse_params(small_params(tiny_model, tmp_path), root=tmp_path)
+    generate(p, "self", 0, progress=False)
+    monkeypatch.setattr(step, "register_checkpoint", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("down")))
+    with pytest.raises(ConnectionError):
+        step.compress(p, "self", 0, "gptq")
+    monkeypatch.undo()
+    other = parse_params(
+        small_params(tiny_model, tmp_path, **{"compression.gptq": {"group_size": 128, "dampening_frac": 0.05}}),
+        root=tmp_path,
+    )
+    calls = []
+    real = step.apply_compression
+    monkeypatch.setattr(step, "apply_compression", lambda *a, **k: calls.append(1) or real(*a, **k))
+    step.compress(other, "self", 0, "gptq")
+    assert calls == [1]
+
+
+# -- lineage records trust_remote_code; check covers task files, the registered name, the architecture -------
+def test_trust_remote_code_is_recorded_on_the_registered_version(tiny_model, tmp_path):
+    from selfcal.lineage import tags as T
+    from selfcal.lineage.tracking import open_client
+    from selfcal.pipeline.compress import compress
+    from selfcal.pipeline.generate import generate
+
+    p = parse_params(small_params(tiny_model, tmp_path, **{"model.trust_remote_code": True}), root=tmp_path)
+    generate(p, "self", 0, progress=False)
+    compress(p, "self", 0, "gptq")
+    (version,) = open_client(p.tracking.tracking_uri).search_model_versions("name = 'tiny-llama-gptq-self'")
+    assert version.tags[T.TRUST_REMOTE_CODE] == "true"
+
+
+def test_check_refuses_a_data_dir_without_a_listed_tasks_file(tiny_model, tmp_path, capsys):
+    (tmp_path / "tasks" / "arc_easy").mkdir(parents=True)
+    (tmp_path / "tasks" / "arc_easy" / "test.jsonl").write_text('{"question": "q"}\n')
+    data = small_params(
+        tiny_model,
+        tmp_path,
+        **{"evaluation.data_dir": "./tasks", "evaluation.tasks": ["arc_easy", "piqa"], "evaluation.perplexity": {}},
+    )
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "evaluation.data_dir" in err[0] and "piqa/validation.jsonl" in err[0] and "piqa" in err[0]
+
+
+def test_check_refuses_a_data_dir_that_does_not_exist(tiny_model, tmp_path, capsys):
+    data = small_params(tiny_model, tmp_path, **{"evaluation.data_dir": "./nope", "evaluation.perplexity": {}})
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and "evaluation.data_dir" in err[0] and "does not exist" in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [("{base:d}", "registered_model_name"), ("..", "registered_model_name"), ("{base}" * 40, "256")],
+)
+def test_check_refuses_a_registered_name_mlflow_would_refuse(tiny_model, tmp_path, capsys, template, why):
+    data = small_params(
+        tiny_model, tmp_path, **{"tracking.registered_model_name": template, "evaluation.perplexity": {}}
+    )
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and why in err[0], err
+
+
+def test_an_architecture_the_layer_checks_do_not_know_is_one_line(tiny_model, tmp_path, capsys):
+    import shutil
+
+    odd = tmp_path / "odd-model"
+    shutil.copytree(tiny_model, odd)
+    config = json.loads((odd / "config.json").read_text())
+    config.update({"model_type": "wizardlm_9000", "architectures": ["Wizard9000ForCausalLM"]})
+    (odd / "config.json").write_text(json.dumps(config))
+    rc, err = _check(tmp_path, small_params(odd, tmp_path, **{"evaluation.perplexity": {}}), capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "Wizard9000ForCausalLM" in err[0] or "wizardlm_9000" in err[0]
+    assert "Traceback" not in err[0]
+
+
+# -- every stage runs its static plan (its step's preflight) before it loads a model -----------------
+@pytest.mark.parametrize("stage", ["generate", "compress", "evaluate"])
+def test_each_stage_refuses_what_its_preflight_refuses_before_loading_a_model(tiny_model, tmp_path, stage, monkeypatch):
+    import selfcal.modelio as modelio
+    from selfcal.pipeline.compress import compress
+    from selfcal.pipeline.evaluate import evaluate
+    from selfcal.pipeline.generate import generate
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded before the plan was checked")
+
+    for module in ("selfcal.pipeline.generate", "selfcal.pipeline.compress", "selfcal.pipeline.evaluate"):
+        monkeypatch.setattr(f"{module}.load_model", no_load)
+    monkeypatch.setattr(modelio, "load_model", no_load)
+    bad = {
+        "generate": {"calibration.seq_len": 4096},
+        "compress": {"tracking.registered_model_name": "{base:d}"},
+        "evaluate": {"evaluation.perplexity": {"w": {"path": "./w.txt", "seq_len": 4096}}},
+    }[stage]
+    p = parse_params(small_params(tiny_model, tmp_path, **bad), root=tmp_path)
+    run = {
+        "generate": lambda: generate(p, "self", 0, progress=False),
+        "compress": lambda: compress(p, "self", 0, "gptq"),
+        "evaluate": lambda: evaluate(p, "dense", progress=False),
+    }[stage]
+    with pytest.raises(ConfigError):
+        run()

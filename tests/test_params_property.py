@@ -1,5 +1,6 @@
 """Property: whatever one value of params.yaml is changed to, `selfcal check` either passes or exits 2
-with one line; never a traceback (issue 16, item 3)."""
+with one line, never a traceback; and when it passes, every stage item's static plan (what the stage checks
+before loading a model, each step's `preflight`) passes too (issue 16, item 3)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from selfcal.cli import main
+from selfcal.config import load_params
+from selfcal.pipeline import compress, evaluate, generate
 from tests.helpers import small_params, write_params
 
 
@@ -35,8 +38,31 @@ VALUES = st.one_of(
 
 @pytest.fixture(scope="module")
 def base(tiny_model, tmp_path_factory):
+    """Every section in play, on local files only (unit tier): two sources, a corpus, a task folder, a
+    perplexity text, tracking on."""
     work = tmp_path_factory.mktemp("prop")
-    return work, small_params(tiny_model, work, **{"evaluation.perplexity": {}})
+    (work / "tasks" / "arc_easy").mkdir(parents=True)
+    (work / "tasks" / "arc_easy" / "test.jsonl").write_text('{"question": "q", "choices": ["a"], "gold": 0}\n')
+    (work / "wiki.txt").write_text("The quick brown fox jumps over the lazy dog. " * 50)
+    params = small_params(
+        tiny_model,
+        work,
+        **{
+            "calibration.sources": {"self": {"kind": "self"}, "c4": {"kind": "corpus", "path": "./wiki.txt"}},
+            "calibration.seeds": [0, 1],
+            "compression.methods": ["gptq", "wanda"],
+            "compression.wanda": {},
+            "evaluation.data_dir": "./tasks",
+            "evaluation.perplexity": {"wikitext2": {"path": "./wiki.txt", "seq_len": 64, "max_windows": 2}},
+        },
+    )
+    return work, params
+
+
+def _items(params: dict) -> list[tuple[str, int, str]]:
+    """The stage items, spelt out from the raw params (not from the code under test)."""
+    cal, comp = params["calibration"], params["compression"]
+    return [(s, seed, m) for s in cal["sources"] for seed in cal["seeds"] for m in comp["methods"]]
 
 
 @given(data=st.data())
@@ -63,3 +89,9 @@ def test_check_on_any_mutated_value_passes_or_refuses_in_one_line(base, capsys, 
     assert rc in (0, 2)
     if rc == 2:
         assert len(err) == 1 and err[0].startswith("selfcal: error: "), err
+        return
+    checked = load_params(path)
+    for source, seed, method in _items(mutated):  # check passed: no stage item may fail on params now
+        generate.preflight(checked, source, seed)
+        compress.preflight(checked, source, seed, method)
+    evaluate.preflight(checked)

@@ -60,14 +60,23 @@ def save_calibration_set(
     return manifest
 
 
-def load_calibration_set(directory: Path) -> CalibrationSet:
+def read_tokens(path: Path) -> np.ndarray:
     from safetensors.numpy import load_file
 
+    return load_file(str(path))["input_ids"]
+
+
+def token_digest(path: Path) -> str:
+    """The content digest of a tokens file, wherever it lies (the set's folder, the DVC cache)."""
+    return sha256_tokens(read_tokens(path))
+
+
+def load_calibration_set(directory: Path) -> CalibrationSet:
     path = directory / TOKENS
     if not path.is_file():
         raise DataError(f"{path}: calibration tokens missing (run the generate stage first)")
     manifest = read_manifest(directory, CalibrationManifest)
-    tokens = load_file(str(path))["input_ids"]
+    tokens = read_tokens(path)
     if sha256_tokens(tokens) != manifest.content_digest:
         raise DataError(f"{path}: token content does not match the manifest's content_digest")
     return CalibrationSet(tokens=tokens, manifest=manifest)

@@ -201,7 +201,9 @@ def auto_batch_size(model, *, n: int, length: int, memory_fraction: float = 0.6)
     per_row += model.config.vocab_size * 8 * 6  # logits in float32/float64 and the sort of top-p
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = int(free * memory_fraction)
+        # `selfcal run --slots-per-gpu K` starts up to K items on this GPU at once: each takes 1/K of it.
+        share = max(1, int(os.environ.get("SELFCAL_GPU_SHARE", "1") or 1))
+        budget = int(free * memory_fraction / share)
         cap = n
     else:
         try:

@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import re
 
+from selfcal.errors import ConfigError
+
 
 def linear_layers(config: dict) -> dict[str, tuple[int, int]]:
     """Names and (out_features, in_features) of every nn.Linear, from the config alone."""
     import torch
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(**config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
+    try:
+        cfg = AutoConfig.for_model(**config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except (ValueError, KeyError, TypeError) as err:
+        # An architecture this transformers does not ship (custom code, a newer release): the layer plan
+        # cannot be made, so say which one, not a traceback from inside the auto classes.
+        arch = ", ".join(config.get("architectures") or []) or "none listed"
+        raise ConfigError(
+            f"model.path: architecture {arch} (model_type {config.get('model_type')!r}) is not a causal LM "
+            f"transformers {transformers.__version__} can build, so its layers cannot be planned for compression "
+            f"({str(err).splitlines()[0][:160]})"
+        ) from None
     return {
         name: (m.out_features, m.in_features) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
     }

@@ -98,6 +98,16 @@ def local_task_config(name: str, data_dir: Path) -> dict:
     return cfg
 
 
+def missing_task_files(names: list[str], data_dir: Path) -> list[tuple[str, str]]:
+    """(task, file relative to data_dir) for each listed task whose local file is absent; tasks whose data is
+    distributed on request only are skipped at evaluation with a logged reason, so they are not listed."""
+    return [
+        (name, task.file)
+        for name in names
+        if not (task := TASKS.get(name, key="evaluation.tasks")).on_request and not (data_dir / task.file).is_file()
+    ]
+
+
 def resolve_tasks(names: list[str], data_dir: Path | None, *, root: Path | None = None) -> tuple[list, dict[str, str]]:
     """Task specs for lm-eval (hub names, or local configs) and the tasks skipped, with why.
 

@@ -7,16 +7,20 @@ its content digest and its manifest's sha256, never a second copy of the weights
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import posixpath
 import re
 import subprocess
 from pathlib import Path
 
 from selfcal.artifacts import MANIFEST
 from selfcal.config import Params
-from selfcal.hashing import sha256_file
+from selfcal.errors import ConfigError
+from selfcal.hashing import md5_file, sha256_file, tree_digest
 from selfcal.lineage import tags as T
+from selfcal.lineage.files import md5_tag
 from selfcal.lineage.tracking import RegisteredVersion, StageRun, flatten
 from selfcal.modelio import ModelRef
 from selfcal.paths import resolve_path
@@ -33,10 +37,39 @@ def base_label(ref: ModelRef, root: Path) -> str:
     return Path(ref.name).name if local else ref.name
 
 
+# MLflow's registry stores a name in 256 characters (store/model_registry/dbmodels/models.py, String(256)).
+MAX_NAME_CHARS = 256
+_KEY = "tracking.registered_model_name"
+
+
 def registered_name(template: str, *, base: str, method: str, source: str, seed: int) -> str:
-    """Fill the params template, then replace anything MLflow or ``NAME:VERSION`` would trip on."""
-    name = template.format(base=base, method=method, source=source, seed=seed)
-    return _UNSAFE.sub("-", name).strip("-") or "model"
+    """Fill the params template, then replace anything MLflow or ``NAME:VERSION`` would trip on; a name MLflow
+    would still refuse (a format spec the value cannot take, '.', '..x', over 256 characters) is a ConfigError,
+    which ``selfcal check`` raises for every (method, source, seed) before any compute."""
+    try:
+        name = template.format(base=base, method=method, source=source, seed=seed)
+    except (ValueError, IndexError, KeyError) as err:
+        raise ConfigError(f"{_KEY}: {template!r} cannot be filled in ({err})") from None
+    name = _UNSAFE.sub("-", name).strip("-") or "model"
+    # mlflow/utils/validation.py _validate_model_name -> path_not_unique: the name must be a plain, normal path.
+    if posixpath.normpath(name) != name or name == "." or name.startswith(".."):
+        raise ConfigError(f"{_KEY}: {template!r} gives {name!r}, which MLflow refuses as a model name")
+    if len(name) > MAX_NAME_CHARS:
+        raise ConfigError(
+            f"{_KEY}: {template!r} gives a {len(name)}-character name; MLflow stores at most {MAX_NAME_CHARS}"
+        )
+    return name
+
+
+def registered_names(params: Params, ref: ModelRef) -> list[str]:
+    """Every name the params would register under (each method x source x seed)."""
+    base = base_label(ref, params.root)
+    return [
+        registered_name(params.tracking.registered_model_name, base=base, method=method, source=source, seed=seed)
+        for method in params.compression.methods
+        for source in params.calibration.sources
+        for seed in params.calibration.seeds
+    ]
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -45,6 +78,16 @@ def _git(root: Path, *args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+@functools.cache
+def code_digest() -> str:
+    """sha256 over the selfcal package's own Python files: the code that ran, named even where git is not
+    (an installed package, a copied workspace); git's commit says where to find it."""
+    import selfcal
+
+    package = Path(selfcal.__file__).parent
+    return tree_digest({p.relative_to(package).as_posix(): sha256_file(p) for p in sorted(package.rglob("*.py"))})
 
 
 def code_state(root: Path) -> dict[str, str]:
@@ -62,6 +105,7 @@ def code_state(root: Path) -> dict[str, str]:
         T.GIT_COMMIT: commit or T.UNKNOWN,
         T.GIT_DIRTY: T.UNKNOWN if status is None else str(bool(status)).lower(),
         T.DVC_LOCK_SHA: sha256_file(lock) if lock.is_file() else "absent",
+        T.CODE_DIGEST: code_digest(),
     }
 
 
@@ -89,9 +133,11 @@ def checkpoint_tags(
         T.CALIBRATION_NAME: calib_name,
         T.CALIBRATION_URI: calib_dir.resolve().as_uri(),
         T.CALIBRATION_MANIFEST_SHA: sha256_file(calib_dir / MANIFEST),
+        T.CALIBRATION_FILES_MD5: md5_tag(calib_dir),
         T.CHECKPOINT_DIGEST: manifest.content_digest,
         T.CHECKPOINT_URI: checkpoint.resolve().as_uri(),
         T.CHECKPOINT_MANIFEST_SHA: sha256_file(checkpoint / MANIFEST),
+        T.CHECKPOINT_FILES_MD5: md5_tag(checkpoint),
         T.BASE_MODEL: base.name,
         T.BASE_REVISION: base.revision or "none",
         T.BASE_DIGEST: base.digest,
@@ -100,6 +146,8 @@ def checkpoint_tags(
         T.RECIPE: manifest.recipe or "",
         T.RECIPE_SHA: recipe_sha or "absent",
         T.VERSIONS: json.dumps(manifest.versions, sort_keys=True),
+        # The model folder's own code ran (params allowed it): an auditor must see that on the version.
+        T.TRUST_REMOTE_CODE: str(params.model.trust_remote_code).lower(),
         **code_state(params.root),
     }
 
@@ -159,6 +207,7 @@ def link_evaluation(run: StageRun, checkpoint_digest: str, metrics_file: Path) -
             T.EVALUATE_RUN: run.run_id or "",
             T.METRICS_URI: metrics_file.resolve().as_uri(),
             T.METRICS_SHA: sha256_file(metrics_file),
+            T.METRICS_MD5: md5_file(metrics_file),
         },
     )
     return version

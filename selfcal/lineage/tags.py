@@ -14,10 +14,14 @@ CALIBRATION_DIGEST = "selfcal.calibration_digest"
 CALIBRATION_NAME = "selfcal.calibration"
 CALIBRATION_URI = "selfcal.calibration_uri"
 CALIBRATION_MANIFEST_SHA = "selfcal.calibration_manifest_sha256"
+# {relative path: md5} of every file, manifest included: DVC's cache key, so a version whose folder a
+# later run replaced is still found (selfcal.lineage.files).
+CALIBRATION_FILES_MD5 = "selfcal.calibration_files_md5"
 
 CHECKPOINT_DIGEST = "selfcal.checkpoint_digest"
 CHECKPOINT_URI = "selfcal.checkpoint_uri"
 CHECKPOINT_MANIFEST_SHA = "selfcal.checkpoint_manifest_sha256"
+CHECKPOINT_FILES_MD5 = "selfcal.checkpoint_files_md5"
 
 BASE_MODEL = "selfcal.base_model"
 BASE_REVISION = "selfcal.base_model_revision"
@@ -32,11 +36,14 @@ VERSIONS = "selfcal.versions"
 
 GIT_COMMIT = "selfcal.git_commit"
 GIT_DIRTY = "selfcal.git_dirty"
+# sha256 over the selfcal package's Python source: which code ran, also outside a git checkout.
+CODE_DIGEST = "selfcal.code_digest"
 DVC_LOCK_SHA = "selfcal.dvc_lock_sha256"
 
 EVALUATE_RUN = "selfcal.evaluate_run_id"
 METRICS_URI = "selfcal.metrics_uri"
 METRICS_SHA = "selfcal.metrics_sha256"
+METRICS_MD5 = "selfcal.metrics_md5"
 
 UNKNOWN = "unknown"
 # MLflow stores a dataset digest in 36 characters; the first 32 hex digits of the

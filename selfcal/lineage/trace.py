@@ -142,11 +142,13 @@ def trace(client, version) -> dict:
             "name": tags.get(T.BASE_MODEL),
             "revision": tags.get(T.BASE_REVISION),
             "digest": tags.get(T.BASE_DIGEST),
+            "trust_remote_code": tags.get(T.TRUST_REMOTE_CODE),
         },
         "code": {
             "git_commit": tags.get(T.GIT_COMMIT),
             "git_dirty": tags.get(T.GIT_DIRTY),
             "dvc_lock_sha256": tags.get(T.DVC_LOCK_SHA),
+            "code_digest": tags.get(T.CODE_DIGEST),
         },
         "calibration": _calibration(client, tags, compress_run, missing),
         "metrics": _metrics(client, model_id, tags),
@@ -169,8 +171,10 @@ def _checkpoint_lines(lineage: dict) -> list[str]:
         f"  method     {c['method']}  {_kv(c['method_params'])}",
         f"  recipe     sha256 {c['recipe_sha256']}",
         f"  libraries  {_kv(c['library_versions'])}",
-        f"base model   {b['name']}  revision {b['revision']}  digest {b['digest']}",
-        f"code         git {code['git_commit']}{dirty}  dvc.lock sha256 {code['dvc_lock_sha256']}",
+        f"base model   {b['name']}  revision {b['revision']}  digest {b['digest']}"
+        + ("  (trust_remote_code: the model folder's own code ran)" if b.get("trust_remote_code") == "true" else ""),
+        f"code         git {code['git_commit']}{dirty}  dvc.lock sha256 {code['dvc_lock_sha256']}"
+        + (f"  selfcal source sha256 {code['code_digest']}" if code.get("code_digest") else ""),
     ]
 
 

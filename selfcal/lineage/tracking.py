@@ -229,6 +229,17 @@ class StageRun:
         mv = max(found, key=lambda v: (v.creation_timestamp, int(v.version)))
         return RegisteredVersion(name=mv.name, version=str(mv.version), model_id=model_id_of(mv))
 
+    def find_runs(self, tags: dict[str, str]) -> list[str]:
+        """Ids of this experiment's other runs that carry every one of ``tags``, newest first."""
+        if self._mlflow is None:
+            return []
+        active = self._mlflow.active_run()
+        where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        found = self._mlflow.MlflowClient().search_runs(
+            [active.info.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"]
+        )
+        return [r.info.run_id for r in found if r.info.run_id != active.info.run_id]
+
     def tag_model_version(self, version: RegisteredVersion, tags: dict[str, str]) -> None:
         if self._mlflow is None:
             return
@@ -261,6 +272,59 @@ def fail_dead_runs(client, experiment_id: str) -> list[str]:
     return ended
 
 
+def _pipeline_run_id(mlflow, exp_id: str, exec_id: str) -> str | None:
+    found = mlflow.search_runs(
+        experiment_ids=[exp_id],
+        filter_string=f"tags.`{_TAG_EXEC}` = '{exec_id}' and tags.`{_TAG_STAGE}` = 'pipeline'",
+        output_format="list",
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
+def open_pipeline_run(params: Params, exec_id: str) -> str | None:
+    """Create the parent run of one pipeline execution before its items start (None with tracking off).
+
+    Stage items find their parent by execution id; when several start at once (``selfcal run --jobs N``, items
+    fanned out to workers), each would find none and create its own. The orchestrator creates it first.
+    """
+    if not params.tracking.enabled:
+        return None
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(params))
+    mlflow.set_tracking_uri(tracking_uri(params))
+    exp_id = _experiment_id(mlflow, params)
+    found = _pipeline_run_id(mlflow, exp_id, exec_id)
+    if found:
+        return found
+    run = client.create_run(
+        exp_id,
+        run_name=f"pipeline {exec_id}",
+        tags={_TAG_EXEC: exec_id, _TAG_STAGE: "pipeline", T.PID: str(os.getpid()), T.HOST: socket.gethostname()},
+    )
+    return run.info.run_id
+
+
+def close_pipeline_run(params: Params, run_id: str | None, *, failed: bool) -> None:
+    """End the parent run; one that no stage item ran under (every item up to date) is deleted, so a night
+    that had nothing to do leaves no empty run behind."""
+    if run_id is None:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(params))
+    run = client.get_run(run_id)
+    children = client.search_runs(
+        [run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=1
+    )
+    if not children and not failed:
+        client.delete_run(run_id)
+        return
+    client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+
+
 @contextmanager
 def stage_run(params: Params, stage: str, item: str) -> Iterator[StageRun]:
     if not params.tracking.enabled:
@@ -273,13 +337,8 @@ def stage_run(params: Params, stage: str, item: str) -> Iterator[StageRun]:
     exp_id = _experiment_id(mlflow, params)
     fail_dead_runs(mlflow.MlflowClient(), exp_id)
     exec_id = execution_id()
-    found = mlflow.search_runs(
-        experiment_ids=[exp_id],
-        filter_string=f"tags.`{_TAG_EXEC}` = '{exec_id}' and tags.`{_TAG_STAGE}` = 'pipeline'",
-        output_format="list",
-        max_results=1,
-    )
-    parent_kwargs = {"run_id": found[0].info.run_id} if found else {"run_name": f"pipeline {exec_id}"}
+    found = _pipeline_run_id(mlflow, exp_id, exec_id)
+    parent_kwargs = {"run_id": found} if found else {"run_name": f"pipeline {exec_id}"}
     with mlflow.start_run(experiment_id=exp_id, **parent_kwargs) as parent:
         mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: "pipeline", T.PID: str(os.getpid())})
         mlflow.set_tag(T.HOST, socket.gethostname())  # the last stage that resumed it

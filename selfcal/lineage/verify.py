@@ -12,13 +12,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selfcal.artifacts import MANIFEST, RUN_FACTS
-from selfcal.errors import DataError, SelfcalError
-from selfcal.hashing import file_digests, sha256_file, tree_digest
+from selfcal.errors import DataError
+from selfcal.hashing import sha256_file, tree_digest
 from selfcal.lineage import store
 from selfcal.lineage import tags as T
+from selfcal.lineage.files import (
+    DVC_CACHE,
+    IN_PLACE,
+    FileSet,
+    from_dvc_cache,
+    in_place,
+    parse_md5_tag,
+    workspace_of,
+)
 from selfcal.lineage.store import show
 from selfcal.lineage.trace import NO_CALIBRATION
 from selfcal.records import ArtifactManifest, CalibrationManifest, CheckpointManifest, read_evaluation, read_record
+
+CHECKPOINT = "checkpoint"
+CALIBRATION = "calibration"
 
 
 @dataclass
@@ -26,6 +38,8 @@ class Report:
     ref: str
     checked: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    found: dict[str, FileSet] = field(default_factory=dict)  # artifact -> where its verified files are
 
     @property
     def ok(self) -> bool:
@@ -36,15 +50,16 @@ def _mismatch(path: Path, what: str, registered: str | None, actual: str) -> str
     return f"{show(path)}: {what} mismatch (registered {registered}, on disk {actual})"
 
 
-def check_tree(
-    directory: Path, manifest_sha: str | None, record: type[ArtifactManifest]
+def check_files(
+    found: FileSet, manifest_sha: str | None, record: type[ArtifactManifest]
 ) -> tuple[ArtifactManifest | None, dict[str, str], list[str]]:
-    """(manifest, sha256 of every file on disk, problems) for one artifact directory."""
-    if not directory.is_dir():
+    """(manifest, sha256 of every file, problems) for one artifact's files, wherever they were found."""
+    directory = found.directory
+    if found.where == IN_PLACE and not directory.is_dir():
         return None, {}, [f"{show(directory)}: directory missing"]
-    path = directory / MANIFEST
-    if not path.is_file():
-        return None, {}, [f"{show(path)}: manifest missing"]
+    path = found.files.get(MANIFEST)
+    if path is None:
+        return None, {}, [f"{show(directory / MANIFEST)}: manifest missing"]
     problems = []
     actual_sha = sha256_file(path)
     if manifest_sha and actual_sha != manifest_sha:
@@ -54,28 +69,90 @@ def check_tree(
     except DataError as err:
         return None, {}, [*problems, f"{show(path)}: not a selfcal {record.__name__} ({str(err).split(': ', 1)[-1]})"]
     recorded = manifest.files
-    on_disk = file_digests(directory, exclude=frozenset({MANIFEST}))
+    actual = {rel: sha256_file(p) for rel, p in found.files.items() if rel != MANIFEST}
     for rel, want in sorted(recorded.items()):
-        got = on_disk.get(rel)
+        got = actual.get(rel)
         if got is None:
             problems.append(f"{show(directory / rel)}: missing (listed in the manifest)")
         elif got != want:
-            problems.append(f"{show(directory / rel)}: sha256 mismatch (recorded {want}, on disk {got})")
+            problems.append(f"{show(found.files[rel])}: sha256 mismatch (recorded {want}, on disk {got})")
     problems += [
-        f"{show(directory / rel)}: not listed in the manifest" for rel in sorted(on_disk.keys() - recorded.keys())
+        f"{show(found.files[rel])}: not listed in the manifest" for rel in sorted(actual.keys() - recorded.keys())
     ]
-    return manifest, on_disk, problems
+    return manifest, actual, problems
 
 
-def _checkpoint(tags: dict, report: Report) -> None:
+def check_tree(
+    directory: Path, manifest_sha: str | None, record: type[ArtifactManifest]
+) -> tuple[ArtifactManifest | None, dict[str, str], list[str]]:
+    """(manifest, sha256 of every file on disk, problems) for one artifact directory."""
+    return check_files(in_place(directory), manifest_sha, record)
+
+
+def _replaced_by(directory: Path, record: type[ArtifactManifest], registered: str) -> str | None:
+    """The content digest of the *other* complete artifact now in ``directory``, if a later run replaced
+    this version's one there: a folder consistent with its own manifest, holding another digest. A folder
+    whose files no longer match its manifest is tampering or damage, not a replacement."""
+    if not directory.is_dir():
+        return None
+    manifest, _, problems = check_tree(directory, None, record)
+    if manifest is None or problems or manifest.content_digest == registered:
+        return None
+    return manifest.content_digest
+
+
+def locate(
+    directory: Path, tags: dict, *, digest_tag: str, md5_tag: str, record: type[ArtifactManifest], what: str
+) -> tuple[FileSet | None, str | None]:
+    """Where this version's files of one artifact are: its folder when that still holds them, else the DVC
+    cache when a later run replaced the folder; or None and the one line that says where they went."""
+    registered = tags.get(digest_tag, "")
+    md5s = parse_md5_tag(tags.get(md5_tag))
+    if not directory.exists() and md5s:
+        # Registered by another workspace (another worker of a fanned-out run, another box, a `dvc exp` run's
+        # temporary copy): its folder is not here, but DVC caches the same files, here after `dvc pull`.
+        for project in dict.fromkeys(p for p in (workspace_of(Path.cwd()), workspace_of(directory.parent)) if p):
+            cached, _ = from_dvc_cache(directory, md5s, workspace=project)
+            if cached is not None:
+                return cached, None
+    other = _replaced_by(directory, record, registered)
+    if other is None:
+        return in_place(directory), None
+    cached, why = from_dvc_cache(directory, md5s) if md5s else (None, f"no file md5s were registered ({md5_tag})")
+    if cached is not None:
+        return cached, None
+    commit = tags.get(T.GIT_COMMIT, T.UNKNOWN)
+    at = (
+        f"`git checkout {commit[:12]}`" if commit != T.UNKNOWN else "the code it was made with (no git commit recorded)"
+    )
+    return None, (
+        f"{show(directory)}: superseded: a later run wrote another {what} there ({other[:16]}), and this "
+        f"version's files are gone from the workspace: {why}; bring them back into the DVC cache from the "
+        f"remote (at {at}: `dvc pull`, or recompute with `dvc repro`), then `selfcal verify {{ref}}` finds them "
+        f"and `selfcal restore {{ref}} DEST` copies them out"
+    )
+
+
+def _checkpoint(tags: dict, report: Report) -> FileSet | None:
     path = store.local_path(tags.get(T.CHECKPOINT_URI))
     if path is None or T.CHECKPOINT_DIGEST not in tags:
         report.problems.append(f"{report.ref}: no checkpoint recorded (tags {T.CHECKPOINT_URI}, {T.CHECKPOINT_DIGEST})")
-        return
-    manifest, on_disk, problems = check_tree(path, tags.get(T.CHECKPOINT_MANIFEST_SHA), CheckpointManifest)
+        return None
+    found, gone = locate(
+        path,
+        tags,
+        digest_tag=T.CHECKPOINT_DIGEST,
+        md5_tag=T.CHECKPOINT_FILES_MD5,
+        record=CheckpointManifest,
+        what="checkpoint",
+    )
+    if found is None:
+        report.problems.append(gone.replace("{ref}", report.ref))
+        return None
+    manifest, on_disk, problems = check_files(found, tags.get(T.CHECKPOINT_MANIFEST_SHA), CheckpointManifest)
     report.problems += problems
     if manifest is None:
-        return
+        return None
     content = tree_digest({k: v for k, v in on_disk.items() if k != RUN_FACTS})  # as compress computes it
     if not problems and content != tags[T.CHECKPOINT_DIGEST]:
         report.problems.append(_mismatch(path, "content digest", tags[T.CHECKPOINT_DIGEST], content))
@@ -84,31 +161,63 @@ def _checkpoint(tags: dict, report: Report) -> None:
         report.problems.append(
             f"{show(path / MANIFEST)}: names calibration {linked}, registered {tags[T.CALIBRATION_DIGEST]}"
         )
-    report.checked.append(f"checkpoint {show(path)} ({len(on_disk)} files)")
+    report.checked.append(f"checkpoint {show(path)} ({len(on_disk)} files{_where(found)})")
+    _note_superseded(found, "checkpoint", report)
+    if not problems:
+        report.found[CHECKPOINT] = found
+    return found
 
 
-def _calibration(client, version, tags: dict, report: Report) -> None:
-    from selfcal.calibration.calibset import TOKENS, load_calibration_set
+def _where(found: FileSet) -> str:
+    return "" if found.where == IN_PLACE else f", from the {found.where}"
+
+
+def _note_superseded(found: FileSet, what: str, report: Report) -> None:
+    if found.where == IN_PLACE:
+        return
+    why = f"now holds a later {what}" if found.directory.exists() else "is not on this machine (another workspace's)"
+    report.notes.append(
+        f"{show(found.directory)} {why}; this version's files were verified in the {found.where} "
+        f"(`selfcal restore {report.ref} DEST` copies them out)"
+    )
+
+
+def _calibration(client, version, tags: dict, report: Report) -> FileSet | None:
+    from selfcal.calibration.calibset import TOKENS, token_digest
 
     digest = tags.get(T.CALIBRATION_DIGEST)
     if not digest:
         report.problems.append(f"{report.ref}: {NO_CALIBRATION} (no {T.CALIBRATION_DIGEST} tag)")
-        return
+        return None
     path = store.local_path(tags.get(T.CALIBRATION_URI))
     if path is None:
         report.problems.append(f"{report.ref}: calibration {digest} has no recorded location ({T.CALIBRATION_URI})")
-        return
-    manifest, on_disk, problems = check_tree(path, tags.get(T.CALIBRATION_MANIFEST_SHA), CalibrationManifest)
+        return None
+    found, gone = locate(
+        path,
+        tags,
+        digest_tag=T.CALIBRATION_DIGEST,
+        md5_tag=T.CALIBRATION_FILES_MD5,
+        record=CalibrationManifest,
+        what="calibration set",
+    )
+    if found is None:
+        manifest, on_disk, problems = None, {}, [gone.replace("{ref}", report.ref)]
+    else:
+        manifest, on_disk, problems = check_files(found, tags.get(T.CALIBRATION_MANIFEST_SHA), CalibrationManifest)
     report.problems += problems
     if manifest is not None and not problems:
+        tokens = found.files.get(TOKENS)
         try:
-            actual = load_calibration_set(path).digest
-        except SelfcalError as err:  # tokens readable but not what the manifest says
-            report.problems.append(str(err))
+            actual = token_digest(tokens) if tokens else None
         except Exception as err:  # unreadable tokens: safetensors and numpy raise their own types
-            report.problems.append(f"{show(path / TOKENS)}: unreadable ({str(err).splitlines()[0]})")
+            report.problems.append(f"{show(tokens)}: unreadable ({str(err).splitlines()[0]})")
         else:
-            if actual != digest:
+            if actual is None:
+                report.problems.append(f"{show(path / TOKENS)}: missing")
+            elif actual != manifest.content_digest:
+                report.problems.append(f"{show(tokens)}: token content does not match the manifest's content_digest")
+            elif actual != digest:
                 report.problems.append(_mismatch(path / TOKENS, "token digest", digest, actual))
     run = store.get_run(client, version.run_id)
     dataset = store.dataset_input(run, digest)
@@ -122,13 +231,35 @@ def _calibration(client, version, tags: dict, report: Report) -> None:
             f"{T.dataset_digest(digest)}"
         )
     if manifest is not None:
-        report.checked.append(f"calibration {show(path)} ({len(on_disk)} files)")
+        report.checked.append(f"calibration {show(path)} ({len(on_disk)} files{_where(found)})")
+        _note_superseded(found, "calibration set", report)
+        if not problems:
+            report.found[CALIBRATION] = found
+    return found
 
 
 def _metrics(tags: dict, report: Report) -> None:
     path = store.local_path(tags.get(T.METRICS_URI))
     if path is None:
         return  # not evaluated yet: nothing to check, and lineage says so
+    where = ""
+    if not path.exists() and tags.get(T.METRICS_MD5):  # another workspace's file: this project's DVC cache
+        for project in dict.fromkeys(p for p in (workspace_of(Path.cwd()), workspace_of(path.parent)) if p):
+            cached, _ = from_dvc_cache(path, {path.name: tags[T.METRICS_MD5]}, workspace=project)
+            if cached is not None:
+                path, where = cached.files[path.name], f", from the {DVC_CACHE}"
+                break
+    elif path.is_file() and sha256_file(path) != tags.get(T.METRICS_SHA) and _rescored(path, tags):
+        # A later evaluation (of a later checkpoint) rewrote the file: this version's one is in the DVC cache.
+        md5 = tags.get(T.METRICS_MD5)
+        cached, why = from_dvc_cache(path, {path.name: md5}) if md5 else (None, f"no md5 registered ({T.METRICS_MD5})")
+        if cached is None:
+            report.problems.append(
+                f"{show(path)}: superseded: a later evaluation rewrote it, and this version's file is gone "
+                f"from the workspace: {why}"
+            )
+            return
+        path, where = cached.files[path.name], f", from the {DVC_CACHE}"
     if not path.is_file():
         report.problems.append(f"{show(path)}: metrics file missing")
         return
@@ -145,7 +276,15 @@ def _metrics(tags: dict, report: Report) -> None:
         report.problems.append(
             f"{show(path)}: scores checkpoint {recorded}, registered {tags.get(T.CHECKPOINT_DIGEST)}"
         )
-    report.checked.append(f"metrics {show(path)}")
+    report.checked.append(f"metrics {show(store.local_path(tags.get(T.METRICS_URI)))}{where}")
+
+
+def _rescored(path: Path, tags: dict) -> bool:
+    """The metrics file is a valid evaluation record of another checkpoint (a later evaluation wrote it)."""
+    try:
+        return read_evaluation(path).checkpoint_digest != tags.get(T.CHECKPOINT_DIGEST)
+    except DataError:
+        return False
 
 
 def verify(client, version) -> Report:
@@ -156,3 +295,33 @@ def verify(client, version) -> Report:
     _calibration(client, version, tags, report)
     _metrics(tags, report)
     return report
+
+
+def restore(client, version, dest: Path) -> list[Path]:
+    """Copy a version's checkpoint and calibration set, verified, out of the workspace or the DVC cache into
+    ``dest/checkpoint`` and ``dest/calibration``: how an auditor gets back a version a later run replaced."""
+    import shutil
+
+    from selfcal.artifacts import atomic_dir
+    from selfcal.errors import ConfigError, VerificationError
+
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ConfigError(f"{dest}: exists and is not an empty folder; restore writes into a new one")
+    report = verify(client, version)
+    if not report.ok:
+        raise VerificationError(f"{report.ref}: cannot restore: {report.problems[0]}")
+    tags = dict(version.tags)
+    shas = {CHECKPOINT: tags.get(T.CHECKPOINT_MANIFEST_SHA), CALIBRATION: tags.get(T.CALIBRATION_MANIFEST_SHA)}
+    records = {CHECKPOINT: CheckpointManifest, CALIBRATION: CalibrationManifest}
+    written = []
+    for what, found in report.found.items():
+        target = dest / what
+        with atomic_dir(target) as tmp:
+            for rel, src in found.files.items():
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, tmp / rel)
+            _, _, problems = check_tree(tmp, shas[what], records[what])  # the copies, not the sources
+            if problems:
+                raise VerificationError(f"{report.ref}: restored {what} does not verify: {problems[0]}")
+        written.append(target)
+    return written

@@ -118,19 +118,30 @@ def check_local_files(params: Params) -> None:
         )
 
 
+def every_item(params: Params) -> int:
+    """Each stage item's own static plan (what the stage checks before a model loads); returns how many."""
+    from selfcal.pipeline import compress, evaluate, generate, layout
+
+    n = 0
+    for source, seed in layout.calibration_names(params):
+        generate.preflight(params, source, seed)
+        n += 1
+        for method in params.compression.methods:
+            compress.preflight(params, source, seed, method)
+            n += 1
+    evaluate.preflight(params)
+    return n + 1
+
+
 def check(params: Params, params_file: Path) -> str:
     """Run every static check; return the one-line summary ``selfcal check`` prints."""
-    from selfcal.compression.apply import plan
     from selfcal.modelio import load_tokenizer
-    from selfcal.pipeline.common import base_model, check_artifacts_dir, check_context, check_sources
+    from selfcal.pipeline.common import base_model, check_artifacts_dir
 
     check_artifacts_dir(params)
-    ref, config = base_model(params)
-    check_context(config, params.calibration.seq_len, "calibration.seq_len")
+    ref, _ = base_model(params)
     check_local_files(params)
-    check_sources(config, params)
-    for method in params.compression.methods:
-        plan(method, params.compression, config)
+    every_item(params)
     if any(getattr(s, "first_token_words", None) for s in params.calibration.sources.values()):
         check_tokenizer_settings(params, load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code))
     dvc_yaml = params_file.resolve().parent / "dvc.yaml"

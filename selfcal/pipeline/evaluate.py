@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from selfcal.artifacts import atomic_write_text, read_manifest
@@ -12,7 +13,7 @@ from selfcal.config import Params
 from selfcal.errors import ConfigError, DataError
 from selfcal.evaluation.harness import run_tasks
 from selfcal.evaluation.perplexity import perplexity_of_text, read_perplexity_text
-from selfcal.evaluation.tasks import resolve_tasks
+from selfcal.evaluation.tasks import missing_task_files, resolve_tasks
 from selfcal.lineage.registry import link_evaluation
 from selfcal.lineage.tracking import stage_run
 from selfcal.modelio import ModelRef, context_window, fingerprint, load_model, load_tokenizer, pick_device
@@ -21,14 +22,45 @@ from selfcal.pipeline.common import base_model, check_context
 from selfcal.records import CheckpointManifest, EvaluationRecord, PerplexityScore, ZeroShot, dump_record
 
 log = logging.getLogger("selfcal.evaluate")
-_PPL_CAP = 2048
+# Perplexity windows when the params give no seq_len: the model's context, at most this.
+PPL_CAP = 2048
 
 
-def _target(params: Params, name: str) -> tuple[ModelRef, dict, dict]:
-    """(model to load, identity fields of its evaluation record, model config)."""
-    ref, config = base_model(params)
+@dataclass(frozen=True)
+class EvaluatePlan:
+    data_dir: Path | None
+    ppl_seq_len: dict[str, int]  # perplexity set -> window length
+
+
+def preflight(params: Params) -> EvaluatePlan:
+    """Everything an evaluate item (dense or a checkpoint) checks before a model loads (``selfcal check`` runs
+    it): every listed task's file under data_dir, each perplexity window within the context."""
+    ev = params.evaluation
+    _, config = base_model(params)
+    data_dir = params.resolve(ev.data_dir) if ev.data_dir else None
+    if data_dir is not None and ev.tasks:
+        if not data_dir.is_dir():
+            raise ConfigError(f"evaluation.data_dir: {ev.data_dir} does not exist (or is not a folder)")
+        missing = missing_task_files(ev.tasks, data_dir)
+        if missing:
+            listed = ", ".join(f"{name} ({file})" for name, file in missing)
+            raise ConfigError(
+                f"evaluation.data_dir: {ev.data_dir} has no data for {len(missing)} listed task(s): {listed}; "
+                "add the files or drop the tasks from evaluation.tasks"
+            )
+    seq_lens = {}
+    for name, cfg in ev.perplexity.items():
+        seq_len = cfg.seq_len or min(context_window(config) or PPL_CAP, PPL_CAP)
+        check_context(config, seq_len, f"evaluation.perplexity.{name}.seq_len")
+        seq_lens[name] = seq_len
+    return EvaluatePlan(data_dir=data_dir, ppl_seq_len=seq_lens)
+
+
+def _target(params: Params, name: str) -> tuple[ModelRef, dict]:
+    """(model to load, identity fields of its evaluation record)."""
+    ref, _ = base_model(params)
     if name == layout.DENSE:
-        return ref, {"method": "none", "source": "none", "seed": None, "model_digest": fingerprint(ref).digest}, config
+        return ref, {"method": "none", "source": "none", "seed": None, "model_digest": fingerprint(ref).digest}
     ckpt = layout.checkpoint_path(params, name)
     if not ckpt.is_dir():
         raise DataError(f"{ckpt}: checkpoint not found (run the compress stage first)")
@@ -41,21 +73,19 @@ def _target(params: Params, name: str) -> tuple[ModelRef, dict, dict]:
         "checkpoint_digest": m.content_digest,
         "model_digest": m.base_model.digest,
     }
-    return ModelRef(name=name, local_dir=ckpt), ident, config
+    return ModelRef(name=name, local_dir=ckpt), ident
 
 
 def evaluate(params: Params, name: str, *, progress: bool = True) -> EvaluationRecord:
     ev = params.evaluation
-    ref, ident, config = _target(params, name)
-    data_dir = params.resolve(ev.data_dir) if ev.data_dir else None
-    if data_dir is not None and not data_dir.is_dir():
-        raise ConfigError(f"evaluation.data_dir: {data_dir} is not a directory")
+    ref, ident = _target(params, name)
+    planned = preflight(params)
+    data_dir = planned.data_dir
     # Read every perplexity text now: a missing file fails before the model loads.
     ppl_sets: dict[str, tuple[str, int]] = {}
     for set_name, cfg in ev.perplexity.items():
         key = f"evaluation.perplexity.{set_name}"
-        seq_len = cfg.seq_len or min(context_window(config) or _PPL_CAP, _PPL_CAP)
-        check_context(config, seq_len, f"{key}.seq_len")
+        seq_len = planned.ppl_seq_len[set_name]
         text = read_perplexity_text(
             cfg.path,
             root=params.root,

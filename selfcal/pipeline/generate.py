@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from selfcal import faults
 from selfcal.calibration import sources
@@ -13,7 +14,7 @@ from selfcal.errors import ConfigError
 from selfcal.lineage import tags as T
 from selfcal.lineage.registry import log_calibration
 from selfcal.lineage.tracking import stage_run
-from selfcal.modelio import fingerprint, load_model, load_tokenizer, pick_device
+from selfcal.modelio import ModelRef, fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
 from selfcal.pipeline.common import base_model, check_context, check_sources
 from selfcal.records import CalibrationManifest
@@ -21,14 +22,28 @@ from selfcal.records import CalibrationManifest
 log = logging.getLogger("selfcal.generate")
 
 
-def generate(params: Params, source: str, seed: int, *, progress: bool = True) -> CalibrationManifest:
+@dataclass(frozen=True)
+class GeneratePlan:
+    spec: object  # the source's params section
+    ref: ModelRef
+    config: dict
+
+
+def preflight(params: Params, source: str, seed: int) -> GeneratePlan:
+    """Everything generate checks before a model loads (``selfcal check`` runs it for every item)."""
     cal = params.calibration
     if source not in cal.sources:
         raise ConfigError(f"calibration.sources: no source named {source!r}; defined: {sorted(cal.sources)}")
-    spec = cal.sources[source]
     ref, config = base_model(params)
     check_context(config, cal.seq_len, "calibration.seq_len")
     check_sources(config, params)
+    return GeneratePlan(spec=cal.sources[source], ref=ref, config=config)
+
+
+def generate(params: Params, source: str, seed: int, *, progress: bool = True) -> CalibrationManifest:
+    cal = params.calibration
+    planned = preflight(params, source, seed)
+    spec, ref = planned.spec, planned.ref
     device = pick_device(params.model.device)
     out = layout.calibration_dir(params, source, seed)
     item = layout.calib_name(source, seed)

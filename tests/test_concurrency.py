@@ -1,0 +1,163 @@
+"""Concurrent stage items (issue 17): device slots, and the dependency-ordered scheduler on Prefect's task
+runner. The flow itself with --jobs 4 over real DVC items is in test_flows.py (worker A)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from flows.slots import SlotPool, plan_slots, visible_gpus
+
+
+# -- device slots ------------------------------------------------------------------------------------------
+def test_one_item_per_gpu_and_jobs_capped_by_the_gpus():
+    slots = plan_slots(4, ["0", "1"], cpus=16)
+    assert [s.gpu for s in slots] == ["0", "1"]  # 4 jobs asked, 2 GPUs: 2 items at once
+    assert [s.env()["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1"]
+    assert all(s.threads == 8 and s.env()["OMP_NUM_THREADS"] == "8" for s in slots)
+
+
+def test_slots_per_gpu_share_a_gpu_after_every_gpu_has_one():
+    slots = plan_slots(4, ["3", "5"], slots_per_gpu=2, cpus=16)
+    assert [s.gpu for s in slots] == ["3", "5", "3", "5"]  # a second item per GPU only when all GPUs have one
+    assert {s.env()["SELFCAL_GPU_SHARE"] for s in slots} == {"2"}  # auto batch sizes take half the free memory
+
+
+def test_cpu_slots_divide_the_cores_and_hide_the_gpus():
+    slots = plan_slots(2, [], cpus=2)
+    assert [s.threads for s in slots] == [1, 1]
+    assert all(s.env()["CUDA_VISIBLE_DEVICES"] == "" and s.env()["MKL_NUM_THREADS"] == "1" for s in slots)
+    assert plan_slots(3, [], cpus=2)[0].threads == 1  # never zero threads
+
+
+@pytest.mark.parametrize(
+    ("env", "gpus"), [({"CUDA_VISIBLE_DEVICES": "2,3"}, ["2", "3"]), ({"CUDA_VISIBLE_DEVICES": ""}, [])]
+)
+def test_visible_gpus_follow_cuda_visible_devices(env, gpus):
+    assert visible_gpus(env) == gpus
+
+
+def test_a_slot_is_never_handed_to_two_items_at_once():
+    pool = SlotPool(plan_slots(2, ["0", "1"], cpus=2))
+    held, clash = set(), []
+
+    def work():
+        for _ in range(20):
+            with pool.take() as slot:
+                if slot.index in held:
+                    clash.append(slot.index)
+                held.add(slot.index)
+                time.sleep(0.001)
+                held.discard(slot.index)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not clash
+
+
+STARTUP = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+# -- the scheduler on Prefect's task runner -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory):
+    import os
+
+    home = tmp_path_factory.mktemp("prefect")
+    names = ("PREFECT_HOME", "PREFECT_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED", STARTUP)
+    saved = {k: os.environ.get(k) for k in names}
+    # a fresh home on a busy 2-core box can take longer than Prefect's default 20 s (as in `selfcal run`)
+    os.environ.update({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", STARTUP: "180"})
+    os.environ.pop("PREFECT_API_URL", None)
+    yield home
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_items_run_after_what_they_read_at_most_jobs_at_once_and_a_failure_stops_only_its_dependents(prefect_home):
+    from prefect import flow, task
+
+    from flows.schedule import run_in_order
+
+    log: list[tuple[str, str, float]] = []
+    lock = threading.Lock()
+    live = {"now": 0, "peak": 0}
+
+    @task
+    def fake(item: str) -> dict:
+        with lock:
+            live["now"] += 1
+            live["peak"] = max(live["peak"], live["now"])
+            log.append(("start", item, time.monotonic()))
+        time.sleep(0.4)
+        with lock:
+            live["now"] -= 1
+            log.append(("end", item, time.monotonic()))
+        if item == "c":
+            raise RuntimeError("c: injected failure")
+        return {"item": item}
+
+    graph = {"a": [], "b": ["a"], "c": ["a"], "x": [], "d": ["b"], "e": ["c"], "f": ["e", "d"]}
+
+    @flow
+    def grid():
+        return run_in_order(graph, fake, lambda item: {"item": item}, jobs=2)
+
+    out = grid()
+    times = {(kind, item): t for kind, item, t in log}
+    assert {r["item"] for r in out.results} == {"a", "b", "x", "d"}
+    assert out.failed == {"c": "c: injected failure"}
+    assert out.blocked == {"e": "c", "f": "c"}  # f read e, which never ran because of c
+    assert ("start", "e") not in times and ("start", "f") not in times
+    for item, deps in graph.items():
+        for dep in deps:
+            if ("start", item) in times:
+                assert times[("end", dep)] <= times[("start", item)], f"{item} started before {dep} ended"
+    assert live["peak"] == 2  # a and x at once, then b and c: never more than jobs
+    assert out.failure_line().startswith("c: injected failure") and "2 item(s) after it not run" in out.failure_line()
+
+
+# -- fan-out: an item whose worker died is submitted again --------------------------------------------------
+def test_a_crashed_or_lost_item_run_is_submitted_again_and_a_completed_one_read(prefect_home, monkeypatch):
+    import json
+    import uuid
+    from types import SimpleNamespace
+
+    from prefect import flow
+    from prefect.states import Completed, Crashed, Running
+
+    import flows.pipeline as pipeline
+
+    attempts, cancelled = [], []
+    states = [
+        Crashed(message="Execution was aborted by Python system exit call."),  # its worker died
+        Running(),  # a box that vanished: no final state in time
+        Completed(
+            message=json.dumps({"item": "compress@x", "outcome": "ran", "where": "worker-b", "upstream_ran": []})
+        ),
+    ]
+
+    def fake_submit(deployment, parameters, timeout):
+        attempts.append((deployment, parameters["item"], timeout))
+        return SimpleNamespace(id=uuid.uuid4(), name=f"run-{len(attempts)}", state=states[len(attempts) - 1])
+
+    monkeypatch.setattr(pipeline, "submit_item", fake_submit)
+    monkeypatch.setattr(pipeline, "cancel_flow_run", cancelled.append)
+
+    @flow
+    def one():
+        task = pipeline.fan_out_item.with_options(retries=2, retry_delay_seconds=0)
+        return task("compress@x", "selfcal-item/items", {"execution_id": "e"}, 60)
+
+    result = one()
+    assert [a[1] for a in attempts] == ["compress@x"] * 3 and attempts[0][2] == 60
+    assert len(cancelled) == 1  # the run without a final state was cancelled before the retry
+    assert result["outcome"] == "ran" and result["where"] == "worker-b" and result["attempts"] == 3
