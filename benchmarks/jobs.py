@@ -76,13 +76,14 @@ def run_config(name: str, cmd: list[str], work: Path) -> dict:
     if proc.returncode != 0:
         print(text[-3000:])
     status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=ws, env=env, capture_output=True, text=True)
+    listed = [line.rstrip(":") for line in status.stdout.splitlines() if line and not line[0].isspace()]
     return {
         "config": name,
         "cmd": " ".join(cmd),
         "wall_s": round(wall, 1),
         "rc": proc.returncode,
         "stages_run": ran,
-        "dvc_status": status.stdout.strip(),
+        "dvc_status_lists": listed,
     }
 
 

@@ -68,6 +68,22 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int)
 
     sub.add_parser("aggregate", help="summarise metrics (and diagnostics) into CSV and Markdown tables")
+    sr = sub.add_parser(
+        "study-report",
+        help="write a study's committed record: tables, stage times and every model's lineage (lineage.json)",
+        description="After `selfcal run --profile NAME` (tracking on): the aggregate tables from the evaluation "
+        "records, the stage wall times and every checkpoint's registered version, calibration set, commit and "
+        "code digest from MLflow, into OUT (e.g. reports/NAME). A checkpoint without a registered version is "
+        "listed as missing.",
+    )
+    sr.add_argument("--out", required=True, help="folder to write (created)")
+    sr.add_argument("--title", default="selfcal study", help="the report's heading")
+    sr.add_argument(
+        "--experiments",
+        action="store_true",
+        help="add the set-size sweep from this workspace's DVC experiments (dvc exp run --queue -S "
+        "calibration.n_samples=..., then dvc queue start --jobs N)",
+    )
 
     store_help = (
         "MLflow store (default: tracking.tracking_uri in params, else $MLFLOW_TRACKING_URI, else .selfcal/mlflow.db)"
@@ -354,6 +370,13 @@ def _dispatch(args, params, progress: bool) -> None:
         from selfcal.pipeline.aggregate import aggregate
 
         aggregate(params)
+    elif args.command == "study-report":
+        from pathlib import Path
+
+        from selfcal.pipeline.study_report import study_report
+
+        out = study_report(params, Path(args.out), title=args.title, experiments=args.experiments)
+        print(f"study-report: wrote {out}")
 
 
 AUDIT = {"lineage": _lineage, "verify": _verify, "models": _models, "restore": _restore}

@@ -185,6 +185,11 @@ class EvaluationConfig(Strict):
     limit: int | None = Field(None, ge=1)
     # "auto": lm-eval's largest-batch search on a GPU, a fixed 16 on CPU (see harness).
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    # "fast": lm-eval's requests prepared once per tokenizer, scored in token-budget batches on the device,
+    # aggregated as lm-eval does (selfcal.evaluation.fast); "lm-eval": lm-eval's own HFLM, batch_size above.
+    engine: Literal["fast", "lm-eval"] = "fast"
+    # The fast engine's tokens per forward pass; "auto": 131072 on a GPU (halved on out-of-memory), 4096 on CPU.
+    batch_tokens: Annotated[int, Field(ge=16)] | Literal["auto"] = "auto"
     # Named perplexity sets, e.g. {wikitext2: {...}, c4: {...}}; each is a metric.
     perplexity: dict[str, PerplexityConfig] = Field(default_factory=dict)
 

@@ -95,9 +95,16 @@ class TaskScore(Strict):
     seconds: float
     examples_per_s: float | None = None
     batch_size: int | str | None = None
+    # the fast path (evaluation.engine: fast): lm-eval's requests, how fast they were scored, and how long
+    # getting them prepared took ("built" by lm-eval's task code, or read back from the cache)
+    requests: int | None = None
+    requests_per_s: float | None = None
+    prepare_seconds: float | None = None
+    prepared: str | None = None
 
 
 class ZeroShot(Strict):
+    engine: str = "lm-eval"
     tasks: dict[str, TaskScore] = Field(default_factory=dict)
     failed: dict[str, str] = Field(default_factory=dict)
     batch_size: int | str

@@ -203,6 +203,21 @@ def test_dvc_repro_end_to_end_then_noop_then_partial(dvc_workspace):
     stages = sorted(r.data.tags["selfcal.stage"] for r in runs)
     assert stages == ["aggregate", "compress", "evaluate", "evaluate", "generate", "inspect", "pipeline"]
 
+    # The study's record, from the declared records and MLflow only: every checkpoint traced to its version.
+    env = {k: v for k, v in _GIT_ENV.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "selfcal.cli", "study-report", "--out", "study", "--title", "tiny study"]
+    proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lineage = json.loads((ws / "study" / "lineage.json").read_text())
+    (model,) = lineage["models"]
+    assert lineage["missing"] == [] and model["evaluated"] == "self-s0-gptq" and model["model"].endswith(":1")
+    ckpt = json.loads((ws / "artifacts" / "checkpoints" / "self-s0-gptq" / "manifest.json").read_text())
+    assert model["checkpoint_digest"] == ckpt["content_digest"]
+    assert model["calibration_digest"] == ckpt["calibration"]["digest"] and model["code_digest"]
+    readme = (ws / "study" / "README.md").read_text()
+    assert "2 evaluated models (1 checkpoints + the dense base), 1 traced" in readme and "| compress | 1 |" in readme
+    assert (ws / "study" / "by_source.md").read_text() == (ws / "artifacts" / "report" / "by_source.md").read_text()
+
     again = _dvc(ws, "repro")  # a no-op: only the guard stage (always run, output unchanged) runs
     assert "Running stage 'guard'" in again
     assert [line for line in again.splitlines() if "Running stage" in line] == ["Running stage 'guard':"]
@@ -236,3 +251,8 @@ def test_dvc_repro_end_to_end_then_noop_then_partial(dvc_workspace):
         "mean_acc",
         "ppl.wikitext2",
     }
+    # ... and the study report reads the experiments back from DVC (the set-size sweep's route)
+    proc = subprocess.run([*cmd, "--experiments"], cwd=ws, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sweep = (ws / "study" / "sweep_n.csv").read_text().splitlines()
+    assert sweep[0] == "label,n,mean_acc,mean_acc.std,sets" and sweep[1].startswith("gptq / self,4,")

@@ -31,7 +31,9 @@ pytestmark = [pytest.mark.usefixtures("shared_data"), pytest.mark.integration]
 
 PG = "postgres@127.0.0.1:5432"
 POOL, DEPLOYMENT = "selfcal-pool", "items"
-METHODS = {"compression.methods": ["gptq", "wanda"], "compression.wanda": {"sparsity": 0.5, "mask_structure": "2:4"}}
+# One method keeps the grid small (6 items) while two items are ready at once from the start (generate and the
+# dense evaluation), so both workers get work.
+METHODS = {"compression.methods": ["wanda"], "compression.wanda": {"sparsity": 0.5, "mask_structure": "2:4"}}
 
 
 def _free_port() -> int:
@@ -206,7 +208,7 @@ def test_every_item_ran_once_and_both_workers_took_items(grid):
     run = grid["run"]
     assert run.returncode == 0, (run.stdout + run.stderr)[-6000:] + "\n" + _logs(grid)
     rows = _items(run.stdout)
-    assert len(rows) == 8, run.stdout[-4000:]
+    assert len(rows) == 6, run.stdout[-4000:]
     assert {outcome for _, outcome, _ in rows} == {"ran"}  # computed once each, on the worker that took it
     assert {where for _, _, where in rows} == {"worker-a", "worker-b"}
     for line in run.stdout.splitlines():
@@ -226,7 +228,7 @@ def test_every_model_traces_and_verifies_from_either_workspace(grid):
         check=True,
     )
     versions = [m["model"] for m in json.loads(models.stdout)]
-    assert sorted(v.split(":")[0] for v in versions) == ["tiny-llama-gptq-self", "tiny-llama-wanda-self"]
+    assert [v.split(":")[0] for v in versions] == ["tiny-llama-wanda-self"]
     for ws in ("worker-a", "worker-b"):
         for ref in versions:
             for command in ("lineage", "verify"):

@@ -11,7 +11,7 @@ from pathlib import Path
 from selfcal.artifacts import atomic_write_text, read_manifest
 from selfcal.config import Params
 from selfcal.errors import ConfigError, DataError
-from selfcal.evaluation.harness import run_tasks
+from selfcal.evaluation.harness import run_tasks, run_tasks_fast
 from selfcal.evaluation.perplexity import perplexity_of_text, read_perplexity_text
 from selfcal.evaluation.tasks import missing_task_files, resolve_tasks
 from selfcal.lineage.registry import link_evaluation
@@ -112,9 +112,14 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> EvaluationR
         t0 = time.perf_counter()
         zero_shot, mean_acc, mean_tasks = None, None, []
         if specs:
-            zero_shot = ZeroShot.model_validate(
-                run_tasks(model, tokenizer, specs, limit=ev.limit, batch_size=ev.batch_size)
-            )
+            if ev.engine == "fast":
+                tokens = None if ev.batch_tokens == "auto" else ev.batch_tokens
+                scored = run_tasks_fast(
+                    model, tokenizer, specs, limit=ev.limit, cache_dir=layout.prepared_dir(params), batch_tokens=tokens
+                )
+            else:
+                scored = run_tasks(model, tokenizer, specs, limit=ev.limit, batch_size=ev.batch_size)
+            zero_shot = ZeroShot.model_validate({**scored, "engine": ev.engine})
             scored = {t: s.acc for t, s in zero_shot.tasks.items() if s.acc is not None}
             mean_acc = sum(scored.values()) / len(scored) if scored else None
             mean_tasks = sorted(scored)

@@ -96,3 +96,9 @@ def diagnostics_file(params: Params, name: str) -> Path:
 
 def calibration_names(params: Params) -> list[tuple[str, int]]:
     return [(source, seed) for source in params.calibration.sources for seed in params.calibration.seeds]
+
+
+def prepared_dir(params: Params) -> Path:
+    """lm-eval's requests prepared per (task, data, tokenizer, lm-eval version, limit), shared by every evaluate
+    item of the workspace (selfcal.evaluation.prepared): a cache, derived from tracked inputs, not a DVC output."""
+    return params.state_dir / "prepared-tasks"

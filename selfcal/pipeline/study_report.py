@@ -1,0 +1,270 @@
+"""``selfcal study-report``: a study's committed record, built only from what the pipeline declared.
+
+A study is a profile run through the pipeline (``selfcal run --profile NAME --jobs N``, tracking on). Its
+report is made from the typed evaluation records (the files behind DVC's ``metrics``), the aggregate's
+tables, the calibration diagnostics, and the MLflow store: the registered version of every checkpoint
+(``lineage.json``: model -> checkpoint, calibration set, base model, git commit, code digest, params) and
+the stage runs' wall times. Nothing private to a script: every number in the folder traces to a record
+or a registered model, and a checkpoint without a registered version is named as missing, not skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from selfcal.artifacts import atomic_write_text
+from selfcal.config import Params
+from selfcal.errors import DataError
+from selfcal.lineage import tags as T
+from selfcal.pipeline import layout
+from selfcal.pipeline.aggregate import (
+    by_source_markdown,
+    common_tasks,
+    load_evaluations,
+    summarise,
+    to_csv,
+    to_markdown,
+    unscored_tasks,
+)
+from selfcal.records import EvaluationRecord
+
+log = logging.getLogger("selfcal.study_report")
+LINEAGE_FILE = "lineage.json"
+
+
+def lineage_rows(client, rows: list[EvaluationRecord]) -> tuple[list[dict], list[str]]:
+    """For each evaluated checkpoint, its newest registered version and what it was made from; and the
+    checkpoints no version was registered for (each one named)."""
+    out, missing = [], []
+    for r in sorted(rows, key=lambda r: r.name):
+        if r.checkpoint_digest is None:
+            continue  # the dense base model is scored, not registered
+        found = client.search_model_versions(f"tags.`{T.CHECKPOINT_DIGEST}` = '{r.checkpoint_digest}'")
+        if not found:
+            missing.append(f"{r.name}: checkpoint {r.checkpoint_digest[:16]} has no registered version")
+            continue
+        v = max(found, key=lambda v: (v.creation_timestamp, int(v.version)))
+        tags = dict(v.tags)
+        out.append(
+            {
+                "evaluated": r.name,
+                "model": f"{v.name}:{v.version}",
+                "method": r.method,
+                "source": r.source,
+                "seed": r.seed,
+                "checkpoint_digest": r.checkpoint_digest,
+                "calibration_digest": tags.get(T.CALIBRATION_DIGEST),
+                "calibration": tags.get(T.CALIBRATION_NAME),
+                "base_model": tags.get(T.BASE_MODEL),
+                "base_model_digest": tags.get(T.BASE_DIGEST),
+                "git_commit": tags.get(T.GIT_COMMIT),
+                "git_dirty": tags.get(T.GIT_DIRTY),
+                "code_digest": tags.get(T.CODE_DIGEST),
+                "dvc_lock_sha256": tags.get(T.DVC_LOCK_SHA),
+                "method_params": json.loads(tags.get(T.METHOD_PARAMS) or "null"),
+                "library_versions": json.loads(tags.get(T.VERSIONS) or "null"),
+                "metrics_sha256": tags.get(T.METRICS_SHA),
+                "compress_run_id": v.run_id,
+                "registered_utc": store_time(v.creation_timestamp),
+            }
+        )
+        if r.calibration_digest and tags.get(T.CALIBRATION_DIGEST) != r.calibration_digest:
+            missing.append(f"{r.name}: evaluated with calibration {r.calibration_digest[:16]}, registered otherwise")
+    return out, missing
+
+
+def store_time(ms: int | None) -> str | None:
+    from datetime import datetime, timezone
+
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
+
+
+def stage_times(client, experiment: str, compress_run_ids: list[str]) -> list[dict]:
+    """Wall time per stage over the pipeline executions that made these models (MLflow stage runs)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None or not compress_run_ids:
+        return []
+    executions = set()
+    for run_id in compress_run_ids:
+        run = client.get_run(run_id)
+        executions.add(run.data.tags.get(T.EXECUTION_ID))
+    per_stage: dict[str, list[float]] = defaultdict(list)
+    for execution in sorted(e for e in executions if e):
+        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{T.EXECUTION_ID}` = '{execution}'"):
+            stage = run.data.tags.get(T.STAGE)
+            if stage and stage != "pipeline" and run.info.end_time and run.info.status == "FINISHED":
+                per_stage[stage].append((run.info.end_time - run.info.start_time) / 1000)
+    order = ["generate", "inspect", "compress", "evaluate", "aggregate"]
+    return [
+        {"stage": s, "items": len(v), "item_seconds_sum": round(sum(v), 1), "item_seconds_max": round(max(v), 1)}
+        for s, v in sorted(per_stage.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+    ]
+
+
+def temperature_rows(params: Params, table: list[dict], metric: str = "mean_acc") -> list[dict]:
+    """The temperature-schedule sweep, when the profile lists several self-calibration sources (one per
+    (t_initial, t_final) pair, as the paper's Figure 4): per method, ``metric`` over the grid."""
+    temps = {
+        name: (spec.t_initial, spec.t_final)
+        for name, spec in params.calibration.sources.items()
+        if getattr(spec, "kind", None) == "self"
+    }
+    rows = []
+    for e in table:
+        if e["source"] in temps and e.get(metric) is not None:
+            t0, t1 = temps[e["source"]]
+            rows.append({"method": e["method"], "t_initial": t0, "t_final": t1, metric: e[metric]})
+    return rows if len({(r["t_initial"], r["t_final"]) for r in rows}) > 1 else []
+
+
+def experiment_rows(root: Path, metric: str = "mean_acc") -> list[dict]:
+    """The set-size sweep as DVC experiments (``dvc exp run --queue -S calibration.n_samples=...``): per
+    experiment, n and ``metric`` per method x source, read from ``dvc exp show --json`` (DVC's own record of
+    each experiment's params and declared metrics)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=root, capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise DataError(f"dvc exp show failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    rows = []
+    for baseline in json.loads(proc.stdout or "[]"):
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                n = ((data.get("params") or {}).get("params.yaml", {}).get("data") or {}).get("calibration", {})
+                report = (data.get("metrics") or {}).get(f"{params_artifacts(data)}/report/metrics.json", {})
+                for method, by_source in (report.get("data") or {}).items():
+                    for source, values in by_source.items():
+                        if method != "none" and values.get(metric) is not None:
+                            rows.append(
+                                {
+                                    "experiment": rev.get("name") or exp.get("name"),
+                                    "n": n.get("n_samples"),
+                                    "label": f"{method} / {source}",
+                                    metric: values[metric],
+                                }
+                            )
+    return rows
+
+
+def params_artifacts(data: dict) -> str:
+    paths = ((data.get("params") or {}).get("params.yaml", {}).get("data") or {}).get("paths") or {}
+    return paths.get("artifacts", "artifacts")
+
+
+def _sweep_n(rows: list[dict], metric: str = "mean_acc") -> list[dict]:
+    """Mean and std over experiments (calibration sets) per (label, n)."""
+    import statistics
+
+    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r["label"], r["n"])].append(r[metric])
+    return [
+        {
+            "label": label,
+            "n": n,
+            metric: statistics.fmean(v),
+            metric + ".std": statistics.stdev(v) if len(v) > 1 else 0.0,
+            "sets": len(v),
+        }
+        for (label, n), v in sorted(groups.items())
+    ]
+
+
+def _lineage_table(lineage: list[dict]) -> str:
+    lines = [
+        "| evaluated | registered model | calibration set (digest) | git commit | selfcal code |",
+        "|---|---|---|---|---|",
+    ]
+    for e in lineage:
+        dirty = " (dirty)" if e["git_dirty"] == "true" else ""
+        lines.append(
+            f"| {e['evaluated']} | `{e['model']}` | {e['calibration']} ({(e['calibration_digest'] or '-')[:12]}) "
+            f"| {(e['git_commit'] or '-')[:12]}{dirty} | {(e['code_digest'] or '-')[:12]} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _times_table(times: list[dict]) -> str:
+    lines = ["| stage | items | sum of item wall times | slowest item |", "|---|---|---|---|"]
+    lines += [f"| {t['stage']} | {t['items']} | {t['item_seconds_sum']} s | {t['item_seconds_max']} s |" for t in times]
+    return "\n".join(lines) + "\n"
+
+
+def study_report(params: Params, out: Path, *, title: str, client=None, experiments: bool = False) -> Path:
+    """Write ``out``/README.md, results.csv/md, by_source.md, diagnostics.md and lineage.json; the temperature
+    heatmaps when the profile has several self-calibration schedules; with ``experiments``, the set-size sweep
+    from the workspace's DVC experiments (sweep_n.csv, sweep_n.png)."""
+    from selfcal.lineage.tracking import open_client, tracking_uri
+    from selfcal.report import plots
+
+    rows = load_evaluations([layout.evaluation_file(params, n) for n in layout.evaluation_targets(params)])
+    cols, table = summarise(rows)
+    shared = common_tasks(rows)
+    lineage, missing = [], []
+    times: list[dict] = []
+    if params.tracking.enabled:
+        client = client or open_client(tracking_uri(params))
+        lineage, missing = lineage_rows(client, rows)
+        times = stage_times(client, params.tracking.experiment, [e["compress_run_id"] for e in lineage])
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.csv", to_csv(cols, table))
+    atomic_write_text(out / "results.md", to_markdown(cols, table, unscored_tasks(rows), shared))
+    atomic_write_text(out / "by_source.md", by_source_markdown(cols, table, shared))
+    diagnostics = layout.report_dir(params) / "diagnostics.md"
+    if diagnostics.is_file():
+        shutil.copyfile(diagnostics, out / "diagnostics.md")
+    atomic_write_text(
+        out / LINEAGE_FILE, json.dumps({"models": lineage, "missing": missing}, indent=2, sort_keys=True) + "\n"
+    )
+    sweeps = []
+    temps = temperature_rows(params, table)
+    for method in sorted({r["method"] for r in temps}):
+        png = out / f"temperature-{method}.png"
+        plots.temperature_heatmap([r for r in temps if r["method"] == method], png, title=f"{method}: mean_acc")
+        sweeps.append(f"![temperature schedule, {method}]({png.name})")
+    if experiments:
+        points = _sweep_n(experiment_rows(params.root))
+        if points:
+            atomic_write_text(out / "sweep_n.csv", _csv(points))
+            plots.accuracy_vs_n(points, out / "sweep_n.png", title="mean_acc against calibration set size")
+            sweeps.append("![set-size sweep](sweep_n.png) (`sweep_n.csv`: mean ± std over experiments per point)")
+    checkpoints = sum(1 for r in rows if r.checkpoint_digest)
+    parts = [
+        f"# {title}",
+        f"{len(rows)} evaluated models ({checkpoints} checkpoints + the dense base), "
+        f"{len(lineage)} traced to a registered model version"
+        + (f"; **{len(missing)} without lineage**: " + "; ".join(missing) if missing else "")
+        + f". Built by `selfcal study-report` from the evaluation records and the MLflow store; `{LINEAGE_FILE}` "
+        "holds each model's full chain (`selfcal lineage MODEL:VERSION` prints it, `selfcal verify` checks it).",
+        "## Results (mean ± std over calibration sets)",
+        (out / "by_source.md").read_text(),
+        *(["## Sweeps", "\n\n".join(sweeps)] if sweeps else []),
+        "## Stage wall times (MLflow stage runs)",
+        _times_table(times) if times else "_no tracked stage runs_\n",
+        "## Lineage: every checkpoint",
+        _lineage_table(lineage) if lineage else "_tracking was off: no registered models_\n",
+    ]
+    atomic_write_text(out / "README.md", "\n\n".join(parts))
+    if not rows:
+        raise DataError("nothing to report")
+    log.info("wrote %s (%d models, %d traced, %d without lineage)", out, len(rows), len(lineage), len(missing))
+    return out

@@ -1,0 +1,191 @@
+"""The fast evaluation path against plain lm-eval (issue 18): the same requests, the same per-example
+log-likelihoods (float32 on the CPU: within 1e-4), the same greedy flags, the same accuracies to the last
+example, on every task; and the prepared requests built once per tokenizer, then read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from selfcal.evaluation import fast
+from selfcal.evaluation.prepared import prepared, task_key
+from selfcal.evaluation.tasks import resolve_tasks
+
+pytestmark = pytest.mark.usefixtures("shared_data")
+
+TASKS = [
+    "arc_easy",
+    "arc_challenge",
+    "boolq",
+    "hellaswag",
+    "lambada_openai",
+    "openbookqa",
+    "piqa",
+    "rte",
+    "winogrande",
+]
+LIMIT = 12
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, use_safetensors=True).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _plain(model, tokenizer, spec):
+    """lm-eval's own run of one task, with every request's response (log_samples)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from selfcal.evaluation.harness import task_name
+    from selfcal.evaluation.tasks import task_manager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)
+    name = task_name(spec)
+    out = simple_evaluate(
+        model=lm, tasks=[spec], num_fewshot=0, limit=LIMIT, log_samples=True, task_manager=task_manager()
+    )
+    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+    return out["results"][name], samples
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_fast_path_gives_lm_evals_loglikelihoods_and_accuracies(model_and_tokenizer, shared_data, name, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    (spec,), _ = resolve_tasks([name], shared_data)
+    window = fast.max_length(model, tokenizer)
+    task, how = prepared(spec, tokenizer, limit=LIMIT, cache_dir=tmp_path)
+    assert how == "built" and task.n_docs == LIMIT
+    try:
+        plain, samples = _plain(model, tokenizer, spec)
+    except AssertionError:  # lm-eval refuses the task on this 128-token model: so must the fast path
+        with pytest.raises(fast.ContextTooLong):
+            fast.score(model, task, window=window)
+        return
+    # a small token budget: many batches, so batching and de-duplication are exercised too
+    ll, greedy = fast.score(model, task, window=window, batch_tokens=256)
+    expected_ll, expected_greedy = [], []
+    for sample in samples:
+        for resp in sample["resps"]:
+            expected_ll.append(float(resp[0][0]))
+            expected_greedy.append(bool(resp[0][1]))
+    assert len(expected_ll) == task.n_requests
+    np.testing.assert_allclose(ll, expected_ll, rtol=1e-4, atol=1e-4)
+    assert list(greedy) == expected_greedy
+    ours = fast.aggregate(task, ll, greedy)
+    assert ours["acc"] == plain["acc,none"]  # to the last example
+    if "acc_norm,none" in plain:
+        assert ours["acc_norm"] == plain["acc_norm,none"]
+    assert ours["acc_stderr"] == pytest.approx(plain["acc_stderr,none"])
+
+
+def test_prepared_requests_are_built_once_per_tokenizer_and_read_back(model_and_tokenizer, shared_data, tmp_path):
+    from selfcal.evaluation import prepared as prep
+    from tests.helpers import build_tokenizer
+
+    _, tokenizer = model_and_tokenizer
+    (spec,), _ = resolve_tasks(["arc_easy"], shared_data)
+    first, how = prepared(spec, tokenizer, limit=5, cache_dir=tmp_path)
+    assert how == "built"
+    prep._LOADED.clear()  # a new process
+    again, how = prepared(spec, tokenizer, limit=5, cache_dir=tmp_path)
+    assert how == "cache" and again.key == first.key
+    assert np.array_equal(again.tokens, first.tokens) and again.gold == first.gold
+    assert prepared(spec, tokenizer, limit=5, cache_dir=tmp_path)[1] == "memory"
+    assert task_key(spec, tokenizer, 6) != first.key  # another slice of the task
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(build_tokenizer(tmp_path / "other", vocab_size=300))
+    assert task_key(spec, other, 5) != first.key  # another tokenizer, other token ids
+    import copy
+
+    padded = copy.deepcopy(tokenizer)
+    padded.pad_token = padded.eos_token  # what lm-eval's HFLM does to the tokenizer it is handed
+    assert task_key(spec, padded, 5) == first.key
+
+
+def test_the_evaluate_stage_records_the_fast_path(tiny_model, tmp_path, shared_data):
+    from selfcal.config import parse_params
+    from selfcal.pipeline.evaluate import evaluate
+    from tests.helpers import small_params
+
+    p = parse_params(small_params(tiny_model, tmp_path, **{"tracking.enabled": False}), root=tmp_path)
+    record = evaluate(p, "dense", progress=False)
+    score = record.zero_shot.tasks["arc_easy"]
+    assert record.zero_shot.engine == "fast" and score.requests == 4 * 20 and score.prepared == "built"
+    assert Path(p.state_dir / "prepared-tasks").is_dir()
+    again = evaluate(p, "dense", progress=False).zero_shot.tasks["arc_easy"]
+    assert again.acc == score.acc and again.prepared == "memory"
+
+
+@pytest.mark.parametrize("name", ["hellaswag", "winogrande"])  # configs with !function entries
+def test_the_prepared_key_is_the_same_in_another_process(model_and_tokenizer, shared_data, tiny_model, name):
+    """lm-eval resolves a task's functions to Python objects whose repr holds a memory address: the key must
+    not depend on it, or every evaluate process would rebuild the task."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    _, tokenizer = model_and_tokenizer
+    (spec,), _ = resolve_tasks([name], shared_data)
+    code = (
+        "import sys; from pathlib import Path; from transformers import AutoTokenizer;"
+        "from selfcal.evaluation.prepared import task_key; from selfcal.evaluation.tasks import resolve_tasks;"
+        f"(spec,), _ = resolve_tasks([{name!r}], Path({str(shared_data)!r}));"
+        f"print(task_key(spec, AutoTokenizer.from_pretrained({str(tiny_model)!r}), 5))"
+    )
+    other = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == task_key(spec, tokenizer, 5)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_model, tmp_path_factory):
+    """One checkpoint per method, made by the pipeline's own compress step on the tiny model."""
+    from selfcal.config import parse_params
+    from selfcal.pipeline import layout
+    from selfcal.pipeline.compress import compress
+    from selfcal.pipeline.generate import generate
+    from tests.helpers import small_params
+
+    work = tmp_path_factory.mktemp("methods")
+    methods = ["gptq", "awq", "sparsegpt", "wanda"]
+    overrides = {
+        "tracking.enabled": False,
+        "compression.methods": methods,
+        "compression.awq": {"group_size": 32},
+        "compression.sparsegpt": {},
+        "compression.wanda": {},
+    }
+    p = parse_params(small_params(tiny_model, work, **overrides), root=work)
+    generate(p, "self", 0, progress=False)
+    for method in methods:
+        compress(p, "self", 0, method)
+    return {m: layout.checkpoint_dir(p, "self", 0, m) for m in methods}
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "sparsegpt", "wanda"])
+def test_fast_path_gives_lm_evals_numbers_on_a_checkpoint_of_each_method(checkpoints, shared_data, method, tmp_path):
+    """A compressed-tensors checkpoint as the evaluate stage loads it (quantized ones decompress on their first
+    forward through the whole model, which the fast path makes before it calls the decoder alone)."""
+    from selfcal.modelio import ModelRef, load_model, load_tokenizer
+
+    ref = ModelRef(name=method, local_dir=checkpoints[method])
+    model, tokenizer = load_model(ref, dtype="float32", device="cpu"), load_tokenizer(ref)
+    window = fast.max_length(model, tokenizer)
+    for name in ("arc_easy",):  # every task's arithmetic is covered above; here, each method's checkpoint
+        (spec,), _ = resolve_tasks([name], shared_data)
+        task, _ = prepared(spec, tokenizer, limit=LIMIT, cache_dir=tmp_path)
+        plain, samples = _plain(model, tokenizer, spec)
+        ll, greedy = fast.score(model, task, window=window, batch_tokens=256)
+        expected = [float(r[0][0]) for s in samples for r in s["resps"]]
+        np.testing.assert_allclose(ll, expected, rtol=1e-4, atol=1e-4)
+        assert list(greedy) == [bool(r[0][1]) for s in samples for r in s["resps"]]
+        assert fast.aggregate(task, ll, greedy)["acc"] == plain["acc,none"], (method, name)
