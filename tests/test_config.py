@@ -140,7 +140,11 @@ def _check_workspace(tmp_path, data: dict):
 
 def test_check_refuses_a_method_whose_params_section_dvc_cannot_find(tiny_model, tmp_path, capsys):
     # No perplexity set: `check` reads it, and the unit tier runs without ../shared.
-    data = small_params(tiny_model, tmp_path, **{"compression.methods": ["gptq", "wanda"], "evaluation.perplexity": {}})
+    data = small_params(
+        tiny_model,
+        tmp_path,
+        **{"compression.methods": ["gptq", "wanda"], "evaluation.perplexity": {}, "evaluation.tasks": []},
+    )
     path = _check_workspace(tmp_path, data)
     assert main(["--params", str(path), "check"]) == 2
     err = capsys.readouterr().err.strip()
@@ -152,7 +156,7 @@ def test_check_refuses_a_method_whose_params_section_dvc_cannot_find(tiny_model,
 
 
 def test_check_refuses_first_token_words_that_are_not_one_token(tiny_model, tmp_path, capsys):
-    data = small_params(tiny_model, tmp_path, **{"evaluation.perplexity": {}})
+    data = small_params(tiny_model, tmp_path, **{"evaluation.perplexity": {}, "evaluation.tasks": []})
     data["calibration"]["sources"]["self"]["first_token_words"] = ["the", "xylophonist"]
     path = _check_workspace(tmp_path, data)
     assert main(["--params", str(path), "check"]) == 2

@@ -257,7 +257,8 @@ def test_a_writer_holding_the_workspace_sweeps_scratch_killed_writers_left(tiny_
 
 
 def test_trust_remote_code_is_said_by_check(tiny_model, tmp_path, capsys):
-    data = small_params(tiny_model, tmp_path, **{"model.trust_remote_code": True, "evaluation.perplexity": {}})
+    overrides = {"model.trust_remote_code": True, "evaluation.perplexity": {}, "evaluation.tasks": []}
+    data = small_params(tiny_model, tmp_path, **overrides)
     path = write_params(tmp_path / "params.yaml", data)
     assert main(["--params", str(path), "check"]) == 0
     out = capsys.readouterr().out
