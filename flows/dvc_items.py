@@ -8,6 +8,7 @@ this folder on ``sys.path`` when it loads the flow, and ``dvc`` would shadow DVC
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from pathlib import Path
@@ -48,6 +49,30 @@ def stage_graph(root: Path) -> dict[str, list[str]]:
             _target(stage, Path(root)): sorted(_target(dep, Path(root)) for dep in graph.successors(stage))
             for stage in order
         }
+
+
+def select_items(graph: dict[str, list[str]], patterns: list[str] | None) -> dict[str, list[str]]:
+    """The items matching any of ``patterns`` (shell-style: ``evaluate@self-*``), with every item they read
+    from, transitively, in the graph's order: a chunk of a grid that runs on its own (``selfcal run --only``).
+    A pattern that matches no item is refused (a typo would otherwise run nothing and report success)."""
+    if not patterns:
+        return graph
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(i, p) for i in graph)]
+    if unmatched:
+        from selfcal.errors import ConfigError
+
+        raise ConfigError(
+            f"--only {unmatched[0]!r} matches no stage item of these params (items look like "
+            f"{', '.join(list(graph)[:3])}; `dvc stage list` names them all)"
+        )
+    keep: set[str] = set()
+    todo = [i for i in graph if any(fnmatch.fnmatchcase(i, p) for p in patterns)]
+    while todo:
+        item = todo.pop()
+        if item not in keep:
+            keep.add(item)
+            todo.extend(graph[item])
+    return {i: deps for i, deps in graph.items() if i in keep}
 
 
 def _target(stage, root: Path) -> str:

