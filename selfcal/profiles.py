@@ -38,6 +38,11 @@ def read_profile(root: Path, profile: str) -> str:
     data = read_yaml(text, source=path)
     # Relative paths in it resolve from the workspace root, as they will in params.yaml.
     parse_params(data, source=str(path), root=Path(root).resolve())
+    dvc_yaml = Path(root) / "dvc.yaml"
+    if dvc_yaml.is_file():  # every key the stages read or interpolate, spelt out (DVC knows no defaults)
+        from selfcal.pipeline.check import check_dvc_params
+
+        check_dvc_params(path, dvc_yaml, data)
     return text
 
 

@@ -88,10 +88,36 @@ def test_cli_prints_one_line_and_exits_2(tiny_model, tmp_path, capsys):
 
 
 def test_shipped_params_and_profiles_validate():
+    from selfcal.pipeline.check import check_dvc_params
+    from selfcal.profiles import known_profiles, read_profile
     from tests.helpers import REPO
 
-    for path in [REPO / "params.yaml", *sorted((REPO / "profiles").glob("*.yaml"))]:
-        load_params(path)
+    load_params(REPO / "params.yaml")
+    check_dvc_params(REPO / "params.yaml", REPO / "dvc.yaml")
+    for name in known_profiles(REPO):  # as `selfcal run --profile NAME` reads it: dvc.yaml's keys spelt out too
+        read_profile(REPO, name)
+
+
+def test_a_profile_missing_a_key_dvc_yaml_interpolates_is_refused_before_it_is_installed(tmp_path):
+    """DVC knows no schema defaults: a profile without `paths:` passed the schema, then every stage failed in
+    DVC ("Could not find 'paths.artifacts'"); now refused in one line, params.yaml untouched."""
+    import shutil
+
+    import yaml
+
+    from selfcal.errors import ConfigError
+    from selfcal.profiles import apply_profile
+    from tests.helpers import REPO
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text("kept: as it was\n")
+    data = yaml.safe_load((REPO / "params.yaml").read_text())
+    del data["paths"]
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "nopaths.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"^nopaths\.yaml: paths\.artifacts: dvc\.yaml's stage '\w+' reads it"):
+        apply_profile(tmp_path, "nopaths")
+    assert (tmp_path / "params.yaml").read_text() == "kept: as it was\n"
 
 
 def test_every_local_task_builds_with_lm_evals_prompts_and_full_counts():

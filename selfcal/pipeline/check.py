@@ -57,17 +57,45 @@ def dvc_param_keys(dvc_yaml: Path, raw: dict) -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-def check_dvc_params(params_file: Path, dvc_yaml: Path) -> None:
-    """Every params key a DVC stage reads is spelt out in params.yaml: DVC does not know the
-    schema's defaults and fails with "Parameters '...' are missing from 'params.yaml'"."""
-    raw = yaml.safe_load(params_file.read_text()) or {}
-    for stage, key in dvc_param_keys(dvc_yaml, raw):
+def dvc_interpolations(dvc_yaml: Path) -> list[tuple[str, str]]:
+    """(stage, dotted params key) for every ``${...}`` dvc.yaml interpolates from params (its outs, deps, cmd,
+    matrices), the matrix item's own ``${item.*}`` / ``${key}`` aside."""
+    spec = yaml.safe_load(dvc_yaml.read_text()) or {}
+    out: list[tuple[str, str]] = []
+
+    def walk(stage: str, node: object) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k != "params":  # params entries: dvc_param_keys, matrices expanded
+                    walk(stage, k)
+                    walk(stage, v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(stage, v)
+        elif isinstance(node, str):
+            for m in _INTERP.finditer(node):
+                key = m.group(1)
+                if not (key.startswith("item.") or key in ("item", "key")):
+                    out.append((stage, key))
+
+    for stage, body in (spec.get("stages") or {}).items():
+        walk(stage, body)
+    return list(dict.fromkeys(out))
+
+
+def check_dvc_params(params_file: Path, dvc_yaml: Path, raw: dict | None = None) -> None:
+    """Every params key a DVC stage reads or interpolates is spelt out in the params file: DVC does not know
+    the schema's defaults and fails with "Parameters '...' are missing from 'params.yaml'" (a params entry)
+    or "Could not find 'paths.artifacts'" (an interpolated path). ``raw``: the file's data, if read already."""
+    if raw is None:
+        raw = yaml.safe_load(params_file.read_text()) or {}
+    for stage, key in dvc_param_keys(dvc_yaml, raw) + dvc_interpolations(dvc_yaml):
         found, _ = _lookup(raw, key)
         if not found:
             raise ConfigError(
                 f"{params_file.name}: {key}: dvc.yaml's stage '{stage}' reads it, but it is not set in the file "
-                f"(DVC would stop with \"Parameters '{key}' are missing\"); write the section out "
-                f"(`{{}}` takes the defaults)"
+                f"(DVC would stop with \"Parameters '{key}' are missing\" or \"Could not find '{key}'\"); write "
+                f"the section out (`{{}}` takes the defaults)"
             )
 
 
