@@ -44,9 +44,10 @@ setup() {
         python3 ../shared/tools/gguf_to_hf.py "$(dirname "$gguf")" "$(basename "$gguf")" "$MODEL.tmp"
         mv "$MODEL.tmp" "$MODEL"
     fi
-    # lineage records the commit: the working tree arrives without .git, so restore HEAD from the bundle
-    if ! git rev-parse -q --verify HEAD >/dev/null 2>&1; then
-        git init -q
+    # lineage records the commit: the working tree may arrive without .git, or with another commit's, so
+    # HEAD becomes the bundle's (the commit this tree was made from; `git status` then says if it differs)
+    if [ -f "$stash/repo.bundle" ]; then
+        git rev-parse -q --verify HEAD >/dev/null 2>&1 || git init -q
         git fetch -q "$stash/repo.bundle" HEAD
         git reset -q --mixed FETCH_HEAD
     fi
