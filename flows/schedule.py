@@ -1,10 +1,16 @@
 """Run a graph of stage items through a Prefect task runner: dependencies first, at most ``jobs`` at once.
 
-An item is submitted only when every item it reads from has completed, so no submitted task sits on a
-worker thread waiting for its inputs (Prefect's own ``wait_for`` resolves inside the worker thread, which
-would hold one of the ``jobs`` places while idle). The upstream futures still go in ``wait_for``, so the
-Prefect UI draws the dependency edges. An item that fails after its retries stops only the items that
-read from it; every independent item still runs, and the outcome names what failed and what never ran.
+An item is submitted only when every item it reads from has completed and one of the ``jobs`` places is free,
+so no submitted task sits on a worker thread waiting for its inputs (Prefect's own ``wait_for`` resolves
+inside the worker thread, which would hold one of the ``jobs`` places while idle). The upstream futures
+still go in ``wait_for``, so the Prefect UI draws the dependency edges. An item that fails after its
+retries stops only the items that read from it; every independent item still runs, and the outcome names
+what failed and what never ran.
+
+Of the items ready at once, the one furthest down the graph goes first (evaluate before compress before
+generate, then dvc.yaml's order): each model is finished end to end as early as it can be, so a run cut short
+(a GPU lease that ends, a chunk of a grid) leaves complete results (measured on the H200: submitting every ready
+item at once queued all twenty of C4's compress items ahead of any evaluation).
 """
 
 from __future__ import annotations
@@ -52,21 +58,25 @@ def run_in_order(
     futures: dict = {}
     running: dict = {}  # future -> item
     done: set[str] = set()
+    order = {item: i for i, item in enumerate(graph)}
+    depth = depths(graph)
     pending = list(graph)
     with ThreadPoolTaskRunner(max_workers=jobs) as runner:
         while pending or running:
             for item in list(pending):
-                deps = graph[item]
-                bad = next((d for d in deps if d in out.failed or d in out.blocked), None)
+                bad = next((d for d in graph[item] if d in out.failed or d in out.blocked), None)
                 if bad is not None:
                     out.blocked[item] = out.blocked.get(bad, bad)
                     pending.remove(item)
                     if on_event:
                         on_event(f"{item}: not run, {out.blocked[item]} failed")
-                elif all(d in done for d in deps):
-                    fut = runner.submit(task, parameters_of(item), wait_for=[futures[d] for d in deps])
-                    futures[item], running[fut] = fut, item
-                    pending.remove(item)
+            ready = sorted(
+                (i for i in pending if all(d in done for d in graph[i])), key=lambda i: (-depth[i], order[i])
+            )
+            for item in ready[: max(0, jobs - len(running))]:
+                fut = runner.submit(task, parameters_of(item), wait_for=[futures[d] for d in graph[item]])
+                futures[item], running[fut] = fut, item
+                pending.remove(item)
             if not running:
                 break
             finished = next(as_completed(list(running)))
@@ -80,3 +90,12 @@ def run_in_order(
                 if on_event:
                     on_event(f"{item}: failed: {out.failed[item]}")
     return out
+
+
+def depths(graph: dict[str, list[str]]) -> dict[str, int]:
+    """Each item's longest chain of items it reads from (generate 0, compress 1, evaluate 2 ...); ``graph`` lists
+    dependencies first."""
+    depth: dict[str, int] = {}
+    for item, deps in graph.items():
+        depth[item] = 1 + max((depth[d] for d in deps), default=-1)
+    return depth

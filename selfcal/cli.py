@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from selfcal.pipeline.common import run_cli, setup_logging
 
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         description="After `selfcal run --profile NAME` (tracking on): the aggregate tables from the evaluation "
         "records, the stage wall times and every checkpoint's registered version, calibration set, commit and "
         "code digest from MLflow, into OUT (e.g. reports/NAME). A checkpoint without a registered version is "
-        "listed as missing.",
+        "listed as missing; models the params define but nobody evaluated yet are listed as pending.",
     )
     sr.add_argument("--out", required=True, help="folder to write (created)")
     sr.add_argument("--title", default="selfcal study", help="the report's heading")
@@ -83,6 +84,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add the set-size sweep from this workspace's DVC experiments (dvc exp run --queue -S "
         "calibration.n_samples=..., then dvc queue start --jobs N)",
+    )
+    sr.add_argument(
+        "--runs",
+        nargs="+",
+        type=Path,
+        metavar="DIR",
+        help="read run folders committed from other machines instead of the workspace (each holding "
+        "artifacts/evaluations and .selfcal/mlflow.db, as tools/study_box.sh collect packs a GPU lease's chunk)",
     )
 
     store_help = (
@@ -383,7 +392,7 @@ def _dispatch(args, params, progress: bool) -> None:
 
         from selfcal.pipeline.study_report import study_report
 
-        out = study_report(params, Path(args.out), title=args.title, experiments=args.experiments)
+        out = study_report(params, Path(args.out), title=args.title, experiments=args.experiments, runs=args.runs)
         print(f"study-report: wrote {out}")
 
 

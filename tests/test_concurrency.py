@@ -184,3 +184,39 @@ def test_only_selects_the_matching_items_with_everything_they_read_and_refuses_a
     assert list(select_items(graph, ["aggregate"])) == list(graph)  # the whole upstream comes along
     with pytest.raises(ConfigError, match=r"--only 'evaluate@slef-\*' matches no stage item"):
         select_items(graph, ["evaluate@self-*", "evaluate@slef-*"])
+
+
+def test_of_the_ready_items_the_deepest_goes_first_so_models_finish_end_to_end(prefect_home):
+    """On the H200 every ready item was queued at once: twenty compress items ahead of any evaluation, so a run
+    cut short had checkpoints and no scores. Now an evaluation that becomes ready runs before waiting roots."""
+    from prefect import flow, task
+
+    from flows.schedule import depths, run_in_order
+
+    started: list[str] = []
+
+    @task
+    def fake(item: str) -> dict:
+        started.append(item)
+        time.sleep(0.05)
+        return {"item": item}
+
+    graph = {
+        "gen-0": [],
+        "gen-1": [],
+        "gen-2": [],
+        "comp-0": ["gen-0"],
+        "comp-1": ["gen-1"],
+        "comp-2": ["gen-2"],
+        "eval-0": ["comp-0"],
+        "eval-1": ["comp-1"],
+        "eval-2": ["comp-2"],
+    }
+    assert depths(graph)["eval-2"] == 2 and depths(graph)["gen-1"] == 0
+
+    @flow
+    def grid():
+        return run_in_order(graph, fake, lambda item: {"item": item}, jobs=1)
+
+    grid()
+    assert started == ["gen-0", "comp-0", "eval-0", "gen-1", "comp-1", "eval-1", "gen-2", "comp-2", "eval-2"]

@@ -249,3 +249,31 @@ def test_models_lists_every_registered_version_for_an_auditor_who_knows_no_name(
     rows = {r["model"]: r for r in json.loads(out)}
     assert {f"{_name(s)}:1" for s in SOURCES} <= set(rows)
     assert all(rows[f"{_name(s)}:1"]["calibration"] == f"{s}-s0" for s in SOURCES)
+
+
+def test_params_installed_from_a_committed_profile_is_recorded_as_that_profile_not_as_dirty(tmp_path):
+    """`selfcal run --profile NAME` copies profiles/NAME.yaml onto params.yaml: every model of the H200 study was
+    tagged "uncommitted changes" though its params were committed, byte for byte, under the profile's name."""
+    import subprocess
+
+    from selfcal.lineage import tags as T
+    from selfcal.lineage.registry import code_state
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "study.yaml").write_text("model: {path: big}\n")
+    (tmp_path / "params.yaml").write_text("model: {path: small}\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "x")
+    assert code_state(tmp_path)[T.GIT_DIRTY] == "false" and T.PARAMS_PROFILE not in code_state(tmp_path)
+
+    (tmp_path / "params.yaml").write_text((tmp_path / "profiles" / "study.yaml").read_text())
+    state = code_state(tmp_path)
+    assert state[T.GIT_DIRTY] == "false" and state[T.PARAMS_PROFILE] == "profiles/study.yaml"
+
+    (tmp_path / "params.yaml").write_text("model: {path: edited}\n")
+    state = code_state(tmp_path)
+    assert state[T.GIT_DIRTY] == "true" and T.PARAMS_PROFILE not in state

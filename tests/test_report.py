@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from selfcal.report.paper_table import source_method_table
 
 
@@ -58,3 +60,42 @@ def test_sweep_plots_are_png_files(tmp_path):
     for f in ("n.png", "t.png"):
         assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_study_report_from_runs_of_other_machines_reports_what_is_done_and_what_is_pending(tmp_path):
+    """A grid run in chunks on GPU leases: each chunk's records come back as a run folder; the report merges
+    them, says per source x method how many sets are in, lists the models nobody evaluated yet, and refuses a
+    model two runs scored differently."""
+    import json
+
+    from selfcal.config import parse_params
+    from selfcal.errors import DataError
+    from selfcal.pipeline.study_report import study_report
+    from tests.helpers import small_params
+    from tests.test_evaluation import _record
+
+    raw = small_params(tmp_path / "model", tmp_path, **{"calibration.seeds": [0, 1], "tracking.enabled": False})
+    raw["calibration"]["sources"]["c4"] = {"kind": "corpus", "path": "c4.jsonl"}
+    params = parse_params(raw, root=tmp_path)
+
+    def run(name: str, *records):
+        folder = tmp_path / "runs" / name / "artifacts" / "evaluations"
+        folder.mkdir(parents=True)
+        for r in records:
+            (folder / f"{r.name}.json").write_text(r.model_dump_json())
+        return folder.parents[1]
+
+    dense = _record("dense", "none", {"arc_easy": 0.5}, ppl=20.0)
+    a = run("a", dense, _record("self-s0-gptq", "gptq", {"arc_easy": 0.45}, ppl=22.0))
+    b = run("b", dense, _record("self-s1-gptq", "gptq", {"arc_easy": 0.47}, ppl=21.0))
+    out = study_report(params, tmp_path / "report", title="chunks", runs=[a, b])
+    readme = (out / "README.md").read_text()
+    assert "3 of 5 models evaluated (the dense base: evaluated)" in readme
+    assert "| self | 2/2 ✓ |" in readme and "| c4 | 0/2 |" in readme
+    assert "| arc_easy | None of None | 50.0 | 25 | yes |" in readme
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["pending"] == ["c4-s0-gptq", "c4-s1-gptq"]
+
+    c = run("c", _record("self-s0-gptq", "gptq", {"arc_easy": 0.40}, ppl=22.0))
+    with pytest.raises(DataError, match="self-s0-gptq: evaluated differently in runs a and c"):
+        study_report(params, tmp_path / "report2", title="chunks", runs=[a, c])

@@ -99,11 +99,13 @@ def on_box(name: str) -> bool:
 
 
 def closure(roots: list[str]) -> list[str]:
-    """The installed distributions ``roots`` need (their ``Requires-Dist`` without extras, markers for the
-    box), walked through installed metadata, less what the box has; names as installed."""
+    """The installed distributions ``roots`` need (their ``Requires-Dist``, markers evaluated for the box, with
+    the extras a requirement names: prefect's ``sqlalchemy[asyncio]`` brings greenlet), walked through
+    installed metadata, less what the box has; names as installed."""
     from packaging.requirements import Requirement
 
     seen: dict[str, str] = {}
+    extras: dict[str, set[str]] = {}
     todo = list(roots)
     while todo:
         name = todo.pop()
@@ -120,12 +122,31 @@ def closure(roots: list[str]) -> list[str]:
                 f"airgap: {name} is not installed here; install the project first (pip install -e .)"
             ) from None
         seen[n] = dist.metadata["Name"]
-        for spec in dist.requires or []:
+        todo.extend(requirements(dist, extras.get(n, set())))
+        for spec in dist.requires or []:  # the extras a requirement asks for (sqlalchemy[asyncio] -> greenlet)
             req = Requirement(spec)
-            if req.marker is not None and not req.marker.evaluate(BOX_ENV):
-                continue
-            todo.append(req.name)
+            dep = _norm(req.name)
+            if req.extras - extras.get(dep, set()) and (req.marker is None or req.marker.evaluate(BOX_ENV)):
+                extras.setdefault(dep, set()).update(req.extras)
+                seen.pop(dep, None)  # walked already without these extras: walk it again
+                todo.append(req.name)
     return sorted(seen.values(), key=_norm)
+
+
+def requirements(dist, wanted_extras: set[str]) -> list[str]:
+    """The names ``dist`` requires on the box: its plain requirements, and those of ``wanted_extras``."""
+    from packaging.requirements import Requirement
+
+    out = []
+    for spec in dist.requires or []:
+        req = Requirement(spec)
+        if req.marker is None:
+            out.append(req.name)
+            continue
+        envs = [BOX_ENV] + [{**BOX_ENV, "extra": e} for e in sorted(wanted_extras)]
+        if any(req.marker.evaluate(env) for env in envs):
+            out.append(req.name)
+    return out
 
 
 def _pin(name: str) -> str:

@@ -6,6 +6,9 @@
 #                                         checked, ../shared unpacked, SmolLM2-135M-Instruct built, the git
 #                                         commit the working tree came from restored; prints `export` lines
 #   tools/study_box.sh run ARGS...        selfcal run --profile study-smollm2 ARGS... (a chunk: --only ...)
+#   tools/study_box.sh start ARGS...      the same in the background (its own session: it outlives the call that
+#                                         started it while the box stays warm), with nvidia-smi sampled each second
+#   tools/study_box.sh progress SECONDS   every 10 s until the run ends or SECONDS pass: items done, GPU busy
 #   tools/study_box.sh collect OUT NAME   what comes back (no checkpoints): the run's records, manifests,
 #                                         dvc.lock, the MLflow store, and `selfcal study-report` into
 #                                         OUT/NAME-report; one tarball OUT/NAME.tgz
@@ -27,8 +30,11 @@ setup() {
         sh tools/airgap_bootstrap.sh "$stash" "$SITE"
     eval "$(env_lines)"
     # `python` (DVC's stage commands) and `selfcal` on PATH, both the box's own interpreter
+    # (a script, not a symlink: a venv's python found through a symlink elsewhere loses the venv's packages)
     mkdir -p "$SITE/bin"
-    ln -sf "$(command -v python3)" "$SITE/bin/python"
+    rm -f "$SITE/bin/python"
+    printf '#!/bin/sh\nexec %s "$@"\n' "$(command -v python3)" >"$SITE/bin/python"
+    chmod +x "$SITE/bin/python"
     printf '#!/bin/sh\nexec python3 -m selfcal.cli "$@"\n' >"$SITE/bin/selfcal"
     chmod +x "$SITE/bin/selfcal"
     # ../shared: what the profile's paths point at
@@ -60,6 +66,29 @@ setup() {
 run() {
     eval "$(env_lines)"
     selfcal run --profile study-smollm2 "$@"
+}
+
+LOG=${LOG:-/tmp/study.log}
+PIDFILE=/tmp/study.pid
+
+start() {
+    eval "$(env_lines)"
+    setsid nohup nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader \
+        -lms 1000 >/tmp/gpu.csv 2>&1 </dev/null &
+    setsid nohup "$0" run "$@" >"$LOG" 2>&1 </dev/null &
+    echo $! >"$PIDFILE"
+    echo "study_box: started (pid $(cat "$PIDFILE"), log $LOG)"
+}
+
+progress() {
+    local limit=$1 t=0 pid
+    pid=$(cat "$PIDFILE")
+    while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$limit" ]; do
+        sleep 10
+        t=$((t + 10))
+        echo "t=${t}s completed=$(grep -c 'Finished in state Completed' "$LOG") failed=$(grep -c 'Finished in state Failed' "$LOG") gpu=$(tail -1 /tmp/gpu.csv)"
+    done
+    kill -0 "$pid" 2>/dev/null && echo "study_box: still running" || { echo "study_box: run ended"; tail -3 "$LOG"; }
 }
 
 collect() {

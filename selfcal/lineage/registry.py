@@ -94,19 +94,42 @@ def code_state(root: Path) -> dict[str, str]:
     """Commit, whether tracked files differ from it, and the dvc.lock the stage ran under.
 
     dvc.lock is left out of the dirty check: ``dvc repro`` rewrites it between stages,
-    and its own hash is recorded beside the commit.
+    and its own hash is recorded beside the commit. So is a params.yaml that is byte for byte a profile
+    committed under profiles/ (what ``selfcal run --profile NAME`` installs): it is recorded as that profile.
     """
     commit = _git(root, "rev-parse", "HEAD")
     status = (
         _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock") if commit else None
     )
+    changed = [line.split(None, 1)[1] for line in (status or "").splitlines() if line.strip()]  # "XY path"
+    profile = committed_profile(root) if "params.yaml" in changed else None
+    if profile:
+        changed.remove("params.yaml")
     lock = root / "dvc.lock"
-    return {
+    state = {
         T.GIT_COMMIT: commit or T.UNKNOWN,
-        T.GIT_DIRTY: T.UNKNOWN if status is None else str(bool(status)).lower(),
+        T.GIT_DIRTY: T.UNKNOWN if status is None else str(bool(changed)).lower(),
         T.DVC_LOCK_SHA: sha256_file(lock) if lock.is_file() else "absent",
         T.CODE_DIGEST: code_digest(),
     }
+    if profile:
+        state[T.PARAMS_PROFILE] = profile
+    return state
+
+
+def committed_profile(root: Path) -> str | None:
+    """The profiles/*.yaml in HEAD whose committed bytes params.yaml holds, if one does."""
+    params = root / "params.yaml"
+    names = _git(root, "ls-tree", "--name-only", "HEAD", "profiles/")
+    if not params.is_file() or not names:
+        return None
+    text = params.read_bytes()
+    for name in names.splitlines():
+        if name.endswith((".yaml", ".yml")):
+            proc = subprocess.run(["git", "-C", str(root), "show", f"HEAD:{name}"], capture_output=True, timeout=30)
+            if proc.returncode == 0 and proc.stdout == text:
+                return name
+    return None
 
 
 def log_calibration(run: StageRun, name: str, directory: Path, content_digest: str, *, context: str) -> None:

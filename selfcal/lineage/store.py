@@ -119,12 +119,32 @@ def run_artifact_json(client, run_id: str, path: str) -> dict | None:
             local = client.download_artifacts(run_id, path, tmp)
             return json.loads(Path(local).read_text())
     except Exception:  # a missing artifact raises store-specific types; all mean "not recorded"
-        return None
+        moved = moved_artifact(client, run_id, path)
+        return json.loads(moved.read_text()) if moved is not None else None
     finally:
         if before is None:
             os.environ.pop(quiet, None)
         else:
             os.environ[quiet] = before
+
+
+def moved_artifact(client, run_id: str, path: str) -> Path | None:
+    """A run's artifact in a sqlite store that moved with its ``mlartifacts`` folder beside it (a GPU lease's run
+    committed under reports/: the store still names the box's absolute paths). Only under that folder, by the
+    part of the recorded location after ``/mlartifacts/``; None when the store is no such file store."""
+    uri = getattr(client, "tracking_uri", "") or ""
+    if not uri.startswith("sqlite:///"):
+        return None
+    try:
+        recorded = client.get_run(run_id).info.artifact_uri or ""
+    except Exception:
+        return None
+    _, sep, rest = recorded.partition("/mlartifacts/")
+    if not sep or not recorded.startswith("file://"):
+        return None
+    base = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+    candidate = (base / rest / path).resolve()
+    return candidate if candidate.is_file() and base.resolve() in candidate.parents else None
 
 
 def dataset_input(run, digest: str) -> dict | None:

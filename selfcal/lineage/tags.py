@@ -36,6 +36,9 @@ VERSIONS = "selfcal.versions"
 
 GIT_COMMIT = "selfcal.git_commit"
 GIT_DIRTY = "selfcal.git_dirty"
+# The committed profile params.yaml is a byte-for-byte copy of (`selfcal run --profile`), which then does not
+# count as an uncommitted change: the params are in the commit, under that name.
+PARAMS_PROFILE = "selfcal.params_profile"
 # sha256 over the selfcal package's Python source: which code ran, also outside a git checkout.
 CODE_DIGEST = "selfcal.code_digest"
 DVC_LOCK_SHA = "selfcal.dvc_lock_sha256"

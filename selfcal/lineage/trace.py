@@ -147,6 +147,7 @@ def trace(client, version) -> dict:
         "code": {
             "git_commit": tags.get(T.GIT_COMMIT),
             "git_dirty": tags.get(T.GIT_DIRTY),
+            "params_profile": tags.get(T.PARAMS_PROFILE),
             "dvc_lock_sha256": tags.get(T.DVC_LOCK_SHA),
             "code_digest": tags.get(T.CODE_DIGEST),
         },
@@ -165,6 +166,8 @@ def _checkpoint_lines(lineage: dict) -> list[str]:
     if c["digest"] is None:
         return ["checkpoint   not recorded (the version carries no selfcal lineage tags)"]
     dirty = {"true": " (uncommitted changes)", "false": ""}.get(code["git_dirty"] or "", " (dirty: unknown)")
+    if code.get("params_profile"):
+        dirty += f" (params.yaml = committed {code['params_profile']})"
     return [
         f"checkpoint   {store.show(c['path'])}",
         f"  digest     {c['digest']}  (manifest sha256 {c['manifest_sha256']})",

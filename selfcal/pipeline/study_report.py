@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from selfcal.artifacts import atomic_write_text
@@ -24,7 +25,6 @@ from selfcal.pipeline import layout
 from selfcal.pipeline.aggregate import (
     by_source_markdown,
     common_tasks,
-    load_evaluations,
     summarise,
     to_csv,
     to_markdown,
@@ -209,31 +209,179 @@ def _times_table(times: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def study_report(params: Params, out: Path, *, title: str, client=None, experiments: bool = False) -> Path:
+@dataclass
+class RunSource:
+    """Where evaluated models come from: the workspace, or a run committed from elsewhere (a GPU lease's chunk:
+    its ``artifacts/evaluations`` and its MLflow store, ``.selfcal/mlflow.db``, unpacked under ``root``)."""
+
+    label: str
+    evaluations: Path
+    tracking_uri: str | None
+
+
+def run_sources(params: Params, runs: list[Path] | None) -> list[RunSource]:
+    from selfcal.lineage.tracking import tracking_uri
+
+    if not runs:
+        uri = tracking_uri(params) if params.tracking.enabled else None
+        return [RunSource("workspace", layout.evaluation_file(params, "x").parent, uri)]
+    out = []
+    for root in runs:
+        evaluations = root / "artifacts" / "evaluations"
+        if not evaluations.is_dir():
+            raise DataError(f"{root}: no artifacts/evaluations in this run folder")
+        db = root / ".selfcal" / "mlflow.db"
+        out.append(RunSource(root.name, evaluations, f"sqlite:///{db.resolve()}" if db.is_file() else None))
+    return out
+
+
+def gather(params: Params, sources: list[RunSource]) -> tuple[list[tuple[RunSource, EvaluationRecord]], list[str]]:
+    """Every evaluation record the params define that some run holds (one per model: a model scored by two runs
+    must have the same checkpoint and scores in both), and the targets no run has evaluated yet."""
+    from selfcal.records import read_evaluation
+
+    found: dict[str, tuple[RunSource, EvaluationRecord]] = {}
+    for src in sources:
+        for name in layout.evaluation_targets(params):
+            f = src.evaluations / f"{name}.json"
+            if not f.is_file():
+                continue
+            rec = read_evaluation(f)
+            if name in found:
+                prev_src, prev = found[name]
+                same = (prev.checkpoint_digest, prev.mean_acc) == (rec.checkpoint_digest, rec.mean_acc)
+                if not same:
+                    raise DataError(
+                        f"{name}: evaluated differently in runs {prev_src.label} and {src.label} "
+                        f"(checkpoint {str(prev.checkpoint_digest)[:12]} vs {str(rec.checkpoint_digest)[:12]})"
+                    )
+                continue
+            found[name] = (src, rec)
+    pending = [n for n in layout.evaluation_targets(params) if n not in found]
+    return [found[n] for n in layout.evaluation_targets(params) if n in found], pending
+
+
+def completeness_markdown(params: Params, rows: list[EvaluationRecord], pending: list[str]) -> str:
+    """Sets evaluated per source x method, of the profile's; what is complete and what is still to run."""
+    count: dict[tuple[str, str], int] = defaultdict(int)
+    for r in rows:
+        count[(r.source, r.method)] += 1
+    methods = list(params.compression.methods)
+    sets = len(params.calibration.seeds)
+    lines = ["| source | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for source in params.calibration.sources:
+        cells = [f"{count[(source, m)]}/{sets}" + (" ✓" if count[(source, m)] == sets else "") for m in methods]
+        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+    dense = "evaluated" if any(r.method == "none" for r in rows) else "**not yet evaluated**"
+    total = len(layout.evaluation_targets(params))
+    head = f"{total - len(pending)} of {total} models evaluated (the dense base: {dense}); sets per cell:"
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+# Accuracy of a uniform guess per task (lambada: an open-vocabulary word, effectively 0).
+CHANCE = {
+    "arc_easy": 0.25,
+    "arc_challenge": 0.25,
+    "boolq": 0.5,
+    "hellaswag": 0.25,
+    "lambada_openai": 0.0,
+    "openbookqa": 0.25,
+    "piqa": 0.5,
+    "rte": 0.5,
+    "storycloze_2016": 0.5,
+    "winogrande": 0.5,
+}
+
+
+def dense_markdown(rows: list[EvaluationRecord]) -> str:
+    """The base model per task: examples scored (of the task's full set), acc ± stderr, chance, and whether it is
+    clearly above chance (acc - 2 stderr above the guess): a study on a model at chance says nothing."""
+    dense = next((r for r in rows if r.method == "none"), None)
+    if dense is None or dense.zero_shot is None:
+        return "_the dense base model is not evaluated yet_\n"
+    lines = ["| task | examples | acc | chance | clearly above chance |", "|---|---|---|---|---|"]
+    for task, t in sorted(dense.zero_shot.tasks.items()):
+        chance = CHANCE.get(task)
+        above = "" if chance is None else ("yes" if t.acc - 2 * (t.acc_stderr or 0) > chance else "no")
+        stderr = f" ± {100 * t.acc_stderr:.1f}" if t.acc_stderr else ""
+        lines.append(
+            f"| {task} | {t.n} of {t.n_total} | {100 * t.acc:.1f}{stderr} | "
+            f"{'-' if chance is None else f'{100 * chance:.0f}'} | {above} |"
+        )
+    for name, p in sorted((dense.perplexity or {}).items()):
+        lines.append(f"| {name} perplexity | {p.windows} windows of {p.seq_len} | {p.perplexity:.2f} | | |")
+    skipped = "".join(f"\n\nNot scored: {task}: {why}." for task, why in sorted((dense.skipped_tasks or {}).items()))
+    return "\n".join(lines) + skipped + "\n"
+
+
+def _merge_times(parts: list[list[dict]]) -> list[dict]:
+    order = ["generate", "inspect", "compress", "evaluate", "aggregate"]
+    merged: dict[str, dict] = {}
+    for times in parts:
+        for t in times:
+            m = merged.setdefault(
+                t["stage"], {"stage": t["stage"], "items": 0, "item_seconds_sum": 0.0, "item_seconds_max": 0.0}
+            )
+            m["items"] += t["items"]
+            m["item_seconds_sum"] = round(m["item_seconds_sum"] + t["item_seconds_sum"], 1)
+            m["item_seconds_max"] = max(m["item_seconds_max"], t["item_seconds_max"])
+    return sorted(merged.values(), key=lambda t: order.index(t["stage"]) if t["stage"] in order else 99)
+
+
+def study_report(
+    params: Params,
+    out: Path,
+    *,
+    title: str,
+    client=None,
+    experiments: bool = False,
+    runs: list[Path] | None = None,
+) -> Path:
     """Write ``out``/README.md, results.csv/md, by_source.md, diagnostics.md and lineage.json; the temperature
     heatmaps when the profile has several self-calibration schedules; with ``experiments``, the set-size sweep
-    from the workspace's DVC experiments (sweep_n.csv, sweep_n.png)."""
-    from selfcal.lineage.tracking import open_client, tracking_uri
+    from the workspace's DVC experiments (sweep_n.csv, sweep_n.png). ``runs``: run folders committed from other
+    machines (each with its records and MLflow store) instead of the workspace; a grid still partly to run is
+    reported as far as it goes, with what is complete and what is not."""
+    from selfcal.lineage.tracking import open_client
     from selfcal.report import plots
 
-    rows = load_evaluations([layout.evaluation_file(params, n) for n in layout.evaluation_targets(params)])
+    sources = run_sources(params, runs)
+    gathered, pending = gather(params, sources)
+    rows = [r for _, r in gathered]
+    if not rows:
+        raise DataError(
+            "nothing to report: no evaluation record of these params in " + ", ".join(s.label for s in sources)
+        )
     cols, table = summarise(rows)
     shared = common_tasks(rows)
     lineage, missing = [], []
-    times: list[dict] = []
+    times_parts: list[list[dict]] = []
     if params.tracking.enabled:
-        client = client or open_client(tracking_uri(params))
-        lineage, missing = lineage_rows(client, rows)
-        times = stage_times(client, params.tracking.experiment, [e["compress_run_id"] for e in lineage])
+        for src in sources:
+            mine = [r for s, r in gathered if s is src]
+            if not mine:
+                continue
+            if src.tracking_uri is None:
+                missing += [f"{r.name}: run {src.label} has no MLflow store" for r in mine if r.checkpoint_digest]
+                continue
+            c = client if (client is not None and len(sources) == 1) else open_client(src.tracking_uri)
+            found, lost = lineage_rows(c, mine)
+            for e in found:
+                e["run"] = src.label
+            lineage += found
+            missing += lost
+            times_parts.append(stage_times(c, params.tracking.experiment, [e["compress_run_id"] for e in found]))
+    times = _merge_times(times_parts)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.csv", to_csv(cols, table))
     atomic_write_text(out / "results.md", to_markdown(cols, table, unscored_tasks(rows), shared))
     atomic_write_text(out / "by_source.md", by_source_markdown(cols, table, shared))
     diagnostics = layout.report_dir(params) / "diagnostics.md"
-    if diagnostics.is_file():
+    if diagnostics.is_file() and not runs:
         shutil.copyfile(diagnostics, out / "diagnostics.md")
     atomic_write_text(
-        out / LINEAGE_FILE, json.dumps({"models": lineage, "missing": missing}, indent=2, sort_keys=True) + "\n"
+        out / LINEAGE_FILE,
+        json.dumps({"models": lineage, "missing": missing, "pending": pending}, indent=2, sort_keys=True) + "\n",
     )
     sweeps = []
     temps = temperature_rows(params, table)
@@ -250,11 +398,18 @@ def study_report(params: Params, out: Path, *, title: str, client=None, experime
     checkpoints = sum(1 for r in rows if r.checkpoint_digest)
     parts = [
         f"# {title}",
-        f"{len(rows)} evaluated models ({checkpoints} checkpoints + the dense base), "
-        f"{len(lineage)} traced to a registered model version"
+        f"{len(rows)} evaluated models ({checkpoints} checkpoints"
+        + (" + the dense base" if len(rows) > checkpoints else "")
+        + f"), {len(lineage)} traced to a registered model version"
         + (f"; **{len(missing)} without lineage**: " + "; ".join(missing) if missing else "")
-        + f". Built by `selfcal study-report` from the evaluation records and the MLflow store; `{LINEAGE_FILE}` "
-        "holds each model's full chain (`selfcal lineage MODEL:VERSION` prints it, `selfcal verify` checks it).",
+        + ". Built by `selfcal study-report` from the evaluation records and the MLflow store"
+        + (f" of each run ({', '.join(s.label for s in sources)})" if runs else "")
+        + f"; `{LINEAGE_FILE}` holds each model's full chain (`selfcal lineage MODEL:VERSION` prints it, "
+        "`selfcal verify` checks it).",
+        "## Completeness",
+        completeness_markdown(params, rows, pending),
+        "## The dense base model",
+        dense_markdown(rows),
         "## Results (mean ± std over calibration sets)",
         (out / "by_source.md").read_text(),
         *(["## Sweeps", "\n\n".join(sweeps)] if sweeps else []),
@@ -264,7 +419,12 @@ def study_report(params: Params, out: Path, *, title: str, client=None, experime
         _lineage_table(lineage) if lineage else "_tracking was off: no registered models_\n",
     ]
     atomic_write_text(out / "README.md", "\n\n".join(parts))
-    if not rows:
-        raise DataError("nothing to report")
-    log.info("wrote %s (%d models, %d traced, %d without lineage)", out, len(rows), len(lineage), len(missing))
+    log.info(
+        "wrote %s (%d models, %d traced, %d without lineage, %d pending)",
+        out,
+        len(rows),
+        len(lineage),
+        len(missing),
+        len(pending),
+    )
     return out
