@@ -65,6 +65,9 @@ class CorpusSourceConfig(Strict):
     # Sets for different seeds take disjoint blocks of windows. When the corpus is too
     # small for that, refuse unless overlap between seeds is explicitly allowed.
     allow_overlap: bool = False
+    # Tokens between window starts; null = seq_len (disjoint windows). Smaller: overlapping windows, for a corpus
+    # with fewer than n windows of seq_len (the Cosmopedia stand-in: 124 windows of 2048 for sets of 128).
+    window_stride: int | None = Field(None, ge=1)
 
 
 class VocabSourceConfig(Strict):

@@ -148,6 +148,17 @@ def token_stream(docs: list[str], tokenizer) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def windows(stream: np.ndarray, seq_len: int) -> np.ndarray:
-    count = len(stream) // seq_len
-    return stream[: count * seq_len].reshape(count, seq_len)
+def windows(stream: np.ndarray, seq_len: int, stride: int | None = None) -> np.ndarray:
+    """Consecutive windows of ``seq_len`` tokens, one every ``stride`` tokens (default ``seq_len``: disjoint)."""
+    if stride is None or stride == seq_len:
+        count = len(stream) // seq_len
+        return stream[: count * seq_len].reshape(count, seq_len)
+    starts = np.arange(0, max(len(stream) - seq_len + 1, 0), stride)
+    return np.stack([stream[s : s + seq_len] for s in starts]) if len(starts) else np.empty((0, seq_len), stream.dtype)
+
+
+def window_count(tokens: int, seq_len: int, stride: int | None = None) -> int:
+    """How many windows ``windows`` cuts from a stream of ``tokens`` tokens."""
+    if stride is None or stride == seq_len:
+        return tokens // seq_len
+    return 0 if tokens < seq_len else (tokens - seq_len) // stride + 1

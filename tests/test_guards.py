@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from selfcal.cli import main
@@ -181,6 +182,30 @@ def test_a_binary_corpus_is_refused_by_check_in_one_line(tiny_model, tmp_path, c
     data["calibration"]["sources"]["c4"] = {"kind": "corpus", "path": "./blob.txt"}
     rc, err = _check(tmp_path, data, capsys)
     assert rc == 2 and len(err) == 1 and "blob.txt: not UTF-8 text (byte 0x89 at offset 0)" in err[0]
+
+
+def test_a_corpus_too_small_for_the_sets_is_refused_by_check_and_a_window_stride_makes_it_fit(
+    tiny_model, tmp_path, capsys
+):
+    """The Cosmopedia stand-in gives 124 windows of 2048 for sets of 128: check passed and generate failed in DVC.
+    Now check tokenizes the corpus (no model) and says so; overlapping windows (window_stride) make it fit."""
+    from selfcal import textdata
+
+    (tmp_path / "small.txt").write_text("a few words of text that the tiny tokenizer cuts up. " * 3)
+    data = small_params(tiny_model, tmp_path)  # sets of 4 x 32 tokens
+    data["calibration"]["sources"]["c4"] = {"kind": "corpus", "path": "./small.txt"}
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "calibration.sources.c4: corpus gives" in err[0] and "fewer than the 4 requested" in err[0]
+    total = int(err[0].split("corpus gives ")[1].split()[0])
+    assert total < 4
+    data["calibration"]["sources"]["c4"].update(window_stride=4, allow_overlap=True)
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 0, err
+    stream = np.arange(100)
+    assert textdata.windows(stream, 32, 16).shape == (textdata.window_count(100, 32, 16), 32) == (5, 32)
+    assert (textdata.windows(stream, 32, 16)[1] == np.arange(16, 48)).all()
+    assert (textdata.windows(stream, 32) == textdata.windows(stream, 32, 32)).all()
 
 
 def test_a_missing_perplexity_file_is_refused_by_check(tiny_model, tmp_path, capsys):

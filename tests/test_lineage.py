@@ -277,3 +277,38 @@ def test_params_installed_from_a_committed_profile_is_recorded_as_that_profile_n
     (tmp_path / "params.yaml").write_text("model: {path: edited}\n")
     state = code_state(tmp_path)
     assert state[T.GIT_DIRTY] == "true" and T.PARAMS_PROFILE not in state
+
+
+def test_concurrent_items_hang_under_the_orchestrators_run_without_failing_it(tmp_path, monkeypatch):
+    """On the H200 (eight items at once) every item resumed the execution's parent run, re-tagged it with its own
+    pid and ended it on exit; the next item's dead-run sweep then marked the whole execution FAILED mid-run. Now an
+    item's run only hangs under the parent: an item process that ended leaves the parent RUNNING, the
+    orchestrator's."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from selfcal.config import parse_params
+    from selfcal.lineage.tracking import EXECUTION_ENV, open_pipeline_run, stage_run
+    from tests.helpers import REPO, small_params, write_params
+
+    raw = small_params(tmp_path / "model", tmp_path)
+    params = parse_params(raw, root=tmp_path)
+    monkeypatch.setenv(EXECUTION_ENV, "prefect-test")
+    parent = open_pipeline_run(params, "prefect-test")  # the orchestrator (this process) opens it
+    path = write_params(tmp_path / "params.yaml", raw)
+    item = (
+        "from selfcal.config import load_params; from selfcal.lineage.tracking import stage_run\n"
+        f"with stage_run(load_params({str(path)!r}), 'generate', 'self-0') as run: pass\n"
+    )
+    subprocess.run([sys.executable, "-c", item], check=True, cwd=REPO)  # an item that ran and whose process ended
+    with stage_run(params, "compress", "self-0-gptq"):  # the next item: its sweep must leave the parent alone
+        pass
+    client = MlflowClient(tracking_uri=raw["tracking"]["tracking_uri"])
+    run = client.get_run(parent)
+    assert run.info.status == "RUNNING", run.data.tags
+    exp = run.info.experiment_id
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(c.info.run_name for c in children) == ["compress@self-0-gptq", "generate@self-0"]
+    assert all(c.info.status == "FINISHED" for c in children)

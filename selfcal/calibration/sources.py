@@ -22,6 +22,7 @@ from selfcal.calibration.generator import generate_self_calibration
 from selfcal.calibration.pool import PoolSampling, generate_pool
 from selfcal.calibration.schedule import LinearSchedule
 from selfcal.errors import ConfigError, DataError
+from selfcal.paths import resolve_path
 from selfcal.registry import Registry
 
 
@@ -157,15 +158,34 @@ def corpus_windows(spec, request: SourceRequest, *, tokenizer, model=None) -> So
     )
     stream = textdata.token_stream(docs, tokenizer)
     chosen, info = corpus.pick_windows(
-        textdata.windows(stream, request.seq_len),
+        textdata.windows(stream, request.seq_len, spec.window_stride),
         request.n,
         request.seed,
         allow_overlap=spec.allow_overlap,
         name=f"calibration.sources.{request.name}",
     )
+    if spec.window_stride is not None:
+        info["window_stride"] = spec.window_stride
     return SourceResult(
         tokens=chosen.astype(np.int32), provenance={"documents": len(docs), "corpus_tokens": int(len(stream)), **info}
     )
+
+
+def corpus_tokens(spec, *, root, name: str, tokenizer) -> int | None:
+    """The token count of a local corpus as ``corpus_windows`` streams it (None for a hub dataset: counting it
+    would download it), for ``selfcal check``; the same documents, tokenizer and EOS joins."""
+    if not resolve_path(spec.path, root).exists():
+        return None
+    docs = textdata.read_documents(
+        spec.path,
+        root=root,
+        text_field=spec.text_field,
+        hub_config=spec.hub_config,
+        hub_split=spec.hub_split,
+        max_documents=spec.max_documents,
+        key=f"calibration.sources.{name}.path",
+    )
+    return int(len(textdata.token_stream(docs, tokenizer)))
 
 
 @register("vocab", needs_model=False)

@@ -152,7 +152,7 @@ def every_item(params: Params) -> int:
 
     n = 0
     for source, seed in layout.calibration_names(params):
-        generate.preflight(params, source, seed)
+        generate.preflight(params, source, seed, count_windows=True)
         n += 1
         for method in params.compression.methods:
             compress.preflight(params, source, seed, method)

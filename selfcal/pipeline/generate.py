@@ -6,8 +6,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from selfcal import faults
-from selfcal.calibration import sources
+from selfcal import faults, textdata
+from selfcal.calibration import corpus, sources
 from selfcal.calibration.calibset import save_calibration_set
 from selfcal.config import Params
 from selfcal.errors import ConfigError
@@ -15,6 +15,7 @@ from selfcal.lineage import tags as T
 from selfcal.lineage.registry import log_calibration
 from selfcal.lineage.tracking import stage_run
 from selfcal.modelio import ModelRef, fingerprint, load_model, load_tokenizer, pick_device
+from selfcal.paths import resolve_path
 from selfcal.pipeline import layout
 from selfcal.pipeline.common import base_model, check_context, check_sources
 from selfcal.records import CalibrationManifest
@@ -29,15 +30,42 @@ class GeneratePlan:
     config: dict
 
 
-def preflight(params: Params, source: str, seed: int) -> GeneratePlan:
-    """Everything generate checks before a model loads (``selfcal check`` runs it for every item)."""
+def preflight(params: Params, source: str, seed: int, *, count_windows: bool = False) -> GeneratePlan:
+    """Everything generate checks before a model loads (``selfcal check`` runs it for every item, with
+    ``count_windows``: a local corpus is tokenized, once per process, to know it can give this seed's set)."""
     cal = params.calibration
     if source not in cal.sources:
         raise ConfigError(f"calibration.sources: no source named {source!r}; defined: {sorted(cal.sources)}")
     ref, config = base_model(params)
     check_context(config, cal.seq_len, "calibration.seq_len")
     check_sources(config, params)
-    return GeneratePlan(spec=cal.sources[source], ref=ref, config=config)
+    spec = cal.sources[source]
+    if count_windows and spec.kind == "corpus":
+        tokens = _corpus_tokens(params, source, ref)
+        if tokens is not None:
+            corpus.check_windows(
+                textdata.window_count(tokens, cal.seq_len, spec.window_stride),
+                cal.n_samples,
+                seed,
+                allow_overlap=spec.allow_overlap,
+                name=f"calibration.sources.{source}",
+                seq_len=cal.seq_len,
+            )
+    return GeneratePlan(spec=spec, ref=ref, config=config)
+
+
+_TOKENS: dict[tuple, int | None] = {}
+
+
+def _corpus_tokens(params: Params, source: str, ref: ModelRef) -> int | None:
+    spec = params.calibration.sources[source]
+    path = resolve_path(spec.path, params.root)
+    stamp = tuple(sorted((str(f), f.stat().st_mtime_ns) for f in ([path] if path.is_file() else path.rglob("*"))))
+    key = (str(path), stamp, spec.text_field, str(ref.local_dir))
+    if key not in _TOKENS:
+        tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
+        _TOKENS[key] = sources.corpus_tokens(spec, root=params.root, name=source, tokenizer=tokenizer)
+    return _TOKENS[key]
 
 
 def generate(params: Params, source: str, seed: int, *, progress: bool = True) -> CalibrationManifest:
