@@ -93,6 +93,14 @@ def _parser() -> argparse.ArgumentParser:
         help="read run folders committed from other machines instead of the workspace (each holding "
         "artifacts/evaluations and .selfcal/mlflow.db, as tools/study_box.sh collect packs a GPU lease's chunk)",
     )
+    sr.add_argument(
+        "--paper-table",
+        type=Path,
+        default=Path("../shared/reference/williams2025_appendix_tables.csv"),
+        metavar="CSV",
+        help="the paper's appendix tables, for the same self-vs-real-data test on its numbers (default: "
+        "../shared/reference/williams2025_appendix_tables.csv; skipped when absent)",
+    )
 
     store_help = (
         "MLflow store (default: tracking.tracking_uri in params, else $MLFLOW_TRACKING_URI, else .selfcal/mlflow.db)"
@@ -392,7 +400,14 @@ def _dispatch(args, params, progress: bool) -> None:
 
         from selfcal.pipeline.study_report import study_report
 
-        out = study_report(params, Path(args.out), title=args.title, experiments=args.experiments, runs=args.runs)
+        out = study_report(
+            params,
+            Path(args.out),
+            title=args.title,
+            experiments=args.experiments,
+            runs=args.runs,
+            paper_table=args.paper_table,
+        )
         print(f"study-report: wrote {out}")
 
 

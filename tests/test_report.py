@@ -99,3 +99,31 @@ def test_study_report_from_runs_of_other_machines_reports_what_is_done_and_what_
     c = run("c", _record("self-s0-gptq", "gptq", {"arc_easy": 0.40}, ppl=22.0))
     with pytest.raises(DataError, match="self-s0-gptq: evaluated differently in runs a and c"):
         study_report(params, tmp_path / "report2", title="chunks", runs=[a, c])
+
+
+def test_self_against_real_sources_by_welchs_t_over_the_sets_and_the_papers_own_tables():
+    from selfcal.report.significance import compare_self, comparison_markdown, paper_comparisons, welch
+    from tests.helpers import SHARED
+
+    t, p = welch(10, 1, 5, 8, 2, 5)  # t = 2 / sqrt(1/5 + 4/5) = 2; Welch-Satterthwaite df = 1 / 0.17 = 5.88; p = I_{df/(df+t²)}(df/2, 1/2)
+    assert t == pytest.approx(2.0) and p == pytest.approx(0.09338, abs=1e-5)
+
+    def cell(source, acc, std, ppl, n=5):
+        return {"method": "gptq", "source": source, "n_sets": n, "mean_acc": acc, "mean_acc.std": std,
+                "ppl.wikitext2": ppl, "ppl.wikitext2.std": 0.1}  # fmt: skip
+
+    table = [cell("self", 0.50, 0.01, 20.0), cell("c4", 0.45, 0.01, 25.0), cell("wikitext", 0.50, 0.02, 19.0)]
+    table.append(cell("cosmopedia", 0.40, 0.0, 30.0, n=1))
+    acc = {c.other: c.verdict for c in compare_self(table, "mean_acc")}
+    assert acc == {"c4": "beats", "wikitext": "matches", "cosmopedia": "n/a"}
+    ppl = {c.other: c.verdict for c in compare_self(table, "ppl.wikitext2")}
+    assert ppl["c4"] == "beats" and ppl["wikitext"] == "loses"  # lower perplexity is better
+
+    reference = SHARED / "reference" / "williams2025_appendix_tables.csv"
+    if not reference.is_file():
+        pytest.skip("no ../shared/reference")
+    paper = paper_comparisons(reference)
+    assert len(paper) == 5 * 4 * 3  # five models x four methods x three real sources
+    assert {r["verdict"] for r in paper} <= {"beats", "matches", "loses"}
+    md = comparison_markdown(compare_self(table, "mean_acc"), paper, "mean_acc")
+    assert "| gptq | c4 | 50.00 | 45.00 | +7.91 |" in md and "**beats**" in md

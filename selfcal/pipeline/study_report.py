@@ -314,6 +314,19 @@ def dense_markdown(rows: list[EvaluationRecord]) -> str:
     return "\n".join(lines) + skipped + "\n"
 
 
+def _significance(table: list[dict], cols: list[str], paper_table: Path | None) -> str:
+    from selfcal.report.significance import compare_self, comparison_markdown, paper_comparisons
+
+    paper = paper_comparisons(paper_table) if paper_table is not None and paper_table.is_file() else []
+    parts = []
+    for metric in [c for c in cols if c == "mean_acc" or c.startswith("ppl.")]:
+        ours = compare_self(table, metric)
+        if ours:
+            label = "mean zero-shot accuracy" if metric == "mean_acc" else f"{metric[4:]} perplexity (lower is better)"
+            parts.append(f"### {label}\n\n" + comparison_markdown(ours, paper if metric == "mean_acc" else [], metric))
+    return "\n".join(parts) if parts else "_self-calibration and a real-data source are not both evaluated yet_\n"
+
+
 def _merge_times(parts: list[list[dict]]) -> list[dict]:
     order = ["generate", "inspect", "compress", "evaluate", "aggregate"]
     merged: dict[str, dict] = {}
@@ -336,12 +349,14 @@ def study_report(
     client=None,
     experiments: bool = False,
     runs: list[Path] | None = None,
+    paper_table: Path | None = None,
 ) -> Path:
     """Write ``out``/README.md, results.csv/md, by_source.md, diagnostics.md and lineage.json; the temperature
     heatmaps when the profile has several self-calibration schedules; with ``experiments``, the set-size sweep
     from the workspace's DVC experiments (sweep_n.csv, sweep_n.png). ``runs``: run folders committed from other
     machines (each with its records and MLflow store) instead of the workspace; a grid still partly to run is
-    reported as far as it goes, with what is complete and what is not."""
+    reported as far as it goes, with what is complete and what is not. ``paper_table``: the paper's appendix
+    tables (CSV), for the same self-vs-real-data test on its numbers beside ours."""
     from selfcal.lineage.tracking import open_client
     from selfcal.report import plots
 
@@ -412,6 +427,8 @@ def study_report(
         dense_markdown(rows),
         "## Results (mean ± std over calibration sets)",
         (out / "by_source.md").read_text(),
+        "## Self-calibration against real data",
+        _significance(table, cols, paper_table),
         *(["## Sweeps", "\n\n".join(sweeps)] if sweeps else []),
         "## Stage wall times (MLflow stage runs)",
         _times_table(times) if times else "_no tracked stage runs_\n",
