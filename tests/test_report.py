@@ -105,7 +105,8 @@ def test_self_against_real_sources_by_welchs_t_over_the_sets_and_the_papers_own_
     from selfcal.report.significance import compare_self, comparison_markdown, paper_comparisons, welch
     from tests.helpers import SHARED
 
-    t, p = welch(10, 1, 5, 8, 2, 5)  # t = 2 / sqrt(1/5 + 4/5) = 2; Welch-Satterthwaite df = 1 / 0.17 = 5.88; p = I_{df/(df+t²)}(df/2, 1/2)
+    # t = 2 / sqrt(1/5 + 4/5) = 2; Welch-Satterthwaite df = 1 / 0.17 = 5.88; p = I_{df/(df+t²)}(df/2, 1/2)
+    t, p = welch(10, 1, 5, 8, 2, 5)
     assert t == pytest.approx(2.0) and p == pytest.approx(0.09338, abs=1e-5)
 
     def cell(source, acc, std, ppl, n=5):
