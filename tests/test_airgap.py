@@ -41,3 +41,28 @@ def test_split_parts_join_back_and_a_changed_part_is_refused(airgap, tmp_path):
     (parts / entry["parts"][1]).write_bytes(b"x" * 10)
     with pytest.raises(SystemExit, match="sha256 mismatch"):
         airgap.join(parts, out)
+
+
+def test_pack_fills_transfers_under_the_limit_keeping_each_files_folder(airgap, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+
+    def blob(name: str, kib: int):
+        path = src / name
+        path.write_bytes(b"x" * (kib << 10))
+        return path
+
+    wheels = [blob(f"w{i}.whl", 300) for i in range(5)]  # 1.5 MiB of wheels
+    parts = [blob("model.part000", 700), blob("model.part001", 600)]
+    rest = [blob("shared.tar.xz", 200)]
+    folders = airgap.pack({"wheels": wheels, "parts": parts, "": rest}, tmp_path / "bundle", transfer_mib=1)
+    sizes = [sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in folders]
+    assert all(size <= 1 << 20 for size in sizes) and len(folders) == 4  # 3400 KiB: at least 4 transfers of 1 MiB
+    merged = {f.relative_to(d).as_posix() for d in folders for f in d.rglob("*") if f.is_file()}
+    assert merged == {f"wheels/w{i}.whl" for i in range(5)} | {"parts/model.part000", "parts/model.part001"} | {
+        "shared.tar.xz"
+    }
+    manifest = json.loads((tmp_path / "bundle" / "transfers.json").read_text())
+    assert sorted(manifest) == ["c1", "c2", "c3", "c4"]
+    with pytest.raises(SystemExit, match="over the 1 MiB transfer: split it"):
+        airgap.pack({"": [blob("big.bin", 1100)]}, tmp_path / "bundle2", transfer_mib=1)

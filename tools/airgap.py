@@ -5,6 +5,8 @@ index. This tool, run where the index is reachable:
 
     python tools/airgap.py wheels --set eval --out .bundle/wheels      # the pinned packages the box lacks
     python tools/airgap.py split FILE... --out .bundle/parts --part-mib 60
+    python tools/airgap.py pack --out .bundle --transfer-mib 60 --split MODEL.gguf.whl --tar ../shared \
+        --exclude models --git-bundle      # all of it, in transfer folders .bundle/c1, c2, ... under the limit
 
 - ``wheels``: each package of the set at the version this environment pins (importlib.metadata), as a
   wheel for the box's Python (default CPython 3.12, manylinux x86_64); where the index has only an
@@ -13,6 +15,10 @@ index. This tool, run where the index is reachable:
 - ``split``: any large file (a model's weights, a GGUF, a data archive) into numbered parts of at most
   ``--part-mib`` MiB, with ``parts.json`` (each file's sha256 and its parts), so the parts travel in
   separate transfers.
+
+- ``pack``: the wheels, the split files, folders as ``.tar.xz`` and the commit as a git bundle, distributed into
+  transfer folders ``c1``, ``c2`` … of at most ``--transfer-mib`` each (``transfers.json`` says what is where);
+  copy each into one folder on the box as it arrives.
 
 On the box, ``sh tools/airgap_bootstrap.sh BUNDLE_DIR SITE_DIR`` joins the parts (checking every sha256),
 installs the wheels into SITE_DIR with no index and no dependency resolution, and imports each package
@@ -237,6 +243,47 @@ def join(directory: Path, out: Path) -> list[Path]:
     return done
 
 
+def pack(pieces: dict[str, list[Path]], out: Path, transfer_mib: int) -> list[Path]:
+    """Distribute ``pieces`` ({subfolder: files}: ``wheels``, ``parts``, ``""`` for the rest) into transfer
+    folders ``out/c1``, ``out/c2`` … of at most ``transfer_mib`` MiB each (largest first, first fit), keeping
+    each file's subfolder, so that copying every transfer's contents into one folder on the box gives the
+    bundle ``airgap_bootstrap.sh`` takes. Writes ``out/transfers.json`` (what went where). A file over the
+    limit is refused: split it first."""
+    import shutil
+
+    limit = transfer_mib << 20
+    files = sorted(((sub, f) for sub, fs in pieces.items() for f in fs), key=lambda x: -x[1].stat().st_size)
+    bins: list[list[tuple[str, Path]]] = []
+    sizes: list[int] = []
+    for sub, f in files:
+        size = f.stat().st_size
+        if size > limit:
+            raise SystemExit(f"airgap: {f} is {size >> 20} MiB, over the {transfer_mib} MiB transfer: split it")
+        i = next((k for k, used in enumerate(sizes) if used + size <= limit), None)
+        if i is None:
+            bins.append([])
+            sizes.append(0)
+            i = len(bins) - 1
+        bins[i].append((sub, f))
+        sizes[i] += size
+    for old in out.glob("c[0-9]*"):
+        shutil.rmtree(old)
+    folders, manifest = [], {}
+    for k, content in enumerate(bins, start=1):
+        folder = out / f"c{k}"
+        for sub, f in content:
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, folder / sub / f.name)
+        folders.append(folder)
+        manifest[folder.name] = {
+            "mib": round(sizes[k - 1] / 2**20, 1),
+            "files": [f"{s}/{f.name}".lstrip("/") for s, f in content],
+        }
+        print(f"airgap: {folder}: {len(content)} file(s), {manifest[folder.name]['mib']} MiB", flush=True)
+    (out / "transfers.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return folders
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -248,6 +295,19 @@ def main() -> None:
     s.add_argument("files", nargs="+", type=Path)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--part-mib", type=int, default=60)
+    k = sub.add_parser(
+        "pack",
+        help="everything a box needs in transfers under a size limit: wheels, big files split, folders as "
+        "tar.xz, the git commit as a bundle",
+    )
+    k.add_argument("--set", choices=sorted(ROOTS), default="pipeline")
+    k.add_argument("--python", default="3.12")
+    k.add_argument("--out", type=Path, required=True, help="e.g. .bundle (wheels/ is kept there as a cache)")
+    k.add_argument("--transfer-mib", type=int, default=60, help="per transfer (the lent H200 takes 64 MiB)")
+    k.add_argument("--split", nargs="*", type=Path, default=[], metavar="FILE", help="big files (a model's GGUF)")
+    k.add_argument("--tar", nargs="*", type=Path, default=[], metavar="DIR", help="folders to carry as DIR.tar.xz")
+    k.add_argument("--exclude", nargs="*", default=[], help="tar --exclude patterns (e.g. models)")
+    k.add_argument("--git-bundle", action="store_true", help="HEAD as repo.bundle (lineage's commit on the box)")
     j = sub.add_parser("join", help="(on the box) reassemble and check the split files")
     j.add_argument("directory", type=Path)
     j.add_argument("--out", type=Path, required=True)
@@ -257,9 +317,39 @@ def main() -> None:
         print(f"airgap: {len(got)} wheel(s), {sum(p.stat().st_size for p in got) >> 20} MiB in {args.out}")
     elif args.cmd == "split":
         split(args.files, args.out, args.part_mib)
+    elif args.cmd == "pack":
+        _pack(args)
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         join(args.directory, args.out)
+
+
+def _pack(args) -> None:
+    out = args.out
+    got = wheels(closure(ROOTS[args.set]), out / "wheels", args.python)
+    parts_dir = out / "parts"
+    if parts_dir.exists():
+        import shutil
+
+        shutil.rmtree(parts_dir)
+    parts = []
+    if args.split:
+        split(args.split, parts_dir, max(1, args.transfer_mib - 4))
+        parts = sorted(parts_dir.iterdir())
+    rest = []
+    for folder in args.tar:
+        target = out / f"{folder.resolve().name}.tar.xz"
+        excludes = [x for e in args.exclude for x in ("--exclude", e)]
+        subprocess.run(
+            ["tar", "-cJf", str(target), *excludes, "-C", str(folder.resolve().parent), folder.resolve().name],
+            check=True,
+        )
+        rest.append(target)
+    if args.git_bundle:
+        target = out / "repo.bundle"
+        subprocess.run(["git", "bundle", "create", str(target), "HEAD"], check=True, capture_output=True)
+        rest.append(target)
+    pack({"wheels": got, "parts": parts, "": rest}, out, args.transfer_mib)
 
 
 if __name__ == "__main__":
