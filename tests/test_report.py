@@ -87,6 +87,9 @@ def test_study_report_from_runs_of_other_machines_reports_what_is_done_and_what_
 
     dense = _record("dense", "none", {"arc_easy": 0.5}, ppl=20.0)
     a = run("a", dense, _record("self-s0-gptq", "gptq", {"arc_easy": 0.45}, ppl=22.0))
+    (a / "artifacts" / "diagnostics").mkdir()
+    diag = {"calibration": "self-s0", "kind": "self", "perplexity": 7.25, "repetition": 0.125}
+    (a / "artifacts" / "diagnostics" / "self-s0.json").write_text(json.dumps(diag))
     b = run("b", dense, _record("self-s1-gptq", "gptq", {"arc_easy": 0.47}, ppl=21.0))
     out = study_report(params, tmp_path / "report", title="chunks", runs=[a, b])
     readme = (out / "README.md").read_text()
@@ -95,6 +98,7 @@ def test_study_report_from_runs_of_other_machines_reports_what_is_done_and_what_
     assert "| arc_easy | None of None | 50.0 | 25 | yes |" in readme
     lineage = json.loads((out / "lineage.json").read_text())
     assert lineage["pending"] == ["c4-s0-gptq", "c4-s1-gptq"]
+    assert "| self-s0 | self | 7.25 | 0.125 |" in (out / "diagnostics.md").read_text()  # the paper's Table 4 columns
 
     c = run("c", _record("self-s0-gptq", "gptq", {"arc_easy": 0.40}, ppl=22.0))
     with pytest.raises(DataError, match="self-s0-gptq: evaluated differently in runs a and c"):

@@ -394,6 +394,17 @@ def study_report(
     diagnostics = layout.report_dir(params) / "diagnostics.md"
     if diagnostics.is_file() and not runs:
         shutil.copyfile(diagnostics, out / "diagnostics.md")
+    elif runs:  # the calibration sets' quality measures (the inspect stage's records) from every run
+        from selfcal.report.diagnostics_table import diagnostics_markdown
+
+        wanted = {layout.calib_name(s, k) for s, k in layout.calibration_names(params)}
+        found: dict[str, dict] = {}
+        for root in runs:
+            for f in sorted((root / "artifacts" / "diagnostics").glob("*.json")):
+                if f.stem in wanted:
+                    found.setdefault(f.stem, json.loads(f.read_text()))
+        if found:
+            atomic_write_text(out / "diagnostics.md", diagnostics_markdown([found[k] for k in sorted(found)]))
     atomic_write_text(
         out / LINEAGE_FILE,
         json.dumps({"models": lineage, "missing": missing, "pending": pending}, indent=2, sort_keys=True) + "\n",
