@@ -83,13 +83,18 @@ def store_time(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
 
 
-def stage_times(client, experiment: str, compress_run_ids: list[str]) -> list[dict]:
-    """Wall time per stage over the pipeline executions that made these models (MLflow stage runs)."""
+def stage_times(client, experiment: str, compress_run_ids: list[str] | None) -> list[dict]:
+    """Wall time per stage over the pipeline executions that made these models (MLflow stage runs); with
+    ``compress_run_ids`` None, over every execution in the store (a GPU lease's run folder: its checkpoints
+    count even before they are scored)."""
     exp = client.get_experiment_by_name(experiment)
-    if exp is None or not compress_run_ids:
+    if exp is None or compress_run_ids == []:
         return []
     executions = set()
-    for run_id in compress_run_ids:
+    if compress_run_ids is None:
+        for run in client.search_runs([exp.experiment_id], filter_string=f"tags.`{T.STAGE}` = 'pipeline'"):
+            executions.add(run.data.tags.get(T.EXECUTION_ID))
+    for run_id in compress_run_ids or []:
         run = client.get_run(run_id)
         executions.add(run.data.tags.get(T.EXECUTION_ID))
     per_stage: dict[str, list[float]] = defaultdict(list)
@@ -385,7 +390,8 @@ def study_report(
                 e["run"] = src.label
             lineage += found
             missing += lost
-            times_parts.append(stage_times(c, params.tracking.experiment, [e["compress_run_id"] for e in found]))
+            ids = None if runs else [e["compress_run_id"] for e in found]
+            times_parts.append(stage_times(c, params.tracking.experiment, ids))
     times = _merge_times(times_parts)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.csv", to_csv(cols, table))
@@ -444,7 +450,13 @@ def study_report(
         "## Stage wall times (MLflow stage runs)",
         _times_table(times) if times else "_no tracked stage runs_\n",
         "## Lineage: every checkpoint",
-        _lineage_table(lineage) if lineage else "_tracking was off: no registered models_\n",
+        _lineage_table(lineage)
+        if lineage
+        else (
+            "_no evaluated checkpoint yet_\n"
+            if params.tracking.enabled
+            else "_tracking was off: no registered models_\n"
+        ),
     ]
     atomic_write_text(out / "README.md", "\n\n".join(parts))
     log.info(
