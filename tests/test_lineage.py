@@ -312,3 +312,25 @@ def test_concurrent_items_hang_under_the_orchestrators_run_without_failing_it(tm
     children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
     assert sorted(c.info.run_name for c in children) == ["compress@self-0-gptq", "generate@self-0"]
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+def test_a_stage_that_opened_its_executions_parent_run_and_failed_ends_both_failed(tmp_path, monkeypatch):
+    """A plain `dvc repro` has no orchestrator: its first stage opens the parent run; when that stage raises,
+    the parent ends FAILED with it, as a `with mlflow.start_run()` ends it, not FINISHED."""
+    from mlflow import MlflowClient
+
+    from selfcal.config import parse_params
+    from selfcal.lineage.tracking import EXECUTION_ENV, stage_run
+    from tests.helpers import small_params
+
+    raw = small_params(tmp_path / "model", tmp_path)
+    params = parse_params(raw, root=tmp_path)
+    monkeypatch.setenv(EXECUTION_ENV, "dvc-test")
+    with pytest.raises(RuntimeError, match="injected"), stage_run(params, "generate", "self-0"):
+        raise RuntimeError("injected")
+    client = MlflowClient(tracking_uri=raw["tracking"]["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("selfcal").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [
+        ("generate@self-0", "FAILED"),
+        ("pipeline dvc-test", "FAILED"),
+    ]

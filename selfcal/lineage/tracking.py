@@ -14,7 +14,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,15 +338,15 @@ def stage_run(params: Params, stage: str, item: str) -> Iterator[StageRun]:
     fail_dead_runs(mlflow.MlflowClient(), exp_id)
     exec_id = execution_id()
     found = _pipeline_run_id(mlflow, exp_id, exec_id)
-    if found is None:  # the execution's first stage, with no orchestrator (a plain `dvc repro`): open the parent
-        parent = mlflow.start_run(experiment_id=exp_id, run_name=f"pipeline {exec_id}")
-        mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: "pipeline", T.PID: str(os.getpid())})
-        mlflow.set_tag(T.HOST, socket.gethostname())
-        found = parent.info.run_id
-    # The child hangs under the parent without resuming it: items of one execution run at once (--jobs, workers),
-    # and one that re-tagged the parent with its pid and ended it on exit had the next item's fail_dead_runs
-    # mark the whole execution FAILED while it ran (seen on the H200 with eight items at once).
-    try:
+    with ExitStack() as stack:
+        if found is None:  # the execution's first stage, no orchestrator (a plain `dvc repro`): it opens the parent
+            parent = stack.enter_context(mlflow.start_run(experiment_id=exp_id, run_name=f"pipeline {exec_id}"))
+            mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: "pipeline", T.PID: str(os.getpid())})
+            mlflow.set_tag(T.HOST, socket.gethostname())
+            found = parent.info.run_id
+        # The child hangs under the parent without resuming it: items of one execution run at once (--jobs,
+        # workers), and one that re-tagged the parent with its pid and ended it on exit had the next item's
+        # fail_dead_runs mark the whole execution FAILED while it ran (seen on the H200 with eight items at once).
         with mlflow.start_run(experiment_id=exp_id, run_name=f"{stage}@{item}", nested=True, parent_run_id=found):
             mlflow.set_tags({_TAG_EXEC: exec_id, _TAG_STAGE: stage, T.ITEM: item, T.PID: str(os.getpid())})
             mlflow.set_tag(T.HOST, socket.gethostname())
@@ -354,6 +354,3 @@ def stage_run(params: Params, stage: str, item: str) -> Iterator[StageRun]:
                 mlflow.set_tag(T.TRUST_REMOTE_CODE, "true")
             log.info("MLflow: run %s under pipeline run %s", mlflow.active_run().info.run_id, found)
             yield StageRun(mlflow)
-    finally:
-        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == found:
-            mlflow.end_run()  # the parent this stage opened (plain dvc repro): ended as the stage ends
