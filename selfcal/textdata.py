@@ -153,8 +153,9 @@ def windows(stream: np.ndarray, seq_len: int, stride: int | None = None) -> np.n
     if stride is None or stride == seq_len:
         count = len(stream) // seq_len
         return stream[: count * seq_len].reshape(count, seq_len)
-    starts = np.arange(0, max(len(stream) - seq_len + 1, 0), stride)
-    return np.stack([stream[s : s + seq_len] for s in starts]) if len(starts) else np.empty((0, seq_len), stream.dtype)
+    if len(stream) < seq_len:
+        return np.empty((0, seq_len), stream.dtype)
+    return np.lib.stride_tricks.sliding_window_view(stream, seq_len)[::stride].copy()
 
 
 def window_count(tokens: int, seq_len: int, stride: int | None = None) -> int:

@@ -144,19 +144,23 @@ def self_calibration(spec, request: SourceRequest, *, model, tokenizer) -> Sourc
     )
 
 
-@register("corpus", needs_model=False)
-def corpus_windows(spec, request: SourceRequest, *, tokenizer, model=None) -> SourceResult:
-    key = f"calibration.sources.{request.name}.path"
+def _corpus_stream(spec, *, root, name: str, tokenizer) -> tuple[list[str], np.ndarray]:
+    """The corpus's documents and their token stream (EOS between documents): what windows are cut from."""
     docs = textdata.read_documents(
         spec.path,
-        root=request.root,
+        root=root,
         text_field=spec.text_field,
         hub_config=spec.hub_config,
         hub_split=spec.hub_split,
         max_documents=spec.max_documents,
-        key=key,
+        key=f"calibration.sources.{name}.path",
     )
-    stream = textdata.token_stream(docs, tokenizer)
+    return docs, textdata.token_stream(docs, tokenizer)
+
+
+@register("corpus", needs_model=False)
+def corpus_windows(spec, request: SourceRequest, *, tokenizer, model=None) -> SourceResult:
+    docs, stream = _corpus_stream(spec, root=request.root, name=request.name, tokenizer=tokenizer)
     chosen, info = corpus.pick_windows(
         textdata.windows(stream, request.seq_len, spec.window_stride),
         request.n,
@@ -176,16 +180,8 @@ def corpus_tokens(spec, *, root, name: str, tokenizer) -> int | None:
     would download it), for ``selfcal check``; the same documents, tokenizer and EOS joins."""
     if not resolve_path(spec.path, root).exists():
         return None
-    docs = textdata.read_documents(
-        spec.path,
-        root=root,
-        text_field=spec.text_field,
-        hub_config=spec.hub_config,
-        hub_split=spec.hub_split,
-        max_documents=spec.max_documents,
-        key=f"calibration.sources.{name}.path",
-    )
-    return int(len(textdata.token_stream(docs, tokenizer)))
+    _, stream = _corpus_stream(spec, root=root, name=name, tokenizer=tokenizer)
+    return int(len(stream))
 
 
 @register("vocab", needs_model=False)

@@ -83,6 +83,13 @@ def store_time(ms: int | None) -> str | None:
     return None if ms is None else datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="seconds")
 
 
+STAGE_ORDER = ("generate", "inspect", "compress", "evaluate", "aggregate")
+
+
+def _stage_rank(stage: str) -> int:
+    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+
+
 def stage_times(client, experiment: str, compress_run_ids: list[str] | None) -> list[dict]:
     """Wall time per stage over the pipeline executions that made these models (MLflow stage runs); with
     ``compress_run_ids`` None, over every execution in the store (a GPU lease's run folder: its checkpoints
@@ -103,10 +110,9 @@ def stage_times(client, experiment: str, compress_run_ids: list[str] | None) -> 
             stage = run.data.tags.get(T.STAGE)
             if stage and stage != "pipeline" and run.info.end_time and run.info.status == "FINISHED":
                 per_stage[stage].append((run.info.end_time - run.info.start_time) / 1000)
-    order = ["generate", "inspect", "compress", "evaluate", "aggregate"]
     return [
         {"stage": s, "items": len(v), "item_seconds_sum": round(sum(v), 1), "item_seconds_max": round(max(v), 1)}
-        for s, v in sorted(per_stage.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+        for s, v in sorted(per_stage.items(), key=lambda kv: _stage_rank(kv[0]))
     ]
 
 
@@ -333,7 +339,6 @@ def _significance(table: list[dict], cols: list[str], paper_table: Path | None) 
 
 
 def _merge_times(parts: list[list[dict]]) -> list[dict]:
-    order = ["generate", "inspect", "compress", "evaluate", "aggregate"]
     merged: dict[str, dict] = {}
     for times in parts:
         for t in times:
@@ -343,7 +348,7 @@ def _merge_times(parts: list[list[dict]]) -> list[dict]:
             m["items"] += t["items"]
             m["item_seconds_sum"] = round(m["item_seconds_sum"] + t["item_seconds_sum"], 1)
             m["item_seconds_max"] = max(m["item_seconds_max"], t["item_seconds_max"])
-    return sorted(merged.values(), key=lambda t: order.index(t["stage"]) if t["stage"] in order else 99)
+    return sorted(merged.values(), key=lambda t: _stage_rank(t["stage"]))
 
 
 def study_report(
@@ -404,13 +409,13 @@ def study_report(
         from selfcal.report.diagnostics_table import diagnostics_markdown
 
         wanted = {layout.calib_name(s, k) for s, k in layout.calibration_names(params)}
-        found: dict[str, dict] = {}
+        inspected: dict[str, dict] = {}
         for root in runs:
             for f in sorted((root / "artifacts" / "diagnostics").glob("*.json")):
                 if f.stem in wanted:
-                    found.setdefault(f.stem, json.loads(f.read_text()))
-        if found:
-            atomic_write_text(out / "diagnostics.md", diagnostics_markdown([found[k] for k in sorted(found)]))
+                    inspected.setdefault(f.stem, json.loads(f.read_text()))
+        if inspected:
+            atomic_write_text(out / "diagnostics.md", diagnostics_markdown([inspected[k] for k in sorted(inspected)]))
     atomic_write_text(
         out / LINEAGE_FILE,
         json.dumps({"models": lineage, "missing": missing, "pending": pending}, indent=2, sort_keys=True) + "\n",
