@@ -30,7 +30,7 @@ import numpy as np
 
 from selfcal.artifacts import atomic_dir
 from selfcal.errors import DataError
-from selfcal.hashing import canonical_json, sha256_file
+from selfcal.hashing import sha256_file, sha256_json
 
 log = logging.getLogger("selfcal.evaluate")
 PREPARED_VERSION = 1
@@ -78,7 +78,7 @@ def tokenizer_digest(tokenizer) -> str:
         "eos": tokenizer.eos_token_id,
         "add_bos_token": getattr(tokenizer, "add_bos_token", None),
     }
-    return hashlib.sha256(canonical_json(ident)).hexdigest()
+    return sha256_json(ident)
 
 
 def data_files(spec: dict | str) -> list[Path]:
@@ -117,7 +117,7 @@ def task_key(spec: dict | str, tokenizer, limit: int | None) -> str:
         "lm_eval": getattr(lm_eval, "__version__", "unknown"),
         "limit": limit,
     }
-    return hashlib.sha256(canonical_json(ident)).hexdigest()
+    return sha256_json(ident)
 
 
 def _token_lm(tokenizer):
