@@ -134,7 +134,7 @@ def compress(
         num_calibration_samples=n,
         max_seq_length=seq_len,
         shuffle_calibration_samples=False,
-        batch_size=1,
+        batch_size=cfg.batch_size,
     )
     seconds = time.perf_counter() - t0
     faults.point("compress:after-oneshot")

@@ -53,6 +53,16 @@ class MethodConfig(Strict):
     # Module names (exact, or a dotted suffix such as "down_proj") or "re:" regexes (re.match);
     # every listed layer stays bit-identical to the base model, which the stage verifies.
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    # Calibration samples per forward pass in ``oneshot`` (its ``batch_size``). What every method gathers
+    # is a sum over samples, so a batch changes only the floating-point order of the same sums
+    # (llm-compressor 0.14): GPTQ's Hessian (modifiers/gptq/helpers.py ``accumulate_hessian``: += 2 X X^T,
+    # divided by the sample count), SparseGPT's (modifiers/pruning/sparsegpt/sgpt_sparsify.py
+    # ``accumulate_hessian``: scaled by n/(n+b), then += (2/n) X X^T), Wanda's row norms
+    # (modifiers/pruning/wanda/wanda_sparsify.py ``accumulate_row_scalars``: the same running mean), AWQ's
+    # activation means (modifiers/transform/awq/base.py: sums and counts). The sets are equal-length rows,
+    # so llm-compressor's truncating collator drops nothing. 1 (the library's default) keeps every recorded
+    # checkpoint; a larger batch turns 128 launch-bound per-sample forwards per layer into a few large ones.
+    batch_size: int = Field(1, ge=1)
 
 
 class CompressionMethod:
