@@ -363,6 +363,7 @@ def _inspect(args, params) -> None:
         reference_path=args.reference or (diag.reference_path if diag else None),
         root=Path.cwd() if args.reference or not params else params.root,
         batch_size=diag.batch_size if diag else 8,
+        reference_stride=diag.window_stride if diag and not args.reference else None,
     )
     print(json.dumps(result, indent=2, sort_keys=True))
 

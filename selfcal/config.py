@@ -106,6 +106,9 @@ class DiagnosticsConfig(Strict):
     reference_path: str | None = None
     reference_text_field: str = "text"
     batch_size: int = Field(8, ge=1)
+    # Cut the reference every this many tokens (overlapping windows when < seq_len), for a reference
+    # shorter than n x seq_len tokens; None: back-to-back windows. `selfcal check` counts them.
+    window_stride: int | None = Field(None, ge=1)
 
 
 class CalibrationConfig(Strict):

@@ -184,6 +184,30 @@ def test_a_binary_corpus_is_refused_by_check_in_one_line(tiny_model, tmp_path, c
     assert rc == 2 and len(err) == 1 and "blob.txt: not UTF-8 text (byte 0x89 at offset 0)" in err[0]
 
 
+def test_a_diagnostics_reference_too_short_for_the_sets_is_refused_by_check_and_its_stride_makes_it_fit(
+    tiny_model, tmp_path, capsys
+):
+    """The H200 lease: c4_demo gives 81 windows of 2048 for sets of 128; check passed, every inspect item failed
+    in DVC. Now check counts the reference's windows; calibration.diagnostics.window_stride makes it fit, and the
+    stage then reads overlapping windows from it."""
+    from selfcal.pipeline.generate import generate
+    from selfcal.pipeline.inspect import inspect_stage
+
+    (tmp_path / "ref.txt").write_text("a few words of text that the tiny tokenizer cuts up. " * 3)
+    data = small_params(tiny_model, tmp_path, **{"tracking.enabled": False})  # sets of 4 x 32 tokens
+    data["calibration"]["diagnostics"] = {"reference_path": "./ref.txt"}
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert "calibration.diagnostics.reference_path: corpus gives" in err[0] and "fewer than the 4 requested" in err[0]
+    data["calibration"]["diagnostics"]["window_stride"] = 2
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 0, err
+    params = parse_params(data, root=tmp_path)
+    generate(params, "self", 0, progress=False)
+    result = inspect_stage(params, "self", 0)
+    assert result["activation"]["reference"] == "./ref.txt"
+
+
 def test_a_corpus_too_small_for_the_sets_is_refused_by_check_and_a_window_stride_makes_it_fit(
     tiny_model, tmp_path, capsys
 ):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from selfcal.cli import main
 from selfcal.config import load_params
-from selfcal.pipeline import compress, evaluate, generate
+from selfcal.pipeline import compress, evaluate, generate, inspect
 from tests.helpers import small_params, write_params
 
 
@@ -95,3 +95,4 @@ def test_check_on_any_mutated_value_passes_or_refuses_in_one_line(base, capsys, 
         generate.preflight(checked, source, seed)
         compress.preflight(checked, source, seed, method)
     evaluate.preflight(checked)
+    inspect.preflight(checked)

@@ -15,12 +15,18 @@
 #
 # STASH holds wheels/*.whl, parts/ (parts.json + the GGUF wheel's parts), shared.tar.xz (../shared's data and
 # tools) and, when the box gets no .git, repo.bundle (`git bundle create repo.bundle HEAD`).
+#
+# The run works in its own clone of the commit, WORK (default: study-work beside this checkout, so ../shared is
+# the same folder): the lent GPU copies the caller's working tree over this checkout on every call, which put
+# the tracked params.yaml back under a running study (its items then "not found inside dvc.yaml"); a clone is
+# also what an auditor gets: the committed tree, nothing else.
 set -euo pipefail
 SITE=${SITE:-/tmp/site}
 MODEL=${MODEL:-$HOME/.cache/selfcal-models/SmolLM2-135M-Instruct}
 root=$(pwd)
+WORK=${WORK:-$(dirname "$root")/study-work}
 env_lines() {
-    echo "export PYTHONPATH=$SITE:$root PATH=$SITE/bin:\$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1"
+    echo "export PYTHONPATH=$SITE:$WORK PATH=$SITE/bin:\$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1"
     echo "export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false"
 }
 
@@ -59,12 +65,17 @@ setup() {
     fi
     git config user.email >/dev/null 2>&1 || git config user.email study@selfcal.invalid
     git config user.name >/dev/null 2>&1 || git config user.name "selfcal study"
-    echo "study_box: commit $(git rev-parse --short HEAD), $(git status --porcelain | wc -l) changed path(s)"
+    local changed
+    changed=$(git status --porcelain --untracked-files=no | wc -l)
+    [ "$changed" -eq 0 ] || echo "study_box: $changed tracked path(s) differ from the commit; WORK gets the commit's"
+    if [ ! -d "$WORK/.git" ]; then git clone -q "$root" "$WORK"; fi
+    echo "study_box: commit $(git -C "$WORK" rev-parse --short HEAD) in $WORK"
     env_lines
 }
 
 run() {
     eval "$(env_lines)"
+    cd "$WORK"
     selfcal run --profile study-smollm2 "$@"
 }
 
@@ -81,6 +92,7 @@ start() {
 }
 
 progress() {
+    cd "$WORK"
     local limit=$1 t=0 pid
     pid=$(cat "$PIDFILE")
     while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$limit" ]; do
@@ -94,6 +106,7 @@ progress() {
 collect() {
     local out=$1 name=$2
     eval "$(env_lines)"
+    cd "$WORK"
     selfcal study-report --out "$out/$name-report" --title "Reproduction study: SmolLM2-135M-Instruct ($name)" ||
         echo "study_box: study-report failed (the records still come back)"
     # records and manifests, not weights

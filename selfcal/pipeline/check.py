@@ -148,8 +148,9 @@ def check_local_files(params: Params) -> None:
 
 def every_item(params: Params) -> int:
     """Each stage item's own static plan (what the stage checks before a model loads); returns how many."""
-    from selfcal.pipeline import compress, evaluate, generate, layout
+    from selfcal.pipeline import compress, evaluate, generate, inspect, layout
 
+    inspect.preflight(params)
     n = 0
     for source, seed in layout.calibration_names(params):
         generate.preflight(params, source, seed, count_windows=True)

@@ -19,16 +19,64 @@ from selfcal.pipeline import layout
 log = logging.getLogger("selfcal.inspect")
 
 
-def reference_windows(path: str, tokenizer, *, n: int, seq_len: int, root: Path, text_field: str = "text"):
-    docs = textdata.read_documents(path, root=root, text_field=text_field, key="calibration.diagnostics.reference_path")
+REFERENCE_KEY = "calibration.diagnostics.reference_path"
+
+
+def _reference_stream(path: str, tokenizer, *, root: Path, text_field: str):
+    docs = textdata.read_documents(path, root=root, text_field=text_field, key=REFERENCE_KEY)
+    return textdata.token_stream(docs, tokenizer)
+
+
+def reference_windows(
+    path: str,
+    tokenizer,
+    *,
+    n: int,
+    seq_len: int,
+    root: Path,
+    text_field: str = "text",
+    stride: int | None = None,
+):
+    """Block 0 of the reference's windows (every ``stride`` tokens; back to back when None)."""
+    stream = _reference_stream(path, tokenizer, root=root, text_field=text_field)
     chosen, _ = corpus.pick_windows(
-        textdata.windows(textdata.token_stream(docs, tokenizer), seq_len),
-        n,
-        0,
-        allow_overlap=False,
-        name="calibration.diagnostics.reference_path",
+        textdata.windows(stream, seq_len, stride), n, 0, allow_overlap=False, name=REFERENCE_KEY
     )
     return chosen
+
+
+_REFERENCE_TOKENS: dict[tuple, int] = {}
+
+
+def preflight(params: Params) -> None:
+    """What inspect reads before a model loads: the reference, if any, gives a set of n x seq_len windows
+    (tokenized once per process; ``selfcal check`` runs it so a short reference fails there, in one line)."""
+    diag = params.calibration.diagnostics
+    if not diag.reference_path:
+        return
+    path = params.resolve(diag.reference_path)
+    if not path.exists():
+        return  # a hub dataset: check_local_files says whether it can be reached
+    from selfcal.pipeline.common import base_model
+
+    ref, _ = base_model(params)
+    stamp = tuple(sorted((str(f), f.stat().st_mtime_ns) for f in ([path] if path.is_file() else path.rglob("*"))))
+    key = (str(path), stamp, diag.reference_text_field, str(ref.local_dir))
+    if key not in _REFERENCE_TOKENS:
+        tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
+        stream = _reference_stream(
+            diag.reference_path, tokenizer, root=params.root, text_field=diag.reference_text_field
+        )
+        _REFERENCE_TOKENS[key] = int(len(stream))
+    cal = params.calibration
+    corpus.check_windows(
+        textdata.window_count(_REFERENCE_TOKENS[key], cal.seq_len, diag.window_stride),
+        cal.n_samples,
+        0,
+        allow_overlap=False,
+        name=REFERENCE_KEY,
+        seq_len=cal.seq_len,
+    )
 
 
 def inspect_set(
@@ -42,6 +90,7 @@ def inspect_set(
     root: Path = Path("."),
     batch_size: int = 8,
     trust_remote_code: bool = False,
+    reference_stride: int | None = None,
 ) -> dict:
     """Text measures, perplexity under the model and (with a reference) activation distance."""
     calib = load_calibration_set(calib_dir)
@@ -58,7 +107,13 @@ def inspect_set(
     }
     if reference_path:
         reference = reference_windows(
-            reference_path, tokenizer, n=calib.n, seq_len=calib.seq_len, root=root, text_field=reference_text_field
+            reference_path,
+            tokenizer,
+            n=calib.n,
+            seq_len=calib.seq_len,
+            root=root,
+            text_field=reference_text_field,
+            stride=reference_stride,
         )
         result["activation"] = {
             "reference": reference_path,
@@ -76,6 +131,7 @@ def inspect_stage(params: Params, source: str, seed: int) -> dict:
     ref, _ = base_model(params)
     diag = params.calibration.diagnostics
     name = layout.calib_name(source, seed)
+    preflight(params)
     with stage_run(params, "inspect", name) as run:
         result = inspect_set(
             layout.calibration_dir(params, source, seed),
@@ -87,6 +143,7 @@ def inspect_stage(params: Params, source: str, seed: int) -> dict:
             root=params.root,
             batch_size=diag.batch_size,
             trust_remote_code=params.model.trust_remote_code,
+            reference_stride=diag.window_stride,
         )
         out = layout.diagnostics_file(params, name)
         atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
