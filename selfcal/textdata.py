@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +163,17 @@ def window_count(tokens: int, seq_len: int, stride: int | None = None) -> int:
     if stride is None or stride == seq_len:
         return tokens // seq_len
     return 0 if tokens < seq_len else (tokens - seq_len) // stride + 1
+
+
+_TOKEN_COUNTS: dict[tuple, int | None] = {}
+
+
+def cached_token_count(path: Path, extra: tuple, count: Callable[[], int | None]) -> int | None:
+    """``count()`` once per process for a local file or folder as it is now (its files' paths and mtimes are in
+    the key, with ``extra``: text field, tokenizer): ``selfcal check`` tokenizes a corpus once, however many
+    items read it."""
+    files = [path] if path.is_file() else path.rglob("*")
+    key = (str(path), tuple(sorted((str(f), f.stat().st_mtime_ns) for f in files)), *extra)
+    if key not in _TOKEN_COUNTS:
+        _TOKEN_COUNTS[key] = count()
+    return _TOKEN_COUNTS[key]

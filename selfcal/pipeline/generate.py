@@ -54,18 +54,16 @@ def preflight(params: Params, source: str, seed: int, *, count_windows: bool = F
     return GeneratePlan(spec=spec, ref=ref, config=config)
 
 
-_TOKENS: dict[tuple, int | None] = {}
-
-
 def _corpus_tokens(params: Params, source: str, ref: ModelRef) -> int | None:
     spec = params.calibration.sources[source]
-    path = resolve_path(spec.path, params.root)
-    stamp = tuple(sorted((str(f), f.stat().st_mtime_ns) for f in ([path] if path.is_file() else path.rglob("*"))))
-    key = (str(path), stamp, spec.text_field, str(ref.local_dir))
-    if key not in _TOKENS:
+
+    def count() -> int | None:
         tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
-        _TOKENS[key] = sources.corpus_tokens(spec, root=params.root, name=source, tokenizer=tokenizer)
-    return _TOKENS[key]
+        return sources.corpus_tokens(spec, root=params.root, name=source, tokenizer=tokenizer)
+
+    return textdata.cached_token_count(
+        resolve_path(spec.path, params.root), (spec.text_field, str(ref.local_dir)), count
+    )
 
 
 def generate(params: Params, source: str, seed: int, *, progress: bool = True) -> CalibrationManifest:

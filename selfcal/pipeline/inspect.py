@@ -45,9 +45,6 @@ def reference_windows(
     return chosen
 
 
-_REFERENCE_TOKENS: dict[tuple, int] = {}
-
-
 def preflight(params: Params) -> None:
     """What inspect reads before a model loads: the reference, if any, gives a set of n x seq_len windows
     (tokenized once per process; ``selfcal check`` runs it so a short reference fails there, in one line)."""
@@ -60,17 +57,18 @@ def preflight(params: Params) -> None:
     from selfcal.pipeline.common import base_model
 
     ref, _ = base_model(params)
-    stamp = tuple(sorted((str(f), f.stat().st_mtime_ns) for f in ([path] if path.is_file() else path.rglob("*"))))
-    key = (str(path), stamp, diag.reference_text_field, str(ref.local_dir))
-    if key not in _REFERENCE_TOKENS:
+
+    def count() -> int:
         tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
         stream = _reference_stream(
             diag.reference_path, tokenizer, root=params.root, text_field=diag.reference_text_field
         )
-        _REFERENCE_TOKENS[key] = int(len(stream))
+        return int(len(stream))
+
+    tokens = textdata.cached_token_count(path, (diag.reference_text_field, str(ref.local_dir)), count)
     cal = params.calibration
     corpus.check_windows(
-        textdata.window_count(_REFERENCE_TOKENS[key], cal.seq_len, diag.window_stride),
+        textdata.window_count(tokens, cal.seq_len, diag.window_stride),
         cal.n_samples,
         0,
         allow_overlap=False,
@@ -95,6 +93,17 @@ def inspect_set(
     """Text measures, perplexity under the model and (with a reference) activation distance."""
     calib = load_calibration_set(calib_dir)
     tokenizer = load_tokenizer(ref, trust_remote_code=trust_remote_code)
+    reference = None
+    if reference_path:  # cut first: a reference too short for the set fails before the model loads
+        reference = reference_windows(
+            reference_path,
+            tokenizer,
+            n=calib.n,
+            seq_len=calib.seq_len,
+            root=root,
+            text_field=reference_text_field,
+            stride=reference_stride,
+        )
     model = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     start = calib.manifest.provenance.get("start_token_id")
     result = {
@@ -105,16 +114,7 @@ def inspect_set(
         **diagnostics.text_measures(calib.tokens, len(tokenizer), start),
         **diagnostics.set_perplexity(model, calib.tokens, batch_size),
     }
-    if reference_path:
-        reference = reference_windows(
-            reference_path,
-            tokenizer,
-            n=calib.n,
-            seq_len=calib.seq_len,
-            root=root,
-            text_field=reference_text_field,
-            stride=reference_stride,
-        )
+    if reference is not None:
         result["activation"] = {
             "reference": reference_path,
             **diagnostics.activation_distance(
@@ -131,7 +131,6 @@ def inspect_stage(params: Params, source: str, seed: int) -> dict:
     ref, _ = base_model(params)
     diag = params.calibration.diagnostics
     name = layout.calib_name(source, seed)
-    preflight(params)
     with stage_run(params, "inspect", name) as run:
         result = inspect_set(
             layout.calibration_dir(params, source, seed),
