@@ -66,3 +66,71 @@ def test_pack_fills_transfers_under_the_limit_keeping_each_files_folder(airgap, 
     assert sorted(manifest) == ["c1", "c2", "c3", "c4"]
     with pytest.raises(SystemExit, match="over the 1 MiB transfer: split it"):
         airgap.pack({"": [blob("big.bin", 1100)]}, tmp_path / "bundle2", transfer_mib=1)
+
+
+def test_study_box_stop_ends_the_run_session_and_the_sampler_and_nothing_else(tmp_path):
+    """On the H200 the run was ended with ``pkill -f nvidia-smi``, which matched the device call's own shell and
+    killed it before ``collect``. ``stop`` ends exactly what ``start`` began, by the pids it saved: the run's whole
+    session (the flow and the stage it is in) and the nvidia-smi sampler."""
+    import os
+    import subprocess
+    import time
+
+    bin_ = tmp_path / "site" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "selfcal").write_text('#!/bin/sh\necho "selfcal $*"\nsleep 300 &\nwait\n')
+    (bin_ / "nvidia-smi").write_text('#!/bin/sh\nwhile true; do echo "t, 0, 5 %, 1 MiB"; sleep 1; done\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = os.environ | {
+        "PATH": f"{bin_}:{os.environ['PATH']}",
+        "SITE": str(tmp_path / "site"),
+        "WORK": str(work),
+        "LOG": str(tmp_path / "study.log"),
+        "PIDFILE": str(tmp_path / "study.pid"),
+        "SAMPLER": str(tmp_path / "sampler.pid"),
+        "GPU_CSV": str(tmp_path / "gpu.csv"),
+        "PROFILE": "study-smollm2-sweep-n",
+    }
+    box = [str(REPO / "tools" / "study_box.sh")]
+    bystander = subprocess.Popen(["sleep", "300"])  # stands for the device call's own processes
+    try:
+        out = subprocess.run([*box, "start", "--only", "evaluate@x"], env=env, cwd=work, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        run_pid, sampler_pid = (int((tmp_path / f).read_text()) for f in ("study.pid", "sampler.pid"))
+        for _ in range(50):
+            if "selfcal run --profile study-smollm2-sweep-n --only evaluate@x" in (tmp_path / "study.log").read_text():
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError((tmp_path / "study.log").read_text())
+        group = [p for p in _pids_in_group(run_pid)]
+        assert len(group) >= 2  # the run script and the stage it waits on
+        out = subprocess.run([*box, "stop"], env=env, cwd=work, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and "study_box: stopped" in out.stdout, out.stderr
+        time.sleep(0.5)
+        assert _pids_in_group(run_pid) == [] and _pids_in_group(sampler_pid) == []
+        assert bystander.poll() is None  # only what start began
+    finally:
+        bystander.kill()
+        for f in ("study.pid", "sampler.pid"):
+            if (tmp_path / f).is_file():
+                subprocess.run(["kill", "-KILL", "--", f"-{(tmp_path / f).read_text().strip()}"], capture_output=True)
+
+
+def _pids_in_group(pgid: int) -> list[int]:
+    import os
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                out.append(int(entry))
+    return out

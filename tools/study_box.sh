@@ -5,10 +5,14 @@
 #                                         workers"): wheels installed into $SITE, the split GGUF joined and
 #                                         checked, ../shared unpacked, SmolLM2-135M-Instruct built, the git
 #                                         commit the working tree came from restored; prints `export` lines
-#   tools/study_box.sh run ARGS...        selfcal run --profile study-smollm2 ARGS... (a chunk: --only ...)
+#   tools/study_box.sh run ARGS...        selfcal run --profile $PROFILE ARGS... (a chunk: --only ...); PROFILE
+#                                         defaults to study-smollm2 (the sweeps: study-smollm2-sweep-n, -temperature)
 #   tools/study_box.sh start ARGS...      the same in the background (its own session: it outlives the call that
 #                                         started it while the box stays warm), with nvidia-smi sampled each second
 #   tools/study_box.sh progress SECONDS   every 10 s until the run ends or SECONDS pass: items done, GPU busy
+#   tools/study_box.sh stop               ends the run (its whole session: flow, dvc, stages) and the sampler, by
+#                                         the pids `start` saved (`pkill -f nvidia-smi` inside a device call matched
+#                                         the call's own shell and killed it before collect)
 #   tools/study_box.sh collect OUT NAME   what comes back (no checkpoints): the run's records, manifests,
 #                                         dvc.lock, the MLflow store, and `selfcal study-report` into
 #                                         OUT/NAME-report; one tarball OUT/NAME.tgz
@@ -23,6 +27,7 @@
 set -euo pipefail
 SITE=${SITE:-/tmp/site}
 MODEL=${MODEL:-$HOME/.cache/selfcal-models/SmolLM2-135M-Instruct}
+PROFILE=${PROFILE:-study-smollm2}
 root=$(pwd)
 WORK=${WORK:-$(dirname "$root")/study-work}
 env_lines() {
@@ -76,19 +81,37 @@ setup() {
 run() {
     eval "$(env_lines)"
     cd "$WORK"
-    selfcal run --profile study-smollm2 "$@"
+    selfcal run --profile "$PROFILE" "$@"
 }
 
 LOG=${LOG:-/tmp/study.log}
-PIDFILE=/tmp/study.pid
+PIDFILE=${PIDFILE:-/tmp/study.pid}
+SAMPLER=${SAMPLER:-/tmp/gpu-sampler.pid}
+GPU_CSV=${GPU_CSV:-/tmp/gpu.csv}
 
 start() {
     eval "$(env_lines)"
     setsid nohup nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader \
-        -lms 1000 >/tmp/gpu.csv 2>&1 </dev/null &
+        -lms 1000 >"$GPU_CSV" 2>&1 </dev/null &
+    echo $! >"$SAMPLER"
     setsid nohup "$0" run "$@" >"$LOG" 2>&1 </dev/null &
     echo $! >"$PIDFILE"
-    echo "study_box: started (pid $(cat "$PIDFILE"), log $LOG)"
+    echo "study_box: started $PROFILE (pid $(cat "$PIDFILE"), log $LOG)"
+}
+
+stop() {
+    local pid
+    for f in "$PIDFILE" "$SAMPLER"; do
+        [ -f "$f" ] || continue
+        pid=$(cat "$f")
+        # the run is a session leader (setsid): its negative pid is the whole group
+        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    done
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        kill -0 "$(cat "$PIDFILE")" 2>/dev/null || break
+        sleep 1
+    done
+    echo "study_box: stopped ($(grep -c 'Finished in state Completed' "$LOG" 2>/dev/null || true) items completed)"
 }
 
 progress() {
@@ -98,7 +121,7 @@ progress() {
     while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$limit" ]; do
         sleep 10
         t=$((t + 10))
-        echo "t=${t}s completed=$(grep -c 'Finished in state Completed' "$LOG") failed=$(grep -c 'Finished in state Failed' "$LOG") gpu=$(tail -1 /tmp/gpu.csv)"
+        echo "t=${t}s completed=$(grep -c 'Finished in state Completed' "$LOG") failed=$(grep -c 'Finished in state Failed' "$LOG") gpu=$(tail -1 "$GPU_CSV")"
     done
     kill -0 "$pid" 2>/dev/null && echo "study_box: still running" || { echo "study_box: run ended"; tail -3 "$LOG"; }
 }
@@ -120,6 +143,6 @@ collect() {
     ls -la "$out"
 }
 
-cmd=${1:?usage: study_box.sh setup STASH | run ARGS... | collect OUT NAME}
+cmd=${1:?usage: study_box.sh setup STASH | run ARGS... | start ARGS... | progress SECONDS | stop | collect OUT NAME}
 shift
 "$cmd" "$@"
