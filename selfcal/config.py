@@ -38,7 +38,23 @@ class ModelConfig(Strict):
     trust_remote_code: bool = False
 
 
-class SelfSourceConfig(Strict):
+class SourceBase(Strict):
+    """What every calibration source has: its own set size, for a set-size sweep run as one profile (one source
+    per n, so the points are items of one run: concurrent on the GPU, chunked with ``--only``, each model
+    registered), instead of one DVC experiment per n whose items run one at a time."""
+
+    n_samples: int | None = Field(None, ge=1)  # None: calibration.n_samples
+
+    def record(self) -> dict:
+        """The params recorded with a set (its manifest's ``source_params``): an unset ``n_samples`` is left out,
+        so a set made before this field existed keeps its manifest and digest."""
+        out = self.model_dump()
+        if out.get("n_samples") is None:
+            out.pop("n_samples", None)
+        return out
+
+
+class SelfSourceConfig(SourceBase):
     """The paper's self-calibration: BOS-only prompt, ancestral sampling, linear temperature."""
 
     kind: Literal["self"]
@@ -52,7 +68,7 @@ class SelfSourceConfig(Strict):
     first_token_words: list[str] = Field(default_factory=list)
 
 
-class CorpusSourceConfig(Strict):
+class CorpusSourceConfig(SourceBase):
     """Windows of real text: C4, WikiText, Cosmopedia, ... from a local file or the hub."""
 
     kind: Literal["corpus"]
@@ -70,13 +86,13 @@ class CorpusSourceConfig(Strict):
     window_stride: int | None = Field(None, ge=1)
 
 
-class VocabSourceConfig(Strict):
+class VocabSourceConfig(SourceBase):
     """Uniformly random tokens from the tokenizer's non-special vocabulary."""
 
     kind: Literal["vocab"]
 
 
-class JiSourceConfig(Strict):
+class JiSourceConfig(SourceBase):
     """Ji et al.'s self-generating synthesis (arXiv 2410.17711, github.com/Dereck0602/calibration_data):
     prompts are the first ``prompt_tokens`` token ids of real texts (the tokenizer's BOS included,
     where it adds one), sampled until EOS; the most perplexing ``drop_fraction`` of the pool is
@@ -120,6 +136,10 @@ class CalibrationConfig(Strict):
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     sources: dict[str, SourceConfig] = Field(min_length=1)
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+
+    def samples_for(self, source: str) -> int:
+        """Sequences in ``source``'s sets: its own ``n_samples``, else the global one."""
+        return self.sources[source].n_samples or self.n_samples
 
     @field_validator("sources")
     @classmethod

@@ -45,7 +45,7 @@ def preflight(params: Params, source: str, seed: int, *, count_windows: bool = F
         if tokens is not None:
             corpus.check_windows(
                 textdata.window_count(tokens, cal.seq_len, spec.window_stride),
-                cal.n_samples,
+                cal.samples_for(source),
                 seed,
                 allow_overlap=spec.allow_overlap,
                 name=f"calibration.sources.{source}",
@@ -83,10 +83,11 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
             )
         faults.point("generate:after-load")
         tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
-        log.info("%s (%s): %d x %d tokens, seed %d", source, spec.kind, cal.n_samples, cal.seq_len, seed)
+        n = cal.samples_for(source)
+        log.info("%s (%s): %d x %d tokens, seed %d", source, spec.kind, n, cal.seq_len, seed)
         t0 = time.perf_counter()
         request = sources.SourceRequest(
-            n=cal.n_samples,
+            n=n,
             seq_len=cal.seq_len,
             seed=seed,
             batch_size=cal.batch_size,
@@ -97,7 +98,7 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
         result = source_impl.build(spec, request, model=model, tokenizer=tokenizer)
         faults.point("generate:after-sampling")
         texts = tokenizer.batch_decode(result.tokens.tolist())
-        source_params = spec.model_dump()
+        source_params = spec.record()
         manifest = save_calibration_set(
             out,
             result.tokens,
@@ -106,7 +107,7 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
             source_params=source_params,
             source_version=source_impl.version,
             seed=seed,
-            n_samples=cal.n_samples,
+            n_samples=n,
             seq_len=cal.seq_len,
             # The base model whose tokenizer (and, for generated sources, weights) made the set.
             model=fingerprint(ref),
@@ -119,7 +120,7 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
             {
                 "source": source,
                 "seed": seed,
-                "n_samples": cal.n_samples,
+                "n_samples": n,
                 "seq_len": cal.seq_len,
                 "source_params": source_params,
                 "model": ref.name,

@@ -46,7 +46,7 @@ def reference_windows(
 
 
 def preflight(params: Params) -> None:
-    """What inspect reads before a model loads: the reference, if any, gives a set of n x seq_len windows
+    """What inspect reads before a model loads: the reference, if any, gives n x seq_len windows for the largest set
     (tokenized once per process; ``selfcal check`` runs it so a short reference fails there, in one line)."""
     diag = params.calibration.diagnostics
     if not diag.reference_path:
@@ -69,7 +69,7 @@ def preflight(params: Params) -> None:
     cal = params.calibration
     corpus.check_windows(
         textdata.window_count(tokens, cal.seq_len, diag.window_stride),
-        cal.n_samples,
+        max(cal.samples_for(s) for s in cal.sources),  # each set is compared with as many reference windows
         0,
         allow_overlap=False,
         name=REFERENCE_KEY,

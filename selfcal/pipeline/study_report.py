@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +129,38 @@ def temperature_rows(params: Params, table: list[dict], metric: str = "mean_acc"
             t0, t1 = temps[e["source"]]
             rows.append({"method": e["method"], "t_initial": t0, "t_final": t1, metric: e[metric]})
     return rows if len({(r["t_initial"], r["t_final"]) for r in rows}) > 1 else []
+
+
+def set_size_points(params: Params, table: list[dict], metrics: list[str]) -> list[dict]:
+    """The set-size sweep run as one profile (the paper's Figure 3): sources that differ only in their own
+    ``n_samples`` form one line; per method x line x n, each metric's mean ± std over the sets (the aggregate's
+    table). A line's label is its sources' name less a trailing ``-nN`` (``self-n16`` -> ``self``), else their
+    kind."""
+    import re
+
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name, spec in params.calibration.sources.items():
+        rest = spec.record()
+        rest.pop("n_samples", None)
+        groups[json.dumps(rest, sort_keys=True)].append(name)
+    line_of: dict[str, tuple[str, int]] = {}
+    for members in groups.values():
+        sizes = {params.calibration.samples_for(m) for m in members}
+        if len(sizes) < 2:
+            continue
+        stems = {re.sub(r"[-_]n\d+$", "", m) for m in members}
+        label = stems.pop() if len(stems) == 1 and "" not in stems else params.calibration.sources[members[0]].kind
+        for m in members:
+            line_of[m] = (label, params.calibration.samples_for(m))
+    points = []
+    for e in table:
+        if e["source"] in line_of:
+            label, n = line_of[e["source"]]
+            point = {"label": f"{e['method']} / {label}", "n": n, "source": e["source"], "sets": e["n_sets"]}
+            for m in metrics:
+                point[m], point[m + ".std"] = e.get(m), e.get(m + ".std")
+            points.append(point)
+    return sorted(points, key=lambda p: (p["label"], p["n"]))
 
 
 def experiment_rows(root: Path, metric: str = "mean_acc") -> list[dict]:
@@ -402,20 +433,21 @@ def study_report(
     atomic_write_text(out / "results.csv", to_csv(cols, table))
     atomic_write_text(out / "results.md", to_markdown(cols, table, unscored_tasks(rows), shared))
     atomic_write_text(out / "by_source.md", by_source_markdown(cols, table, shared))
-    diagnostics = layout.report_dir(params) / "diagnostics.md"
-    if diagnostics.is_file() and not runs:
-        shutil.copyfile(diagnostics, out / "diagnostics.md")
-    elif runs:  # the calibration sets' quality measures (the inspect stage's records) from every run
-        from selfcal.report.diagnostics_table import diagnostics_markdown
+    # the calibration sets' quality measures (the inspect stage's records), from the workspace or every run
+    from selfcal.report.diagnostics_table import diagnostics_markdown, per_source_markdown
 
-        wanted = {layout.calib_name(s, k) for s, k in layout.calibration_names(params)}
-        inspected: dict[str, dict] = {}
-        for root in runs:
-            for f in sorted((root / "artifacts" / "diagnostics").glob("*.json")):
-                if f.stem in wanted:
-                    inspected.setdefault(f.stem, json.loads(f.read_text()))
-        if inspected:
-            atomic_write_text(out / "diagnostics.md", diagnostics_markdown([inspected[k] for k in sorted(inspected)]))
+    inspected: dict[str, dict] = {}
+    for source, seed in layout.calibration_names(params):
+        name = layout.calib_name(source, seed)
+        for f in [root / "artifacts" / "diagnostics" / f"{name}.json" for root in runs or []] or [
+            layout.diagnostics_file(params, name)
+        ]:
+            if f.is_file():
+                inspected.setdefault(name, json.loads(f.read_text()))
+    diag_rows = list(inspected.values())  # the profile's order: source by source
+    if diag_rows:
+        per_set = sorted(diag_rows, key=lambda r: r["calibration"])
+        atomic_write_text(out / "diagnostics.md", diagnostics_markdown(per_set))
     atomic_write_text(
         out / LINEAGE_FILE,
         json.dumps({"models": lineage, "missing": missing, "pending": pending}, indent=2, sort_keys=True) + "\n",
@@ -426,6 +458,15 @@ def study_report(
         png = out / f"temperature-{method}.png"
         plots.temperature_heatmap([r for r in temps if r["method"] == method], png, title=f"{method}: mean_acc")
         sweeps.append(f"![temperature schedule, {method}]({png.name})")
+    size_metrics = [c for c in cols if c == "mean_acc" or c.startswith("ppl.")]
+    size_points = set_size_points(params, table, size_metrics)
+    if size_points and not experiments:
+        atomic_write_text(out / "sweep_n.csv", _csv(size_points))
+        for m in size_metrics:
+            png = "sweep_n.png" if m == "mean_acc" else f"sweep_n-{m[4:]}.png"
+            plots.accuracy_vs_n(size_points, out / png, metric=m, title=f"{m} against calibration set size")
+            sweeps.append(f"![set-size sweep, {m}]({png})")
+        sweeps.append("(`sweep_n.csv`: mean ± std over each point's calibration sets)")
     if experiments:
         points = _sweep_n(experiment_rows(params.root))
         if points:
@@ -451,6 +492,14 @@ def study_report(
         (out / "by_source.md").read_text(),
         "## Self-calibration against real data",
         _significance(table, cols, paper_table),
+        "## Calibration-set quality (mean ± std over each source's sets)",
+        (
+            per_source_markdown(diag_rows)
+            + "\nThe paper's Table 4 measures first (perplexity under the base model, repetition, n-gram diversity, "
+            "vocabulary coverage, Zipf exponent), then this pipeline's own; per set: `diagnostics.md`.\n"
+        )
+        if diag_rows
+        else "_no calibration set inspected yet_\n",
         *(["## Sweeps", "\n\n".join(sweeps)] if sweeps else []),
         "## Stage wall times (MLflow stage runs)",
         _times_table(times) if times else "_no tracked stage runs_\n",

@@ -33,3 +33,37 @@ def diagnostics_markdown(rows: list[dict]) -> str:
             ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def per_source_markdown(rows: list[dict]) -> str:
+    """Each source's sets summarised: mean ± std over its sets of every measure (the paper's Table 4 reports one
+    value per source); the per-set rows are ``diagnostics_markdown``'s."""
+    import statistics
+    from collections import defaultdict
+
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[str(r.get("source") or r["calibration"].rsplit("-s", 1)[0])].append(r)
+    has_act = any("activation" in r for r in rows)
+    head = ["source", "kind", "sets", *[c[1] for c in DIAGNOSTIC_COLUMNS]] + (
+        ["act. mean dist", "act. logvar dist"] if has_act else []
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cell(values: list[float], fmt: str) -> str:
+        if not values:
+            return "-"
+        sd = f" ± {fmt.format(statistics.stdev(values))}" if len(values) > 1 else ""
+        return fmt.format(statistics.fmean(values)) + sd
+
+    for source, members in groups.items():
+        cells = [source, str(members[0].get("kind")), str(len(members))]
+        cells += [cell([m[k] for m in members if m.get(k) is not None], fmt) for k, _, fmt in DIAGNOSTIC_COLUMNS]
+        if has_act:
+            acts = [m["activation"] for m in members if m.get("activation")]
+            cells += [
+                cell([a["mean_rel_distance_avg"] for a in acts], "{:.3f}"),
+                cell([a["logvar_abs_distance_avg"] for a in acts], "{:.3f}"),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -27,11 +27,15 @@ def _pyplot():
 
 
 def accuracy_vs_n(rows: list[dict], path: Path, *, metric: str = "mean_acc", title: str = "") -> None:
-    """One line per ``label`` (e.g. source or method): mean ± std of ``metric`` against set size n."""
+    """One line per ``label`` (e.g. source or method): mean ± std of ``metric`` against set size n (accuracies in %,
+    perplexities as they are, on a log axis)."""
     plt = _pyplot()
+    ppl = metric.startswith("ppl.")
+    scale = 1.0 if ppl else 100.0
     lines: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for r in rows:
-        lines[r["label"]].append((r["n"], 100 * r[metric], 100 * (r.get(metric + ".std") or 0.0)))
+        if r.get(metric) is not None:
+            lines[r["label"]].append((r["n"], scale * r[metric], scale * (r.get(metric + ".std") or 0.0)))
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, pts in sorted(lines.items()):
         pts.sort()
@@ -40,7 +44,9 @@ def accuracy_vs_n(rows: list[dict], path: Path, *, metric: str = "mean_acc", tit
         )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("calibration set size n (sequences)")
-    ax.set_ylabel(f"{metric} (%)")
+    if ppl:
+        ax.set_yscale("log")
+    ax.set_ylabel(f"{metric} (lower is better)" if ppl else f"{metric} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

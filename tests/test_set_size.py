@@ -1,0 +1,100 @@
+"""A source's own set size (``calibration.sources.NAME.n_samples``): the set-size sweep as one profile, so its
+points are items of one run (concurrent on the GPU, chunked with ``--only``, every model registered)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from selfcal.config import parse_params
+from tests.helpers import small_params
+
+
+def test_a_source_with_its_own_size_makes_sets_of_that_size_and_the_others_keep_theirs(tiny_model, tmp_path):
+    from selfcal.calibration.calibset import load_calibration_set
+    from selfcal.pipeline import layout
+    from selfcal.pipeline.generate import generate
+
+    data = small_params(tiny_model, tmp_path, **{"tracking.enabled": False})  # global n = 4
+    data["calibration"]["sources"]["self-n2"] = {"kind": "self", "n_samples": 2}
+    params = parse_params(data, root=tmp_path)
+    assert params.calibration.samples_for("self") == 4 and params.calibration.samples_for("self-n2") == 2
+
+    small = generate(params, "self-n2", 0, progress=False)
+    full = generate(params, "self", 0, progress=False)
+    assert small.n_samples == 2 and full.n_samples == 4
+    assert tuple(load_calibration_set(layout.calibration_dir(params, "self-n2", 0)).tokens.shape) == (2, 32)
+    assert tuple(load_calibration_set(layout.calibration_dir(params, "self", 0)).tokens.shape) == (4, 32)
+    # recorded where it was set, left out where not: a set made before the field existed keeps its digest
+    assert small.source_params["n_samples"] == 2 and "n_samples" not in full.source_params
+    alone = parse_params(small_params(tiny_model, tmp_path / "alone", **{"tracking.enabled": False}), root=tmp_path)
+    assert generate(alone, "self", 0, progress=False).content_digest == full.content_digest
+
+
+def test_check_counts_a_corpus_for_its_own_size(tiny_model, tmp_path, capsys):
+    from tests.test_guards import _check
+
+    (tmp_path / "c.txt").write_text("a few words of text that the tiny tokenizer cuts up into tokens. " * 12)
+    data = small_params(tiny_model, tmp_path)  # global n = 4 x 32 tokens
+    data["calibration"]["sources"]["c4-n2"] = {"kind": "corpus", "path": "./c.txt", "n_samples": 2}
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 0, err
+    data["calibration"]["sources"]["c4-n2"]["n_samples"] = 64
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and "calibration.sources.c4-n2: corpus gives" in err[0], err
+    assert "fewer than the 64 requested" in err[0]
+    data["calibration"]["sources"]["c4-n2"]["n_samples"] = 0
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and "calibration.sources.c4-n2.n_samples" in err[0], err
+
+
+def test_the_study_report_draws_the_set_size_sweep_from_the_sources_sizes(tmp_path):
+    """Sources that differ only in n_samples are one line of the paper's Figure 3, per method; each point is the
+    mean ± std over its sets; the other sources are not on it."""
+    from selfcal.pipeline.study_report import study_report
+    from tests.test_evaluation import _record
+
+    raw = small_params(tmp_path / "model", tmp_path, **{"calibration.seeds": [0, 1], "tracking.enabled": False})
+    raw["calibration"]["sources"] = {
+        **{f"self-n{n}": {"kind": "self", "n_samples": n} for n in (1, 2, 4)},
+        **{f"c4-n{n}": {"kind": "corpus", "path": "c4.jsonl", "n_samples": n} for n in (1, 4)},
+        "wiki": {"kind": "corpus", "path": "wiki.txt"},
+    }
+    params = parse_params(raw, root=tmp_path)
+    folder = tmp_path / "runs" / "a" / "artifacts" / "evaluations"
+    folder.mkdir(parents=True)
+    acc = {("self-n1", 0): 0.30, ("self-n1", 1): 0.32, ("self-n2", 0): 0.40, ("self-n4", 0): 0.44}
+    acc |= {("c4-n1", 0): 0.35, ("c4-n4", 0): 0.45, ("c4-n4", 1): 0.47, ("wiki", 0): 0.5}
+    for (source, seed), a in acc.items():
+        rec = _record(f"{source}-s{seed}-gptq", "gptq", {"arc_easy": a}, ppl=10 / a).model_copy(
+            update={"source": source}
+        )
+        (folder / f"{rec.name}.json").write_text(rec.model_dump_json())
+    diag = tmp_path / "runs" / "a" / "artifacts" / "diagnostics"
+    diag.mkdir()
+    for seed, ppl in ((0, 6.0), (1, 8.0)):
+        row = {"calibration": f"self-n1-s{seed}", "source": "self-n1", "kind": "self", "perplexity": ppl}
+        (diag / f"self-n1-s{seed}.json").write_text(json.dumps(row))
+
+    out = study_report(params, tmp_path / "report", title="sweep", runs=[folder.parents[1]])
+    lines = (out / "sweep_n.csv").read_text().splitlines()
+    head = lines[0].split(",")
+    assert head[:4] == ["label", "n", "source", "sets"] and "mean_acc" in head and "ppl.wikitext2" in head
+    rows = [dict(zip(head, line.split(","), strict=True)) for line in lines[1:]]
+    assert [(r["label"], r["n"], r["sets"]) for r in rows] == [
+        ("gptq / c4", "1", "1"),
+        ("gptq / c4", "4", "2"),
+        ("gptq / self", "1", "2"),
+        ("gptq / self", "2", "1"),
+        ("gptq / self", "4", "1"),
+    ]
+    assert float(rows[2]["mean_acc"]) == pytest.approx(0.31) and float(rows[2]["mean_acc.std"]) == pytest.approx(
+        0.01414, abs=1e-4
+    )
+    for png in ("sweep_n.png", "sweep_n-wikitext2.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    readme = (out / "README.md").read_text()
+    assert "![set-size sweep, mean_acc](sweep_n.png)" in readme
+    # the calibration-quality summary: one row per source, mean ± std over its sets
+    assert "| self-n1 | self | 2 | 7.00 ± 1.41 |" in readme
