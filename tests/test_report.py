@@ -91,8 +91,10 @@ def test_study_report_from_runs_of_other_machines_reports_what_is_done_and_what_
     diag = {"calibration": "self-s0", "kind": "self", "perplexity": 7.25, "repetition": 0.125}
     (a / "artifacts" / "diagnostics" / "self-s0.json").write_text(json.dumps(diag))
     b = run("b", dense, _record("self-s1-gptq", "gptq", {"arc_easy": 0.47}, ppl=21.0))
+    (a / "gpu.csv").write_text("2026/12/03 10:00:00.000, 0, 50 %, 9 MiB\n2026/12/03 10:06:00.000, 0, 0 %, 9 MiB\n")
     out = study_report(params, tmp_path / "report", title="chunks", runs=[a, b])
     readme = (out / "README.md").read_text()
+    assert "| a | 1 | 6.0 min | 0.10 | 50% | 0.05 | 0.0 GiB | 2 |" in readme  # b has no gpu.csv: no row
     assert "3 of 5 models evaluated (the dense base: evaluated)" in readme
     assert "| self | 2/2 ✓ |" in readme and "| c4 | 0/2 |" in readme
     assert "| arc_easy | None of None | 50.0 | 25 | yes |" in readme
@@ -132,3 +134,33 @@ def test_self_against_real_sources_by_welchs_t_over_the_sets_and_the_papers_own_
     assert {r["verdict"] for r in paper} <= {"beats", "matches", "loses"}
     md = comparison_markdown(compare_self(table, "mean_acc"), paper, "mean_acc")
     assert "| gptq | c4 | 50.00 | 45.00 | +7.91 |" in md and "**beats**" in md
+
+
+def test_gpu_time_from_nvidia_smi_samples_of_either_format(tmp_path):
+    """GPU-hours held = sampled span x GPUs; busy = utilization x interval; the lines nvidia-smi writes besides
+    samples (errors, a cut last line) are not samples."""
+    from selfcal.report.gpu_usage import read_gpu_csv, usage_markdown
+
+    two = tmp_path / "two.csv"
+    two.write_text(
+        "2026/12/03 10:00:00.000, 0, 100 %, 1000 MiB\n"
+        "2026/12/03 10:00:00.000, 1, 0 %, 10 MiB\n"
+        "Unable to determine the device handle for GPU0000:1B:00.0: Unknown Error\n"
+        "2026/12/03 10:00:10.000, 0, 50 %, 3000 MiB\n"
+        "2026/12/03 10:00:10.000, 1, 0 %, 10 MiB\n"
+        "2026/12/03 10:00:30.000, 0, 0 %, 2000 MiB\n"
+        "2026/12/03 10:00:30.000, 1, 100 %, 20 MiB\n"
+        "2026/12/03 10:00:31.0"
+    )
+    u = read_gpu_csv(two)
+    assert (u.gpus, u.span_seconds, u.peak_memory_mib) == (2, 30.0, 3000.0)
+    assert u.busy_gpu_seconds == pytest.approx(100 / 100 * 10 + 50 / 100 * 20)  # GPU 1 idle until its last sample
+    assert u.busy_fraction == pytest.approx(20 / 60) and u.gpu_hours == pytest.approx(60 / 3600)
+    one = tmp_path / "one.csv"  # lease 1's sampler: no index column
+    one.write_text("2026/12/03 09:47:42.000, 40 %, 5 MiB\n2026/12/03 09:47:44.000, 0 %, 5 MiB\n")
+    assert read_gpu_csv(one).gpus == 1 and read_gpu_csv(one).busy_gpu_seconds == pytest.approx(0.8)
+    (tmp_path / "empty.csv").write_text("No devices were found\n")
+    assert read_gpu_csv(tmp_path / "empty.csv") is None
+    md = usage_markdown([("a", u, 3), ("b", read_gpu_csv(one), 1)]).splitlines()
+    assert md[2] == "| a | 2 | 0.5 min | 0.02 | 33% | 0.01 | 2.9 GiB | 3 |"
+    assert md[-1].startswith("| total | | | 0.02 |") and md[-1].endswith("| 4 |")

@@ -251,6 +251,24 @@ def _times_table(times: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _gpu_time(sources: list[RunSource], gathered: list[tuple[RunSource, EvaluationRecord]]) -> str:
+    from selfcal.report.gpu_usage import read_gpu_csv, usage_markdown
+
+    rows = []
+    for src in sources:
+        csv = src.evaluations.parents[1] / "gpu.csv"
+        usage = read_gpu_csv(csv) if csv.is_file() else None
+        if usage is not None:
+            rows.append((src.label, usage, sum(1 for s, _ in gathered if s is src)))
+    if not rows:
+        return "_no run folder has a gpu.csv_\n"
+    return usage_markdown(rows) + (
+        "\nHeld: the sampled span times the GPUs (set-up before the first item included where sampling began "
+        "earlier); busy: each sample's utilization (nvidia-smi: a kernel running) times its interval. Models "
+        "scored: this run's evaluation records the report uses.\n"
+    )
+
+
 @dataclass
 class RunSource:
     """Where evaluated models come from: the workspace, or a run committed from elsewhere (a GPU lease's chunk:
@@ -503,6 +521,7 @@ def study_report(
         *(["## Sweeps", "\n\n".join(sweeps)] if sweeps else []),
         "## Stage wall times (MLflow stage runs)",
         _times_table(times) if times else "_no tracked stage runs_\n",
+        *(["## GPU time (each run's nvidia-smi samples, `gpu.csv`)", _gpu_time(sources, gathered)] if runs else []),
         "## Lineage: every checkpoint",
         _lineage_table(lineage)
         if lineage
