@@ -92,6 +92,7 @@ def test_study_box_stop_ends_the_run_session_and_the_sampler_and_nothing_else(tm
         "PIDFILE": str(tmp_path / "study.pid"),
         "SAMPLER": str(tmp_path / "sampler.pid"),
         "GPU_CSV": str(tmp_path / "gpu.csv"),
+        "CPU_LOG": str(tmp_path / "cpu.log"),
         "PROFILE": "study-smollm2-sweep-n",
     }
     box = [str(REPO / "tools" / "study_box.sh")]
@@ -99,7 +100,9 @@ def test_study_box_stop_ends_the_run_session_and_the_sampler_and_nothing_else(tm
     try:
         out = subprocess.run([*box, "start", "--only", "evaluate@x"], env=env, cwd=work, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        run_pid, sampler_pid = (int((tmp_path / f).read_text()) for f in ("study.pid", "sampler.pid"))
+        run_pid = int((tmp_path / "study.pid").read_text())
+        samplers = [int(p) for p in (tmp_path / "sampler.pid").read_text().split()]
+        assert len(samplers) == 2  # nvidia-smi and the CPU sampler
         for _ in range(50):
             if "selfcal run --profile study-smollm2-sweep-n --only evaluate@x" in (tmp_path / "study.log").read_text():
                 break
@@ -111,13 +114,15 @@ def test_study_box_stop_ends_the_run_session_and_the_sampler_and_nothing_else(tm
         out = subprocess.run([*box, "stop"], env=env, cwd=work, capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and "study_box: stopped" in out.stdout, out.stderr
         time.sleep(0.5)
-        assert _pids_in_group(run_pid) == [] and _pids_in_group(sampler_pid) == []
+        assert _pids_in_group(run_pid) == [] and all(_pids_in_group(p) == [] for p in samplers)
+        cpu = (tmp_path / "cpu.log").read_text().splitlines()
+        assert cpu and cpu[0].split()[1] == "cpu" and len(cpu[0].split()) >= 12  # time, /proc/stat's line, loadavg
         assert bystander.poll() is None  # only what start began
     finally:
         bystander.kill()
         for f in ("study.pid", "sampler.pid"):
-            if (tmp_path / f).is_file():
-                subprocess.run(["kill", "-KILL", "--", f"-{(tmp_path / f).read_text().strip()}"], capture_output=True)
+            for pid in (tmp_path / f).read_text().split() if (tmp_path / f).is_file() else []:
+                subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)
 
 
 def _pids_in_group(pgid: int) -> list[int]:

