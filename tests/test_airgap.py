@@ -23,8 +23,18 @@ def test_the_pipeline_set_is_the_installed_closure_with_requested_extras_less_wh
     assert {"mlflow", "prefect", "dvc", "lm-eval", "llmcompressor", "pydantic"} <= names
     # prefect asks for sqlalchemy[asyncio]: without greenlet its server does not start (seen on the H200)
     assert "greenlet" in names
+    assert "ruamel-yaml-clib" in names  # dvc.lock parsed in C on the box too
     assert not names & {"torch", "transformers", "numpy", "pandas", "tokenizers", "safetensors"}
     assert not any(n.startswith("nvidia-") for n in names)
+
+
+def test_dvc_reads_its_lock_file_with_the_c_parser():
+    """Every stage item is a `dvc repro --single-item`, which parses dvc.lock (443 KB after a third of the SmolLM2
+    grid): ruamel's pure-Python loader took 1.23 s for it, the C one 0.26 s."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.main import CParser
+
+    assert CParser is not None and YAML(typ="safe").Parser is CParser
 
 
 def test_split_parts_join_back_and_a_changed_part_is_refused(airgap, tmp_path):

@@ -77,6 +77,7 @@ ROOTS = {
         "mlflow",
         "prefect",
         "dvc",
+        "ruamel.yaml.clib",  # DVC's dvc.lock reads in C (pyproject.toml says why)
     ],
 }
 # Markers are evaluated for the box (CPython 3.12 on Linux x86_64), not for this interpreter.
