@@ -78,17 +78,19 @@ def test_pack_fills_transfers_under_the_limit_keeping_each_files_folder(airgap, 
         airgap.pack({"": [blob("big.bin", 1100)]}, tmp_path / "bundle2", transfer_mib=1)
 
 
-def test_study_box_stop_ends_the_run_session_and_the_sampler_and_nothing_else(tmp_path):
+def test_study_box_stop_ends_the_run_session_and_the_samplers_and_nothing_else(tmp_path):
     """On the H200 the run was ended with ``pkill -f nvidia-smi``, which matched the device call's own shell and
     killed it before ``collect``. ``stop`` ends exactly what ``start`` began, by the pids it saved: the run's whole
-    session (the flow and the stage it is in) and the nvidia-smi sampler."""
+    session (the flow and the stage it is in, KILLed if it outlives TERM) and the two samplers; a second ``start``
+    while a run is going is refused (it would orphan the first)."""
     import os
     import subprocess
     import time
 
     bin_ = tmp_path / "site" / "bin"
     bin_.mkdir(parents=True)
-    (bin_ / "selfcal").write_text('#!/bin/sh\necho "selfcal $*"\nsleep 300 &\nwait\n')
+    # a stage that ignores TERM (ignored signals survive exec: the sleep ignores it too)
+    (bin_ / "selfcal").write_text("#!/bin/sh\necho \"selfcal $*\"\ntrap '' TERM\nsleep 300 &\nwait\n")
     (bin_ / "nvidia-smi").write_text('#!/bin/sh\nwhile true; do echo "t, 0, 5 %, 1 MiB"; sleep 1; done\n')
     for f in bin_.iterdir():
         f.chmod(0o755)
@@ -106,7 +108,9 @@ def test_study_box_stop_ends_the_run_session_and_the_sampler_and_nothing_else(tm
         "PROFILE": "study-smollm2-sweep-n",
     }
     box = [str(REPO / "tools" / "study_box.sh")]
-    bystander = subprocess.Popen(["sleep", "300"])  # stands for the device call's own processes
+    # stands for the device call's own shell: its command line names what a pattern kill would look for
+    bystander = subprocess.Popen(["bash", "-c", "sleep 300 # nvidia-smi selfcal study_box.sh run", "x"])
+    run_pid, samplers = 0, []
     try:
         out = subprocess.run([*box, "start", "--only", "evaluate@x"], env=env, cwd=work, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
@@ -119,19 +123,25 @@ def test_study_box_stop_ends_the_run_session_and_the_sampler_and_nothing_else(tm
             time.sleep(0.1)
         else:
             raise AssertionError((tmp_path / "study.log").read_text())
-        group = [p for p in _pids_in_group(run_pid)]
-        assert len(group) >= 2  # the run script and the stage it waits on
-        out = subprocess.run([*box, "stop"], env=env, cwd=work, capture_output=True, text=True, timeout=30)
+        again = subprocess.run([*box, "start", "--only", "y"], env=env, cwd=work, capture_output=True, text=True)
+        assert again.returncode == 2 and "a run is going" in again.stderr
+        assert int((tmp_path / "study.pid").read_text()) == run_pid
+        assert len(_pids_in_group(run_pid)) >= 2  # the run script and the stage it waits on
+        out = subprocess.run([*box, "stop"], env=env, cwd=work, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "study_box: stopped" in out.stdout, out.stderr
+        assert "still alive after TERM: KILL" in out.stderr  # the stage ignored TERM
         time.sleep(0.5)
         assert _pids_in_group(run_pid) == [] and all(_pids_in_group(p) == [] for p in samplers)
+        assert not (tmp_path / "study.pid").exists() and not (tmp_path / "sampler.pid").exists()
+        assert bystander.poll() is None  # only what start began
         cpu = (tmp_path / "cpu.log").read_text().splitlines()
         assert cpu and cpu[0].split()[1] == "cpu" and len(cpu[0].split()) >= 12  # time, /proc/stat's line, loadavg
-        assert bystander.poll() is None  # only what start began
+        out = subprocess.run([*box, "progress", "5"], env=env, cwd=work, capture_output=True, text=True)
+        assert out.returncode == 0 and "no run" in out.stdout
     finally:
         bystander.kill()
-        for f in ("study.pid", "sampler.pid"):
-            for pid in (tmp_path / f).read_text().split() if (tmp_path / f).is_file() else []:
+        for pid in [run_pid, *samplers]:
+            if pid:
                 subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)
 
 

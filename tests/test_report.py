@@ -94,7 +94,8 @@ def test_study_report_from_runs_of_other_machines_reports_what_is_done_and_what_
     (a / "gpu.csv").write_text("2026/12/03 10:00:00.000, 0, 50 %, 9 MiB\n2026/12/03 10:06:00.000, 0, 0 %, 9 MiB\n")
     out = study_report(params, tmp_path / "report", title="chunks", runs=[a, b])
     readme = (out / "README.md").read_text()
-    assert "| a | 1 | 6.0 min | 0.10 | 50% | 0.05 | 0.0 GiB | 2 |" in readme  # b has no gpu.csv: no row
+    assert "| a | 1 | 6.0 min | 0.10 | 50% | 0.05 | 0.0 GiB | 2 |" in readme
+    assert "\n| b | " not in readme  # b has no gpu.csv: no row
     assert "3 of 5 models evaluated (the dense base: evaluated)" in readme
     assert "| self | 2/2 ✓ |" in readme and "| c4 | 0/2 |" in readme
     assert "| arc_easy | None of None | 50.0 | 25 | yes |" in readme

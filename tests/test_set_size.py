@@ -26,10 +26,19 @@ def test_a_source_with_its_own_size_makes_sets_of_that_size_and_the_others_keep_
     assert small.n_samples == 2 and full.n_samples == 4
     assert tuple(load_calibration_set(layout.calibration_dir(params, "self-n2", 0)).tokens.shape) == (2, 32)
     assert tuple(load_calibration_set(layout.calibration_dir(params, "self", 0)).tokens.shape) == (4, 32)
-    # recorded where it was set, left out where not: a set made before the field existed keeps its digest
+    # recorded where it was set, left out where not: a source's record is what sets made before the field
+    # existed recorded (the manifests of the committed H200 run, made by the commit before it)
     assert small.source_params["n_samples"] == 2 and "n_samples" not in full.source_params
-    alone = parse_params(small_params(tiny_model, tmp_path / "alone", **{"tracking.enabled": False}), root=tmp_path)
-    assert generate(alone, "self", 0, progress=False).content_digest == full.content_digest
+    from pydantic import TypeAdapter
+
+    from selfcal.config import SourceConfig
+    from tests.helpers import REPO
+
+    committed = sorted((REPO / "reports" / "SmolLM2-135M" / "runs" / "2026-12-03-h200-c").glob("**/manifest.json"))
+    sets = [json.loads(f.read_text()) for f in committed if "/calibration/" in str(f)]
+    assert {m["source_params"]["kind"] for m in sets} == {"self", "corpus"}
+    for m in sets:
+        assert TypeAdapter(SourceConfig).validate_python(m["source_params"]).record() == m["source_params"]
 
 
 def test_check_counts_a_corpus_for_its_own_size(tiny_model, tmp_path, capsys):
@@ -98,3 +107,32 @@ def test_the_study_report_draws_the_set_size_sweep_from_the_sources_sizes(tmp_pa
     assert "![set-size sweep, mean_acc](sweep_n.png)" in readme
     # the calibration-quality summary: one row per source, mean ± std over its sets
     assert "| self-n1 | self | 2 | 7.00 ± 1.41 |" in readme
+
+
+def test_only_sources_differing_in_size_alone_make_a_line_and_labels_stay_apart(tmp_path):
+    from selfcal.pipeline.study_report import set_size_points
+
+    def points(sources: dict) -> list[tuple[str, int]]:
+        raw = small_params(tmp_path / "model", tmp_path, **{"tracking.enabled": False})
+        raw["calibration"]["sources"] = sources
+        params = parse_params(raw, root=tmp_path)
+        table = [{"method": "gptq", "source": s, "n_sets": 1, "mean_acc": 0.5} for s in sources]
+        return [(p["label"], p["n"]) for p in set_size_points(params, table, ["mean_acc"])]
+
+    # the temperature sweep: many self sources of one size, other schedules: no set-size line
+    temps = {f"t{a}{b}": {"kind": "self", "t_initial": a / 2, "t_final": b / 2} for a in range(3) for b in range(3)}
+    assert points(temps) == []
+    # a source without its own size sits on the line at the global n (4 here)
+    c4 = {"kind": "corpus", "path": "c.txt"}
+    assert points({"c4": c4, "c4-n1": {**c4, "n_samples": 1}}) == [("gptq / c4", 1), ("gptq / c4", 4)]
+    # two lines of one kind, names without -nN: two labels, not one line of four points
+    two = {
+        "a": {"kind": "self", "n_samples": 1},
+        "b": {"kind": "self", "n_samples": 2},
+        "x": {"kind": "self", "n_samples": 1, "t_final": 0.5},
+        "y": {"kind": "self", "n_samples": 2, "t_final": 0.5},
+    }
+    got = points(two)
+    assert len(got) == 4 and len({label for label, _ in got}) == 2 and len(set(got)) == 4
+    # two sources of one size and the same params: no line (which would be the point?)
+    assert points({"s1": {"kind": "self", "n_samples": 2}, "s2": {"kind": "self", "n_samples": 2}}) == []

@@ -93,38 +93,59 @@ CPU_LOG=${CPU_LOG:-/tmp/cpu.log}
 
 start() {
     eval "$(env_lines)"
+    if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+        echo "study_box: a run is going (pid $(cat "$PIDFILE")): stop it first" >&2
+        return 2
+    fi
+    stop_pids "$SAMPLER"  # a previous run's samplers, if any; the samples below append to theirs
     setsid nohup nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader \
-        -lms 1000 >"$GPU_CSV" 2>&1 </dev/null &
+        -lms 1000 >>"$GPU_CSV" 2>&1 </dev/null &
     echo $! >"$SAMPLER"
     # the CPU beside it (each item's process start, imports and dvc run on the CPU): /proc/stat's cpu line each
     # second, with the time; busy = 1 - idle delta / total delta between lines
     setsid nohup sh -c 'while true; do echo "$(date +%s.%N) $(head -1 /proc/stat) $(cut -d" " -f1-3 /proc/loadavg)"; sleep 1; done' \
-        >"$CPU_LOG" 2>&1 </dev/null &
+        >>"$CPU_LOG" 2>&1 </dev/null &
     echo $! >>"$SAMPLER"
-    setsid nohup "$0" run "$@" >"$LOG" 2>&1 </dev/null &
+    setsid nohup "$0" run "$@" >>"$LOG" 2>&1 </dev/null &
     echo $! >"$PIDFILE"
     echo "study_box: started $PROFILE (pid $(cat "$PIDFILE"), log $LOG)"
 }
 
-stop() {
-    local pid
-    for f in "$PIDFILE" "$SAMPLER"; do
-        [ -f "$f" ] || continue
-        for pid in $(cat "$f"); do
-            # each was started by setsid, a session leader: its negative pid is the whole group
-            kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+# End the process groups whose leaders FILE lists (each started by setsid: its negative pid is the whole group):
+# TERM, up to 10 s for the groups to go, then KILL; FILE is removed, so a later call never signals a reused pid.
+stop_pids() {
+    local file=$1 pid alive t
+    [ -f "$file" ] || return 0
+    for pid in $(cat "$file"); do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    for t in 1 2 3 4 5 6 7 8 9 10 11; do
+        alive=""
+        for pid in $(cat "$file"); do
+            if kill -0 -- "-$pid" 2>/dev/null; then alive="$alive $pid"; fi
         done
+        [ -n "$alive" ] || break
+        if [ "$t" -eq 11 ]; then
+            echo "study_box: group(s)$alive still alive after TERM: KILL" >&2
+            for pid in $alive; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+        else
+            sleep 1
+        fi
     done
-    for _ in 1 2 3 4 5 6 7 8 9 10; do
-        kill -0 "$(cat "$PIDFILE")" 2>/dev/null || break
-        sleep 1
-    done
+    rm -f "$file"
+}
+
+stop() {
+    stop_pids "$PIDFILE"
+    stop_pids "$SAMPLER"
     echo "study_box: stopped ($(grep -c 'Finished in state Completed' "$LOG" 2>/dev/null || true) items completed)"
 }
 
 progress() {
     cd "$WORK"
     local limit=$1 t=0 pid
+    if [ ! -f "$PIDFILE" ]; then
+        echo "study_box: no run (never started, or stopped)"
+        return 0
+    fi
     pid=$(cat "$PIDFILE")
     while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$limit" ]; do
         sleep 10
@@ -149,7 +170,9 @@ collect() {
     # shellcheck disable=SC2086
     tar -czf "$out/$name.tgz" $files
     # the flow's log and the samplers' records, beside it
-    for f in "$LOG" "$GPU_CSV" "$CPU_LOG"; do [ -f "$f" ] && cp "$f" "$out/"; done
+    for f in "$LOG" "$GPU_CSV" "$CPU_LOG"; do
+        if [ -f "$f" ]; then cp "$f" "$out/"; fi
+    done
     ls -la "$out"
 }
 

@@ -135,7 +135,8 @@ def set_size_points(params: Params, table: list[dict], metrics: list[str]) -> li
     """The set-size sweep run as one profile (the paper's Figure 3): sources that differ only in their own
     ``n_samples`` form one line; per method x line x n, each metric's mean ± std over the sets (the aggregate's
     table). A line's label is its sources' name less a trailing ``-nN`` (``self-n16`` -> ``self``), else their
-    kind."""
+    kind (with its first source's name when another line has that label). Sources that differ in other params
+    (the temperature sweep's schedules) or two of one size make no line."""
     import re
 
     groups: dict[str, list[str]] = defaultdict(list)
@@ -144,14 +145,18 @@ def set_size_points(params: Params, table: list[dict], metrics: list[str]) -> li
         rest.pop("n_samples", None)
         groups[json.dumps(rest, sort_keys=True)].append(name)
     line_of: dict[str, tuple[str, int]] = {}
+    taken: set[str] = set()
     for members in groups.values():
-        sizes = {params.calibration.samples_for(m) for m in members}
-        if len(sizes) < 2:
-            continue
+        sizes = [params.calibration.samples_for(m) for m in members]
+        if len(set(sizes)) < 2 or len(set(sizes)) < len(sizes):
+            continue  # one size (e.g. the temperature sweep's schedules), or two sources of one size: no line
         stems = {re.sub(r"[-_]n\d+$", "", m) for m in members}
         label = stems.pop() if len(stems) == 1 and "" not in stems else params.calibration.sources[members[0]].kind
-        for m in members:
-            line_of[m] = (label, params.calibration.samples_for(m))
+        if label in taken:  # two lines of one kind without -nN names: keep them apart
+            label = f"{label} ({members[0]}, ...)"
+        taken.add(label)
+        for m, n in zip(members, sizes, strict=True):
+            line_of[m] = (label, n)
     points = []
     for e in table:
         if e["source"] in line_of:
@@ -480,7 +485,7 @@ def study_report(
     size_points = set_size_points(params, table, size_metrics)
     if size_points and not experiments:
         atomic_write_text(out / "sweep_n.csv", _csv(size_points))
-        for m in size_metrics:
+        for m in [m for m in size_metrics if any(p[m] is not None for p in size_points)]:
             png = "sweep_n.png" if m == "mean_acc" else f"sweep_n-{m[4:]}.png"
             plots.accuracy_vs_n(size_points, out / png, metric=m, title=f"{m} against calibration set size")
             sweeps.append(f"![set-size sweep, {m}]({png})")
