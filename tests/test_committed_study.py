@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO as ROOT
+
 RUNS = sorted(p.parent.parent for p in (ROOT / "reports").glob("*/runs/*/.selfcal/mlflow.db"))
 
 

@@ -379,12 +379,17 @@ def dense_markdown(rows: list[EvaluationRecord]) -> str:
     return "\n".join(lines) + skipped + "\n"
 
 
+def _headline(cols: list[str]) -> list[str]:
+    """The columns the self-vs-real tests and the sweeps are drawn for: mean accuracy and each perplexity."""
+    return [c for c in cols if c == "mean_acc" or c.startswith("ppl.")]
+
+
 def _significance(table: list[dict], cols: list[str], paper_table: Path | None) -> str:
     from selfcal.report.significance import compare_self, comparison_markdown, paper_comparisons
 
     paper = paper_comparisons(paper_table) if paper_table is not None and paper_table.is_file() else []
     parts = []
-    for metric in [c for c in cols if c == "mean_acc" or c.startswith("ppl.")]:
+    for metric in _headline(cols):
         ours = compare_self(table, metric)
         if ours:
             label = "mean zero-shot accuracy" if metric == "mean_acc" else f"{metric[4:]} perplexity (lower is better)"
@@ -481,7 +486,7 @@ def study_report(
         png = out / f"temperature-{method}.png"
         plots.temperature_heatmap([r for r in temps if r["method"] == method], png, title=f"{method}: mean_acc")
         sweeps.append(f"![temperature schedule, {method}]({png.name})")
-    size_metrics = [c for c in cols if c == "mean_acc" or c.startswith("ppl.")]
+    size_metrics = _headline(cols)
     size_points = set_size_points(params, table, size_metrics)
     if size_points and not experiments:
         atomic_write_text(out / "sweep_n.csv", _csv(size_points))

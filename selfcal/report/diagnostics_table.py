@@ -14,23 +14,27 @@ DIAGNOSTIC_COLUMNS = (
     ("distinct_product", "dist. product", "{:.4f}"),
     ("segment_len_mean", "gen. len", "{:.0f}"),
 )
+# The activation distance to the reference (its own section of each record), where one was given.
+ACTIVATION_COLUMNS = (
+    ("mean_rel_distance_avg", "act. mean dist", "{:.3f}"),
+    ("logvar_abs_distance_avg", "act. logvar dist", "{:.3f}"),
+)
+
+
+def _head(first: list[str], rows: list[dict]) -> tuple[list[str], bool]:
+    has_act = any("activation" in r for r in rows)
+    head = [*first, *[c[1] for c in DIAGNOSTIC_COLUMNS], *([c[1] for c in ACTIVATION_COLUMNS] if has_act else [])]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)], has_act
 
 
 def diagnostics_markdown(rows: list[dict]) -> str:
-    has_act = any("activation" in r for r in rows)
-    head = ["set", "kind", *[c[1] for c in DIAGNOSTIC_COLUMNS]] + (
-        ["act. mean dist", "act. logvar dist"] if has_act else []
-    )
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines, has_act = _head(["set", "kind"], rows)
     for r in rows:
         cells = [r["calibration"], str(r.get("kind"))]
         cells += [fmt.format(r[key]) if r.get(key) is not None else "-" for key, _, fmt in DIAGNOSTIC_COLUMNS]
         if has_act:
             act = r.get("activation", {})
-            cells += [
-                f"{act['mean_rel_distance_avg']:.3f}" if act else "-",
-                f"{act['logvar_abs_distance_avg']:.3f}" if act else "-",
-            ]
+            cells += [fmt.format(act[key]) if act else "-" for key, _, fmt in ACTIVATION_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -44,11 +48,7 @@ def per_source_markdown(rows: list[dict]) -> str:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         groups[str(r.get("source") or r["calibration"].rsplit("-s", 1)[0])].append(r)
-    has_act = any("activation" in r for r in rows)
-    head = ["source", "kind", "sets", *[c[1] for c in DIAGNOSTIC_COLUMNS]] + (
-        ["act. mean dist", "act. logvar dist"] if has_act else []
-    )
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines, has_act = _head(["source", "kind", "sets"], rows)
 
     def cell(values: list[float], fmt: str) -> str:
         if not values:
@@ -61,9 +61,6 @@ def per_source_markdown(rows: list[dict]) -> str:
         cells += [cell([m[k] for m in members if m.get(k) is not None], fmt) for k, _, fmt in DIAGNOSTIC_COLUMNS]
         if has_act:
             acts = [m["activation"] for m in members if m.get("activation")]
-            cells += [
-                cell([a["mean_rel_distance_avg"] for a in acts], "{:.3f}"),
-                cell([a["logvar_abs_distance_avg"] for a in acts], "{:.3f}"),
-            ]
+            cells += [cell([a[key] for a in acts], fmt) for key, _, fmt in ACTIVATION_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
