@@ -111,32 +111,39 @@ start() {
     echo "study_box: started $PROFILE (pid $(cat "$PIDFILE"), log $LOG)"
 }
 
+# The process groups, of those whose leaders FILE lists, that still have a process.
+alive_groups() {
+    local pid
+    for pid in $(cat "$1"); do
+        if kill -0 -- "-$pid" 2>/dev/null; then echo "$pid"; fi
+    done
+}
+
 # End the process groups whose leaders FILE lists (each started by setsid: its negative pid is the whole group):
 # TERM, up to 10 s for the groups to go, then KILL; FILE is removed, so a later call never signals a reused pid.
 stop_pids() {
-    local file=$1 pid alive t
+    local file=$1 pid alive
     [ -f "$file" ] || return 0
     for pid in $(cat "$file"); do kill -TERM -- "-$pid" 2>/dev/null || true; done
-    for t in 1 2 3 4 5 6 7 8 9 10 11; do
-        alive=""
-        for pid in $(cat "$file"); do
-            if kill -0 -- "-$pid" 2>/dev/null; then alive="$alive $pid"; fi
-        done
-        [ -n "$alive" ] || break
-        if [ "$t" -eq 11 ]; then
-            echo "study_box: group(s)$alive still alive after TERM: KILL" >&2
-            for pid in $alive; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-        else
-            sleep 1
-        fi
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        [ -n "$(alive_groups "$file")" ] || break
+        sleep 1
     done
+    alive=$(alive_groups "$file")
+    if [ -n "$alive" ]; then
+        echo "study_box: group(s) $(echo $alive) still alive after TERM: KILL" >&2
+        for pid in $alive; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+    fi
     rm -f "$file"
 }
+
+# Items of the run that ended in STATE (Completed, Failed), from the flow's log.
+items() { grep -c "Finished in state $1" "$LOG" 2>/dev/null || true; }
 
 stop() {
     stop_pids "$PIDFILE"
     stop_pids "$SAMPLER"
-    echo "study_box: stopped ($(grep -c 'Finished in state Completed' "$LOG" 2>/dev/null || true) items completed)"
+    echo "study_box: stopped ($(items Completed) items completed)"
 }
 
 progress() {
@@ -150,7 +157,7 @@ progress() {
     while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$limit" ]; do
         sleep 10
         t=$((t + 10))
-        echo "t=${t}s completed=$(grep -c 'Finished in state Completed' "$LOG") failed=$(grep -c 'Finished in state Failed' "$LOG") gpu=$(tail -1 "$GPU_CSV")"
+        echo "t=${t}s completed=$(items Completed) failed=$(items Failed) gpu=$(tail -1 "$GPU_CSV")"
     done
     kill -0 "$pid" 2>/dev/null && echo "study_box: still running" || { echo "study_box: run ended"; tail -3 "$LOG"; }
 }
