@@ -108,6 +108,31 @@ def test_study_report_from_runs_of_other_machines_reports_what_is_done_and_what_
         study_report(params, tmp_path / "report2", title="chunks", runs=[a, c])
 
 
+def test_lineage_table_names_the_run_whose_store_holds_a_version_when_runs_share_version_numbers():
+    """Each lease has its own MLflow store, so ``…-awq-c4:1`` is c4-s0's model in one run and c4-s3's in
+    the next: the table must say which store to read, and a single workspace's table stays as it was."""
+    from selfcal.pipeline.study_report import _lineage_table
+
+    def entry(evaluated, run=None):
+        e = {
+            "evaluated": evaluated,
+            "model": "M-awq-c4:1",
+            "calibration": evaluated[:5],
+            "calibration_digest": "ab" * 32,
+            "git_commit": "c" * 40,
+            "git_dirty": "false",
+            "code_digest": "d" * 64,
+        }
+        return e | ({"run": run} if run else {})
+
+    two = _lineage_table([entry("c4-s0-awq", "lease-c"), entry("c4-s3-awq", "lease-d")]).splitlines()
+    assert two[0].startswith("| evaluated | run (MLflow store) | registered model |")
+    assert two[2].startswith("| c4-s0-awq | lease-c | `M-awq-c4:1` |")
+    assert two[3].startswith("| c4-s3-awq | lease-d | `M-awq-c4:1` |")
+    one = _lineage_table([entry("c4-s0-awq")]).splitlines()
+    assert one[0].startswith("| evaluated | registered model |") and one[2].startswith("| c4-s0-awq | `M-awq-c4:1` |")
+
+
 def test_self_against_real_sources_by_welchs_t_over_the_sets_and_the_papers_own_tables():
     from selfcal.report.significance import compare_self, comparison_markdown, paper_comparisons, welch
     from tests.helpers import SHARED

@@ -226,14 +226,21 @@ def _sweep_n(rows: list[dict], metric: str = "mean_acc") -> list[dict]:
 
 
 def _lineage_table(lineage: list[dict]) -> str:
+    """One row per checkpoint. Each run has its own MLflow store, so a version number (``…-c4:1``)
+    names a model only within its run: with several runs the run is a column, and the
+    ``selfcal lineage`` of a row is read from ``runs/RUN/.selfcal/mlflow.db``."""
+    by_run = any("run" in e for e in lineage)
     lines = [
-        "| evaluated | registered model | calibration set (digest) | git commit | selfcal code |",
-        "|---|---|---|---|---|",
+        "| evaluated |"
+        + (" run (MLflow store) |" if by_run else "")
+        + " registered model | calibration set (digest) | git commit | selfcal code |",
+        "|---|" + ("---|" if by_run else "") + "---|---|---|---|",
     ]
     for e in lineage:
         dirty = " (dirty)" if e["git_dirty"] == "true" else ""
+        run = f" {e.get('run', '-')} |" if by_run else ""
         lines.append(
-            f"| {e['evaluated']} | `{e['model']}` | {e['calibration']} ({(e['calibration_digest'] or '-')[:12]}) "
+            f"| {e['evaluated']} |{run} `{e['model']}` | {e['calibration']} ({(e['calibration_digest'] or '-')[:12]}) "
             f"| {(e['git_commit'] or '-')[:12]}{dirty} | {(e['code_digest'] or '-')[:12]} |"
         )
     return "\n".join(lines) + "\n"
