@@ -196,7 +196,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="PATTERN",
         help="run only the stage items matching this shell-style pattern (repeatable; e.g. 'evaluate@self-*' "
-        "'evaluate_dense'), each with the items it reads: one chunk of a grid at a time",
+        "'evaluate_dense'), each with the items it reads: one chunk of a grid at a time; of the items ready at "
+        "once, the deepest go first (models finish end to end), then the first pattern's (start long ones first)",
     )
     return p
 

@@ -186,6 +186,57 @@ def test_only_selects_the_matching_items_with_everything_they_read_and_refuses_a
         select_items(graph, ["evaluate@self-*", "evaluate@slef-*"])
 
 
+def test_only_patterns_order_the_chunk_so_the_first_patterns_long_items_start_first(prefect_home):
+    """Lease 5's chunk: with dvc.yaml's order alone, Ji's pools (minutes each) would start after every vocab
+    and Cosmopedia model. The patterns' order is the chunk's order; what an item reads keeps coming first,
+    a shared item goes with the earliest pattern, and deepest-first still finishes models end to end."""
+    from prefect import flow, task
+
+    from flows.dvc_items import select_items
+    from flows.schedule import run_in_order
+
+    graph = {
+        "generate@vocab-0": [],
+        "generate@ji-0": [],
+        "compress@vocab-0-gptq": ["generate@vocab-0"],
+        "compress@ji-0-gptq": ["generate@ji-0"],
+        "evaluate@vocab-0-gptq": ["compress@vocab-0-gptq"],
+        "evaluate@ji-0-gptq": ["compress@ji-0-gptq"],
+        "inspect@ji-0": ["generate@ji-0"],
+        "aggregate": ["evaluate@vocab-0-gptq", "evaluate@ji-0-gptq"],
+    }
+    chunk = select_items(graph, ["evaluate@ji-*", "evaluate@vocab-*", "inspect@ji-*"])
+    assert list(chunk) == [
+        "generate@ji-0",
+        "compress@ji-0-gptq",
+        "evaluate@ji-0-gptq",
+        "generate@vocab-0",
+        "compress@vocab-0-gptq",
+        "evaluate@vocab-0-gptq",
+        "inspect@ji-0",
+    ]
+    assert all(list(chunk).index(d) < list(chunk).index(i) for i, deps in chunk.items() for d in deps)
+    assert list(select_items(graph, ["evaluate@vocab-*", "aggregate"]))[:3] == list(
+        select_items(graph, ["evaluate@vocab-*"])
+    )
+
+    started: list[str] = []
+
+    @task
+    def fake(item: str) -> dict:
+        started.append(item)
+        return {"item": item}
+
+    @flow
+    def lease():
+        return run_in_order(chunk, fake, lambda item: {"item": item}, jobs=1)
+
+    lease()
+    # Ji's pool first; then what became ready deepest first (Ji's model end to end), vocab's set last of the roots.
+    assert started[:4] == ["generate@ji-0", "compress@ji-0-gptq", "evaluate@ji-0-gptq", "inspect@ji-0"]
+    assert started[4:] == ["generate@vocab-0", "compress@vocab-0-gptq", "evaluate@vocab-0-gptq"]
+
+
 def test_of_the_ready_items_the_deepest_goes_first_so_models_finish_end_to_end(prefect_home):
     """On the H200 every ready item was queued at once: twenty compress items ahead of any evaluation, so a run
     cut short had checkpoints and no scores. Now an evaluation that becomes ready runs before waiting roots."""
