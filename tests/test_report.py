@@ -108,6 +108,51 @@ def test_study_report_from_runs_of_other_machines_reports_what_is_done_and_what_
         study_report(params, tmp_path / "report2", title="chunks", runs=[a, c])
 
 
+def test_a_set_two_runs_made_differently_is_reported_and_the_quality_shown_is_the_set_the_models_used(tmp_path):
+    """Lease 3 made the five self sets again (a fresh box has no DVC cache) and got other tokens than lease 1
+    from the same params and seed, while C4's sets came out identical. The report says which sets differ,
+    and its quality measures are those of the set the models were calibrated with, not the first run's."""
+    import json
+
+    from selfcal.config import parse_params
+    from selfcal.pipeline.study_report import study_report
+    from tests.helpers import small_params
+    from tests.test_evaluation import _record
+
+    raw = small_params(tmp_path / "model", tmp_path, **{"calibration.seeds": [0], "tracking.enabled": False})
+    raw["calibration"]["sources"]["c4"] = {"kind": "corpus", "path": "c4.jsonl"}
+    params = parse_params(raw, root=tmp_path)
+    old, new, c4 = "a" * 64, "b" * 64, "c" * 64
+
+    def run(name: str, sets: dict[str, str], diagnostics: dict[str, tuple[str, float]], *records):
+        root = tmp_path / "runs" / name
+        (root / "artifacts" / "evaluations").mkdir(parents=True)
+        for r in records:
+            (root / "artifacts" / "evaluations" / f"{r.name}.json").write_text(r.model_dump_json())
+        for set_name, digest in sets.items():
+            (root / "artifacts" / "calibration" / set_name).mkdir(parents=True)
+            (root / "artifacts" / "calibration" / set_name / "manifest.json").write_text(
+                json.dumps({"content_digest": digest})
+            )
+        (root / "artifacts" / "diagnostics").mkdir()
+        for set_name, (digest, ppl) in diagnostics.items():
+            diag = {"calibration": set_name, "calibration_digest": digest, "kind": "self", "perplexity": ppl}
+            (root / "artifacts" / "diagnostics" / f"{set_name}.json").write_text(json.dumps(diag))
+        return root
+
+    dense = _record("dense", "none", {"arc_easy": 0.5}, ppl=20.0)
+    model = _record("self-s0-gptq", "gptq", {"arc_easy": 0.45}, ppl=22.0).model_copy(
+        update={"seed": 0, "calibration_digest": new}
+    )
+    a = run("a", {"self-s0": old, "c4-s0": c4}, {"self-s0": (old, 7.25)}, dense)
+    b = run("b", {"self-s0": new, "c4-s0": c4}, {"self-s0": (new, 9.5)}, model)
+    readme = (study_report(params, tmp_path / "report", title="t", runs=[a, b]) / "README.md").read_text()
+    assert "| c4-s0 | a, b | cccccccccccc, cccccccccccc | yes | - |" in readme  # no model of c4 evaluated
+    assert "| self-s0 | a, b | aaaaaaaaaaaa, bbbbbbbbbbbb | **no** | b |" in readme
+    assert "1 of 2 differ (self-s0)" in readme
+    assert "| self-s0 | self | 9.50 |" in (tmp_path / "report" / "diagnostics.md").read_text()
+
+
 def test_lineage_table_names_the_run_whose_store_holds_a_version_when_runs_share_version_numbers():
     """Each lease has its own MLflow store, so ``…-awq-c4:1`` is c4-s0's model in one run and c4-s3's in
     the next: the table must say which store to read, and a single workspace's table stays as it was."""

@@ -333,6 +333,49 @@ def gather(params: Params, sources: list[RunSource]) -> tuple[list[tuple[RunSour
     return [found[n] for n in layout.evaluation_targets(params) if n in found], pending
 
 
+def remade_sets(runs: list[Path]) -> list[dict]:
+    """Each calibration set that more than one run made (a fresh GPU box has no DVC cache, so a chunk that
+    needs a set makes it again), with the digest each run got: the same params and seed must give the same
+    digest, and where they did not, the report says so beside the set the models used."""
+    made: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for root in runs:
+        for manifest in sorted((root / "artifacts" / "calibration").glob("*/manifest.json")):
+            digest = json.loads(manifest.read_text()).get("content_digest")
+            if digest:
+                made[manifest.parent.name].append((root.name, digest))
+    return [
+        {
+            "set": name,
+            "runs": [r for r, _ in got],
+            "digests": [d for _, d in got],
+            "same": len({d for _, d in got}) == 1,
+        }
+        for name, got in sorted(made.items())
+        if len(got) > 1
+    ]
+
+
+def remade_markdown(remade: list[dict], used: dict[str, str]) -> str:
+    lines = ["| set | made by runs | digests (first 12) | the same | the models used |", "|---|---|---|---|---|"]
+    for e in remade:
+        digests = ", ".join(d[:12] for d in e["digests"])
+        use = used.get(e["set"])
+        user = next((r for r, d in zip(e["runs"], e["digests"], strict=True) if d == use), "-") if use else "-"
+        user = "any (identical)" if e["same"] and use else user
+        lines.append(
+            f"| {e['set']} | {', '.join(e['runs'])} | {digests} | {'yes' if e['same'] else '**no**'} | {user} |"
+        )
+    differ = [e["set"] for e in remade if not e["same"]]
+    note = (
+        f"\n{len(differ)} of {len(remade)} differ ({', '.join(differ)}): made again from the same params and seed "
+        "by the same source version, they did not come out byte for byte the same. Each model's lineage names "
+        "the set it was calibrated with, and the quality measures above are that set's.\n"
+        if differ
+        else f"\nAll {len(remade)} came out byte for byte the same.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
 def completeness_markdown(params: Params, rows: list[EvaluationRecord], pending: list[str]) -> str:
     """Sets evaluated per source x method, of the profile's; what is complete and what is still to run."""
     count: dict[tuple[str, str], int] = defaultdict(int)
@@ -471,6 +514,9 @@ def study_report(
     # the calibration sets' quality measures (the inspect stage's records), from the workspace or every run
     from selfcal.report.diagnostics_table import diagnostics_markdown, per_source_markdown
 
+    # A set made again by a later run can differ (self-generation on the GPU is not bit-reproducible): the
+    # measures shown are those of the set the models were calibrated with, where one record has its digest.
+    used = {layout.calib_name(r.source, r.seed): r.calibration_digest for r in rows if r.calibration_digest}
     inspected: dict[str, dict] = {}
     for source, seed in layout.calibration_names(params):
         name = layout.calib_name(source, seed)
@@ -478,7 +524,15 @@ def study_report(
             layout.diagnostics_file(params, name)
         ]:
             if f.is_file():
-                inspected.setdefault(name, json.loads(f.read_text()))
+                record = json.loads(f.read_text())
+                want = used.get(name)
+                if name not in inspected or (
+                    want is not None
+                    and record.get("calibration_digest") == want
+                    and inspected[name].get("calibration_digest") != want
+                ):
+                    inspected[name] = record
+    remade = remade_sets(runs or [])
     diag_rows = list(inspected.values())  # the profile's order: source by source
     if diag_rows:
         per_set = sorted(diag_rows, key=lambda r: r["calibration"])
@@ -535,6 +589,7 @@ def study_report(
         )
         if diag_rows
         else "_no calibration set inspected yet_\n",
+        *(["## Calibration sets made in several runs", remade_markdown(remade, used)] if remade else []),
         *(["## Sweeps", "\n\n".join(sweeps)] if sweeps else []),
         "## Stage wall times (MLflow stage runs)",
         _times_table(times) if times else "_no tracked stage runs_\n",
