@@ -14,9 +14,11 @@
 #   tools/study_box.sh stop               ends the run (its whole session: flow, dvc, stages) and the sampler, by
 #                                         the pids `start` saved (`pkill -f nvidia-smi` inside a device call matched
 #                                         the call's own shell and killed it before collect)
+#   tools/study_box.sh bench SCRIPT ARGS  a benchmark of the commit (benchmarks/*.py) in WORK with the run's
+#                                         environment, e.g. beside a started run: benchmarks/gen_determinism.py
 #   tools/study_box.sh collect OUT NAME   what comes back (no checkpoints): the run's records, manifests,
-#                                         dvc.lock, the MLflow store, and `selfcal study-report` into
-#                                         OUT/NAME-report; one tarball OUT/NAME.tgz; the log and both samples
+#                                         dvc.lock, the MLflow store in one tarball OUT/NAME.tgz; the log and
+#                                         both samples (`selfcal study-report` runs as a check, into /tmp)
 #
 # STASH holds wheels/*.whl, parts/ (parts.json + the GGUF wheel's parts), shared.tar.xz (../shared's data and
 # tools) and, when the box gets no .git, repo.bundle (`git bundle create repo.bundle HEAD`).
@@ -83,6 +85,12 @@ run() {
     eval "$(env_lines)"
     cd "$WORK"
     selfcal run --profile "$PROFILE" "$@"
+}
+
+bench() {
+    eval "$(env_lines)"
+    cd "$WORK"
+    python "$@"
 }
 
 LOG=${LOG:-/tmp/study.log}
@@ -166,7 +174,9 @@ collect() {
     local out=$1 name=$2
     eval "$(env_lines)"
     cd "$WORK"
-    selfcal study-report --out "$out/$name-report" --title "Reproduction study: SmolLM2-135M-Instruct ($name)" ||
+    # a check that the records make a report; the report itself is made here from the run folders, and a call
+    # brings back at most 8 files (lease 4 lost three of the report's to that limit)
+    selfcal study-report --out "/tmp/$name-report" --title "Reproduction study: SmolLM2-135M-Instruct ($name)" ||
         echo "study_box: study-report failed (the records still come back)"
     # records and manifests, not weights
     local files
@@ -183,6 +193,6 @@ collect() {
     ls -la "$out"
 }
 
-cmd=${1:?usage: study_box.sh setup STASH | run ARGS... | start ARGS... | progress SECONDS | stop | collect OUT NAME}
+cmd=${1:?usage: study_box.sh setup STASH | run ARGS... | bench SCRIPT ARGS... | start ARGS... | progress SECONDS | stop | collect OUT NAME}
 shift
 "$cmd" "$@"
