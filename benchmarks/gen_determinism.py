@@ -11,6 +11,8 @@ batch, bf16) in fresh processes, two at once per setting, and compares their tok
 - ``cublas-workspace``: ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS's documented condition for
   reproducible results when work runs on more than one stream);
 - ``eager``: no CUDA graphs (every step launched from Python on the default stream);
+- ``matmul-attention``: the lockstep's two-matmul attention (CPU's) instead of torch's fused SDPA kernel,
+  which CUDA takes by default (``lockstep.default_attention``) and whose backend torch picks per call;
 - ``deterministic``: ``torch.use_deterministic_algorithms(True, warn_only=True)`` + the cuBLAS setting.
 
 Per setting: whether the two processes agree (digest), rows identical, the first differing (row, position),
@@ -42,6 +44,7 @@ SETTINGS = {
     "default": {},
     "cublas-workspace": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
     "eager": {"SELFCAL_BENCH_EAGER": "1"},
+    "matmul-attention": {"SELFCAL_BENCH_MATMUL_ATTENTION": "1"},
     "deterministic": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "SELFCAL_BENCH_DETERMINISTIC": "1"},
 }
 
@@ -62,6 +65,10 @@ def child(profile: Path, work: Path, n: int | None, seq_len: int | None, seed: i
                 super().__init__(*args, **kwargs)
 
         generator.LockstepRows = Eager
+    if os.environ.get("SELFCAL_BENCH_MATMUL_ATTENTION"):
+        from selfcal.calibration import lockstep
+
+        lockstep.default_attention = lambda device: lockstep.ATTENTION_NAME
     from selfcal.calibration.calibset import read_tokens
     from selfcal.config import parse_params
     from selfcal.pipeline import layout
