@@ -18,6 +18,13 @@ batch, bf16) in fresh processes, two at once per setting, and compares their tok
 Per setting: whether the two processes agree (digest), rows identical, the first differing (row, position),
 and, with ``--expect DIGEST``, whether it reproduces a committed set (e.g. lease c's self-s0).
 
+What one run can and cannot tell: the two processes share one box, while the sets that differed were made on
+two boxes (leases 1 and 3) under other loads; so ``agree`` can hold for every setting. ``--expect`` speaks
+for ``default`` (and ``cublas-workspace``) only: the other settings compute otherwise by construction and
+would miss a committed digest even if perfectly repeatable. Each setting's digests are kept (``--out``,
+rewritten after every setting, so a cut run keeps what it finished) to compare with the same run on a later
+box: a setting whose digest is the same on two boxes is the fix.
+
     python benchmarks/gen_determinism.py --profile profiles/study-smollm2.yaml --out r.json \\
         --expect 0d6964e78dcdeffadcf7a851267e97287c0f6601a6b08d2d34e5f642ebad253b        # GPU
     python benchmarks/gen_determinism.py --profile profiles/study-stories260K.yaml --n 8 --seq-len 64 \\
@@ -90,8 +97,21 @@ def child(profile: Path, work: Path, n: int | None, seq_len: int | None, seed: i
     manifest = generate(params, "self", seed, progress=False)
     tokens = read_tokens(layout.calibration_dir(params, "self", seed) / "tokens.safetensors")
     np.save(work / "tokens.npy", tokens)
+    from selfcal.calibration import generator, lockstep
+
+    device = torch.device(params.model.device if params.model.device != "auto" else "cuda")
     (work / "result.json").write_text(
-        json.dumps({"digest": manifest.content_digest, "seconds": round(time.perf_counter() - t0, 1)})
+        json.dumps(
+            {
+                "digest": manifest.content_digest,
+                "seconds": round(time.perf_counter() - t0, 1),
+                # what this process ran with, so a patch that did not take effect shows
+                "engine": generator.LockstepRows.__name__,
+                "attention": lockstep.default_attention(device) if torch.cuda.is_available() else "cpu default",
+                "deterministic": torch.are_deterministic_algorithms_enabled(),
+                "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            }
+        )
     )
 
 
@@ -143,6 +163,7 @@ def main() -> None:
             entry = {
                 "digests": [g["digest"] for g in got],
                 "seconds": [g["seconds"] for g in got],
+                "ran_with": {k: v for k, v in got[0].items() if k not in ("digest", "seconds")},
                 "agree": got[0]["digest"] == got[1]["digest"],
                 **compare(np.load(works[0] / "tokens.npy"), np.load(works[1] / "tokens.npy")),
             }
@@ -150,10 +171,9 @@ def main() -> None:
                 entry["reproduces_expected"] = [g["digest"] == args.expect for g in got]
             results["settings"][setting] = entry
             print(f"{setting}: {json.dumps(entry)}", flush=True)
-    text = json.dumps(results, indent=2)
-    if args.out:
-        args.out.write_text(text + "\n")
-    print(text)
+            if args.out:
+                args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

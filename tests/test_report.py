@@ -153,6 +153,31 @@ def test_a_set_two_runs_made_differently_is_reported_and_the_quality_shown_is_th
     assert "| self-s0 | self | 9.50 |" in (tmp_path / "report" / "diagnostics.md").read_text()
 
 
+def test_quality_of_a_set_is_shown_only_for_the_make_its_models_used_whatever_the_runs_order():
+    """Cases the runs can produce: the used make measured in the later run or the earlier one; a set no model
+    used yet; models of one set from two makes (a chunk remade a Ji pool); a used make nobody inspected."""
+    from selfcal.pipeline.study_report import pick_diagnostics, remade_markdown
+
+    a, b = {"calibration_digest": "a" * 64, "ppl": 1}, {"calibration_digest": "b" * 64, "ppl": 2}
+    for records in ([a, b], [b, a]):
+        shown, unmeasured = pick_diagnostics({"self-s0": records}, {"self-s0": {"b" * 64}})
+        assert shown["self-s0"] is b and unmeasured == []
+    assert pick_diagnostics({"c4-s0": [a, b]}, {}) == ({"c4-s0": a}, [])
+    assert pick_diagnostics({"ji-s0": [a, b]}, {"ji-s0": {"a" * 64, "b" * 64}}) == ({}, ["ji-s0"])
+    assert pick_diagnostics({"ji-s1": [a]}, {"ji-s1": {"c" * 64}}) == ({}, ["ji-s1"])
+    assert pick_diagnostics({"ji-s2": []}, {"ji-s2": {"c" * 64}}) == ({}, [])  # nothing inspected: nothing said
+
+    remade = [
+        {"set": "ji-s0", "runs": ["r1", "r2"], "digests": ["a" * 64, "b" * 64], "same": False},
+        {"set": "c4-s0", "runs": ["r1", "r2"], "digests": ["c" * 64, "c" * 64], "same": True},
+        {"set": "c4-s1", "runs": ["r1", "r2"], "digests": ["d" * 64, "d" * 64], "same": True},
+    ]
+    text = remade_markdown(remade, {"ji-s0": {"a" * 64, "b" * 64}, "c4-s0": {"c" * 64}, "c4-s1": {"e" * 64}})
+    assert "| ji-s0 | r1, r2 | aaaaaaaaaaaa, bbbbbbbbbbbb | **no** | r1, r2 (**mixed**" in text
+    assert "| c4-s0 | r1, r2 | cccccccccccc, cccccccccccc | yes | any (identical) |" in text
+    assert "| c4-s1 | r1, r2 | dddddddddddd, dddddddddddd | yes | a make none of these runs holds |" in text
+
+
 def test_lineage_table_names_the_run_whose_store_holds_a_version_when_runs_share_version_numbers():
     """Each lease has its own MLflow store, so ``…-awq-c4:1`` is c4-s0's model in one run and c4-s3's in
     the next: the table must say which store to read, and a single workspace's table stays as it was."""

@@ -227,7 +227,7 @@ def _sweep_n(rows: list[dict], metric: str = "mean_acc") -> list[dict]:
 
 def _lineage_table(lineage: list[dict]) -> str:
     """One row per checkpoint. Each run has its own MLflow store, so a version number (``…-c4:1``)
-    names a model only within its run: with several runs the run is a column, and the
+    names a model only within its run: a report of run folders (``--runs``) has the run as a column, and the
     ``selfcal lineage`` of a row is read from ``runs/RUN/.selfcal/mlflow.db``."""
     by_run = any("run" in e for e in lineage)
     lines = [
@@ -333,6 +333,26 @@ def gather(params: Params, sources: list[RunSource]) -> tuple[list[tuple[RunSour
     return [found[n] for n in layout.evaluation_targets(params) if n in found], pending
 
 
+def pick_diagnostics(candidates: dict[str, list[dict]], used: dict[str, set[str]]) -> tuple[dict[str, dict], list[str]]:
+    """Per set, the inspect record to show: the one of the make (digest) its models were calibrated with; a set
+    no model used yet shows the first record. A set whose models used a make no record measured, or several
+    makes, shows none and is named in the second list (its measures would describe other tokens)."""
+    shown: dict[str, dict] = {}
+    unmeasured: list[str] = []
+    for name, records in candidates.items():
+        want = used.get(name)
+        if not want:
+            if records:
+                shown[name] = records[0]
+            continue
+        match = next((r for r in records if r.get("calibration_digest") in want), None)
+        if len(want) == 1 and match is not None:
+            shown[name] = match
+        elif records:
+            unmeasured.append(name)
+    return shown, unmeasured
+
+
 def remade_sets(runs: list[Path]) -> list[dict]:
     """Each calibration set that more than one run made (a fresh GPU box has no DVC cache, so a chunk that
     needs a set makes it again), with the digest each run got: the same params and seed must give the same
@@ -355,13 +375,20 @@ def remade_sets(runs: list[Path]) -> list[dict]:
     ]
 
 
-def remade_markdown(remade: list[dict], used: dict[str, str]) -> str:
+def remade_markdown(remade: list[dict], used: dict[str, set[str]]) -> str:
     lines = ["| set | made by runs | digests (first 12) | the same | the models used |", "|---|---|---|---|---|"]
     for e in remade:
         digests = ", ".join(d[:12] for d in e["digests"])
-        use = used.get(e["set"])
-        user = next((r for r, d in zip(e["runs"], e["digests"], strict=True) if d == use), "-") if use else "-"
-        user = "any (identical)" if e["same"] and use else user
+        want = used.get(e["set"], set())
+        users = [r for r, d in zip(e["runs"], e["digests"], strict=True) if d in want]
+        if not want:
+            user = "-"
+        elif e["same"] and want == {e["digests"][0]}:
+            user = "any (identical)"
+        elif not users:
+            user = "a make none of these runs holds"
+        else:
+            user = ", ".join(users) + (" (**mixed**: models of several makes)" if len(want) > 1 else "")
         lines.append(
             f"| {e['set']} | {', '.join(e['runs'])} | {digests} | {'yes' if e['same'] else '**no**'} | {user} |"
         )
@@ -369,7 +396,8 @@ def remade_markdown(remade: list[dict], used: dict[str, str]) -> str:
     note = (
         f"\n{len(differ)} of {len(remade)} differ ({', '.join(differ)}): made again from the same params and seed "
         "by the same source version, they did not come out byte for byte the same. Each model's lineage names "
-        "the set it was calibrated with, and the quality measures above are that set's.\n"
+        "the set it was calibrated with, by digest, and the quality measures above are of that make (a set "
+        "whose models' make has no inspect record is left out of them and named).\n"
         if differ
         else f"\nAll {len(remade)} came out byte for byte the same.\n"
     )
@@ -500,8 +528,9 @@ def study_report(
                 continue
             c = client if (client is not None and len(sources) == 1) else open_client(src.tracking_uri)
             found, lost = lineage_rows(c, mine)
-            for e in found:
-                e["run"] = src.label
+            if runs:  # each run its own store: the version numbers repeat across runs
+                for e in found:
+                    e["run"] = src.label
             lineage += found
             missing += lost
             ids = None if runs else [e["compress_run_id"] for e in found]
@@ -514,24 +543,20 @@ def study_report(
     # the calibration sets' quality measures (the inspect stage's records), from the workspace or every run
     from selfcal.report.diagnostics_table import diagnostics_markdown, per_source_markdown
 
-    # A set made again by a later run can differ (self-generation on the GPU is not bit-reproducible): the
-    # measures shown are those of the set the models were calibrated with, where one record has its digest.
-    used = {layout.calib_name(r.source, r.seed): r.calibration_digest for r in rows if r.calibration_digest}
-    inspected: dict[str, dict] = {}
+    # A set made again by a later run can differ (self-generation on the GPU did not come out the same): the
+    # measures shown are those of the make the models were calibrated with.
+    used: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        if r.calibration_digest:
+            used[layout.calib_name(r.source, r.seed)].add(r.calibration_digest)
+    candidates: dict[str, list[dict]] = {}
     for source, seed in layout.calibration_names(params):
         name = layout.calib_name(source, seed)
-        for f in [root / "artifacts" / "diagnostics" / f"{name}.json" for root in runs or []] or [
+        files = [root / "artifacts" / "diagnostics" / f"{name}.json" for root in runs or []] or [
             layout.diagnostics_file(params, name)
-        ]:
-            if f.is_file():
-                record = json.loads(f.read_text())
-                want = used.get(name)
-                if name not in inspected or (
-                    want is not None
-                    and record.get("calibration_digest") == want
-                    and inspected[name].get("calibration_digest") != want
-                ):
-                    inspected[name] = record
+        ]
+        candidates[name] = [json.loads(f.read_text()) for f in files if f.is_file()]
+    inspected, unmeasured = pick_diagnostics(candidates, used)
     remade = remade_sets(runs or [])
     diag_rows = list(inspected.values())  # the profile's order: source by source
     if diag_rows:
@@ -586,6 +611,12 @@ def study_report(
             per_source_markdown(diag_rows)
             + "\nThe paper's Table 4 measures first (perplexity under the base model, repetition, n-gram diversity, "
             "vocabulary coverage, Zipf exponent), then this pipeline's own; per set: `diagnostics.md`.\n"
+            + (
+                f"\nLeft out: {', '.join(unmeasured)}: no inspect record of the make (digest) its models were "
+                "calibrated with.\n"
+                if unmeasured
+                else ""
+            )
         )
         if diag_rows
         else "_no calibration set inspected yet_\n",
