@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="read run folders committed from other machines instead of the workspace (each holding "
-        "artifacts/evaluations and .selfcal/mlflow.db, as tools/study_box.sh collect packs a GPU lease's chunk)",
+        "artifacts/evaluations and the MLflow store, .selfcal/mlflow.db or packed as mlflow-store.tar.xz, as "
+        "tools/study_box.sh collect brings a GPU lease's chunk back)",
     )
     sr.add_argument(
         "--paper-table",

@@ -159,3 +159,51 @@ def _pids_in_group(pgid: int) -> list[int]:
             if fields[0] != "Z" and int(fields[2]) == pgid:
                 out.append(int(entry))
     return out
+
+
+def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_and_the_store_still_traces(
+    tmp_path, monkeypatch
+):
+    """What comes back from a lease is committed and travels with every later call (64 MiB a call): the store
+    (4.8 MB in lease 4) comes back packed, the records plain, no weights; the packed store opens as the plain
+    one did, with its artifact copies beside it."""
+    import os
+    import subprocess
+    import tarfile
+
+    from selfcal.lineage.run_store import store_db
+
+    monkeypatch.setenv("SELFCAL_STORE_CACHE", str(tmp_path / "cache"))
+    bin_ = tmp_path / "site" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "selfcal").write_text("#!/bin/sh\nexit 0\n")  # the on-box report check
+    (bin_ / "selfcal").chmod(0o755)
+    work = tmp_path / "work"
+    for d in ("artifacts/evaluations", "artifacts/checkpoints/self-s0-gptq", ".selfcal/mlartifacts/r1/artifacts"):
+        (work / d).mkdir(parents=True)
+    (work / "dvc.lock").write_text("schema: '2.0'\n")
+    (work / "artifacts/evaluations/self-s0-gptq.json").write_text("{}\n")
+    (work / "artifacts/checkpoints/self-s0-gptq/manifest.json").write_text("{}\n")
+    (work / "artifacts/checkpoints/self-s0-gptq/model.safetensors").write_bytes(b"\0" * 1024)
+    (work / ".selfcal/mlflow.db").write_bytes(b"SQLite format 3\x00db")
+    (work / ".selfcal/mlartifacts/r1/artifacts/manifest.json").write_text('{"m": 1}\n')
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    env = os.environ | {"PATH": f"{bin_}:{os.environ['PATH']}", "SITE": str(tmp_path / "site"), "WORK": str(work)}
+    env |= {"LOG": str(tmp_path / "none.log"), "GPU_CSV": str(tmp_path / "g"), "CPU_LOG": str(tmp_path / "c")}
+    done = subprocess.run(
+        [str(REPO / "tools" / "study_box.sh"), "collect", str(out_dir), "lease-x"],
+        env=env,
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(out_dir / "lease-x.tgz") as tar:
+        names = tar.getnames()
+        tar.extractall(tmp_path / "back", filter="data")
+    assert "mlflow-store.tar.xz" in names and "artifacts/evaluations/self-s0-gptq.json" in names
+    assert not [n for n in names if n.startswith(".selfcal") or n.endswith(".safetensors")]
+    db = store_db(tmp_path / "back")
+    assert db.read_bytes() == b"SQLite format 3\x00db"
+    assert (db.parent / "mlartifacts/r1/artifacts/manifest.json").read_text() == '{"m": 1}\n'

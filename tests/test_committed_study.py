@@ -1,6 +1,7 @@
 """The committed studies trace, model by model, from the files committed under reports/.
 
-Every version registered in every run folder's MLflow store (reports/*/runs/*/.selfcal/mlflow.db: what came
+Every version registered in every run folder's MLflow store (reports/*/runs/*/.selfcal/mlflow.db, or packed as
+mlflow-store.tar.xz: what came
 back from each GPU lease of the SmolLM2 study, and the stories260K pruning re-run) must trace through
 ``selfcal.lineage.trace`` with nothing missing, to the calibration set and checkpoint whose manifests came
 back beside it (same content digests), the model's params as the stage recorded them, the code commit (in
@@ -17,9 +18,16 @@ from pathlib import Path
 
 import pytest
 
+from selfcal.lineage.run_store import has_store, store_db
 from tests.helpers import REPO as ROOT
 
-RUNS = sorted(p.parent.parent for p in (ROOT / "reports").glob("*/runs/*/.selfcal/mlflow.db"))
+RUNS = sorted(p for p in (ROOT / "reports").glob("*/runs/*") if p.is_dir() and has_store(p))
+
+
+@pytest.fixture(autouse=True)
+def _store_cache(tmp_path_factory, monkeypatch):
+    """Packed stores unpack into this session's temporary folder, not the user's cache."""
+    monkeypatch.setenv("SELFCAL_STORE_CACHE", str(tmp_path_factory.getbasetemp() / "run-stores"))
 
 
 def _versions(run: Path):
@@ -27,7 +35,7 @@ def _versions(run: Path):
 
     from selfcal.lineage import store
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{run / '.selfcal' / 'mlflow.db'}")
+    client = MlflowClient(tracking_uri=f"sqlite:///{store_db(run)}")  # plain, or the packed store unpacked
     return client, store.all_versions(client)
 
 

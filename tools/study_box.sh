@@ -17,7 +17,8 @@
 #   tools/study_box.sh bench SCRIPT ARGS  a benchmark of the commit (benchmarks/*.py) in WORK with the run's
 #                                         environment, e.g. beside a started run: benchmarks/gen_determinism.py
 #   tools/study_box.sh collect OUT NAME   what comes back (no checkpoints): the run's records, manifests,
-#                                         dvc.lock, the MLflow store in one tarball OUT/NAME.tgz; the log and
+#                                         dvc.lock, the MLflow store packed (mlflow-store.tar.xz) in one
+#                                         tarball OUT/NAME.tgz; the log and
 #                                         both samples (`selfcal study-report` runs as a check, into /tmp)
 #
 # STASH holds wheels/*.whl, parts/ (parts.json + the GGUF wheel's parts), shared.tar.xz (../shared's data and
@@ -179,11 +180,17 @@ collect() {
     selfcal study-report --out "/tmp/$name-report" --title "Reproduction study: SmolLM2-135M-Instruct ($name)" ||
         echo "study_box: study-report failed (the records still come back)"
     # records and manifests, not weights
+    # the MLflow store packed (selfcal.lineage.run_store: ~4.8 MB of SQLite and JSON copies -> ~0.2 MB, and every
+    # call to the lent GPU carries the committed tree within 64 MiB)
+    rm -f mlflow-store.tar.xz
+    if [ -f .selfcal/mlflow.db ]; then
+        tar -cJf mlflow-store.tar.xz .selfcal/mlflow.db $(ls -d .selfcal/mlartifacts 2>/dev/null || true)
+    fi
     local files
     files=$(ls -d dvc.lock params.yaml artifacts/evaluations artifacts/metrics artifacts/diagnostics \
         artifacts/calibration/*/manifest.json artifacts/checkpoints/*/manifest.json \
         artifacts/checkpoints/*/compression.json artifacts/checkpoints/*/run.json artifacts/checkpoints/*/recipe.yaml \
-        .selfcal/mlflow.db .selfcal/mlartifacts 2>/dev/null || true)
+        mlflow-store.tar.xz 2>/dev/null || true)
     # shellcheck disable=SC2086
     tar -czf "$out/$name.tgz" $files
     # the flow's log and the samplers' records, beside it

@@ -19,6 +19,7 @@ from pathlib import Path
 from selfcal.artifacts import atomic_write_text
 from selfcal.config import Params
 from selfcal.errors import DataError
+from selfcal.lineage import run_store
 from selfcal.lineage import tags as T
 from selfcal.pipeline import layout
 from selfcal.pipeline.aggregate import (
@@ -228,7 +229,7 @@ def _sweep_n(rows: list[dict], metric: str = "mean_acc") -> list[dict]:
 def _lineage_table(lineage: list[dict]) -> str:
     """One row per checkpoint. Each run has its own MLflow store, so a version number (``…-c4:1``)
     names a model only within its run: a report of run folders (``--runs``) has the run as a column, and the
-    ``selfcal lineage`` of a row is read from ``runs/RUN/.selfcal/mlflow.db``."""
+    ``selfcal lineage`` of a row is read from that run folder's store (``lineage.run_store``)."""
     by_run = any("run" in e for e in lineage)
     lines = [
         "| evaluated |"
@@ -284,7 +285,7 @@ def _gpu_time(sources: list[RunSource], gathered: list[tuple[RunSource, Evaluati
 @dataclass
 class RunSource:
     """Where evaluated models come from: the workspace, or a run committed from elsewhere (a GPU lease's chunk:
-    its ``artifacts/evaluations`` and its MLflow store, ``.selfcal/mlflow.db``, unpacked under ``root``)."""
+    its ``artifacts/evaluations`` and its MLflow store, ``.selfcal/mlflow.db`` or packed as ``mlflow-store.tar.xz``)."""
 
     label: str
     evaluations: Path
@@ -302,8 +303,8 @@ def run_sources(params: Params, runs: list[Path] | None) -> list[RunSource]:
         evaluations = root / "artifacts" / "evaluations"
         if not evaluations.is_dir():
             raise DataError(f"{root}: no artifacts/evaluations in this run folder")
-        db = root / ".selfcal" / "mlflow.db"
-        out.append(RunSource(root.name, evaluations, f"sqlite:///{db.resolve()}" if db.is_file() else None))
+        db = run_store.store_db(root)  # plain, or unpacked from the committed mlflow-store.tar.xz
+        out.append(RunSource(root.name, evaluations, f"sqlite:///{db.resolve()}" if db is not None else None))
     return out
 
 
