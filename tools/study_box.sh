@@ -184,7 +184,7 @@ collect() {
     # call to the lent GPU carries the committed tree within 64 MiB)
     rm -f mlflow-store.tar.xz
     if [ -f .selfcal/mlflow.db ]; then
-        tar -cJf mlflow-store.tar.xz .selfcal/mlflow.db $(ls -d .selfcal/mlartifacts 2>/dev/null || true)
+        python -c 'from pathlib import Path; from selfcal.lineage.run_store import write_archive; write_archive(Path("."))'
     fi
     local files
     files=$(ls -d dvc.lock params.yaml artifacts/evaluations artifacts/metrics artifacts/diagnostics \

@@ -34,19 +34,29 @@ def has_store(run: Path) -> bool:
     return (run / STORE_DIR / DB).is_file() or (run / ARCHIVE).is_file()
 
 
-def pack(run: Path) -> Path:
-    """Replace ``run``/.selfcal (the database and the artifact copies) by ``run``/mlflow-store.tar.xz."""
+def write_archive(run: Path) -> Path:
+    """``run``/mlflow-store.tar.xz from ``run``/.selfcal (the database and the artifact copies), which stays:
+    what ``tools/study_box.sh collect`` brings back from a box."""
     db = run / STORE_DIR / DB
     if not db.is_file():
         raise DataError(f"{run}: no {STORE_DIR}/{DB} to pack")
     tmp = run / f".{ARCHIVE}.tmp"
-    with tarfile.open(tmp, "w:xz") as tar:
-        for member in MEMBERS:
-            if (run / member).exists():
-                tar.add(run / member, arcname=member)
-    tmp.replace(run / ARCHIVE)
-    shutil.rmtree(run / STORE_DIR)
+    try:
+        with tarfile.open(tmp, "w:xz") as tar:
+            for member in MEMBERS:
+                if (run / member).exists():
+                    tar.add(run / member, arcname=member)
+        tmp.replace(run / ARCHIVE)
+    finally:
+        tmp.unlink(missing_ok=True)
     return run / ARCHIVE
+
+
+def pack(run: Path) -> Path:
+    """Replace ``run``/.selfcal by ``run``/mlflow-store.tar.xz (a run folder as it is committed)."""
+    archive = write_archive(run)
+    shutil.rmtree(run / STORE_DIR)
+    return archive
 
 
 def store_db(run: Path) -> Path | None:
@@ -73,11 +83,9 @@ def store_db(run: Path) -> Path | None:
             try:
                 scratch.rename(target)
             except OSError:  # another process unpacked the same archive first: theirs is the same
-                shutil.rmtree(scratch, ignore_errors=True)
+                pass
         except (tarfile.TarError, EOFError, OSError) as err:
-            shutil.rmtree(scratch, ignore_errors=True)
             raise DataError(f"{archive}: cannot unpack ({err})") from err
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)  # gone already once renamed into place
     return target / STORE_DIR / DB
