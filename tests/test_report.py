@@ -167,6 +167,12 @@ def test_quality_of_a_set_is_shown_only_for_the_make_its_models_used_whatever_th
     assert pick_diagnostics({"ji-s1": [a]}, {"ji-s1": {"c" * 64}}) == ({}, ["ji-s1"])
     assert pick_diagnostics({"ji-s2": []}, {"ji-s2": {"c" * 64}}) == ({}, [])  # nothing inspected: nothing said
 
+    # the section names the sets left out, also when every inspected set is left out (none shown)
+    from selfcal.pipeline.study_report import quality_markdown
+
+    assert quality_markdown([], ["ji-s0", "ji-s1"]).startswith("_no measure shown._ Left out: ji-s0, ji-s1: ")
+    assert quality_markdown([], []) == "_no calibration set inspected yet_\n"
+
     remade = [
         {"set": "ji-s0", "runs": ["r1", "r2"], "digests": ["a" * 64, "b" * 64], "same": False},
         {"set": "c4-s0", "runs": ["r1", "r2"], "digests": ["c" * 64, "c" * 64], "same": True},

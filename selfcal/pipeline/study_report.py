@@ -334,6 +334,26 @@ def gather(params: Params, sources: list[RunSource]) -> tuple[list[tuple[RunSour
     return [found[n] for n in layout.evaluation_targets(params) if n in found], pending
 
 
+def quality_markdown(diag_rows: list[dict], unmeasured: list[str]) -> str:
+    """The calibration-set quality section: per source the measures of the sets shown, and by name the sets
+    left out because no inspect record measured the make their models used (said even when none is shown)."""
+    from selfcal.report.diagnostics_table import per_source_markdown
+
+    left_out = (
+        f"Left out: {', '.join(unmeasured)}: no inspect record of the make (digest) its models were calibrated with.\n"
+        if unmeasured
+        else ""
+    )
+    if not diag_rows:
+        return ("_no measure shown._ " + left_out) if unmeasured else "_no calibration set inspected yet_\n"
+    return (
+        per_source_markdown(diag_rows)
+        + "\nThe paper's Table 4 measures first (perplexity under the base model, repetition, n-gram diversity, "
+        "vocabulary coverage, Zipf exponent), then this pipeline's own; per set: `diagnostics.md`.\n"
+        + ("\n" + left_out if left_out else "")
+    )
+
+
 def pick_diagnostics(candidates: dict[str, list[dict]], used: dict[str, set[str]]) -> tuple[dict[str, dict], list[str]]:
     """Per set, the inspect record to show: the one of the make (digest) its models were calibrated with; a set
     no model used yet shows the first record. A set whose models used a make no record measured, or several
@@ -542,7 +562,7 @@ def study_report(
     atomic_write_text(out / "results.md", to_markdown(cols, table, unscored_tasks(rows), shared))
     atomic_write_text(out / "by_source.md", by_source_markdown(cols, table, shared))
     # the calibration sets' quality measures (the inspect stage's records), from the workspace or every run
-    from selfcal.report.diagnostics_table import diagnostics_markdown, per_source_markdown
+    from selfcal.report.diagnostics_table import diagnostics_markdown
 
     # A set made again by a later run can differ (self-generation on the GPU did not come out the same): the
     # measures shown are those of the make the models were calibrated with.
@@ -608,19 +628,7 @@ def study_report(
         "## Self-calibration against real data",
         _significance(table, cols, paper_table),
         "## Calibration-set quality (mean ± std over each source's sets)",
-        (
-            per_source_markdown(diag_rows)
-            + "\nThe paper's Table 4 measures first (perplexity under the base model, repetition, n-gram diversity, "
-            "vocabulary coverage, Zipf exponent), then this pipeline's own; per set: `diagnostics.md`.\n"
-            + (
-                f"\nLeft out: {', '.join(unmeasured)}: no inspect record of the make (digest) its models were "
-                "calibrated with.\n"
-                if unmeasured
-                else ""
-            )
-        )
-        if diag_rows
-        else "_no calibration set inspected yet_\n",
+        quality_markdown(diag_rows, unmeasured),
         *(["## Calibration sets made in several runs", remade_markdown(remade, used)] if remade else []),
         *(["## Sweeps", "\n\n".join(sweeps)] if sweeps else []),
         "## Stage wall times (MLflow stage runs)",
