@@ -7,26 +7,34 @@ uniforms is exact given the logits, so the logits' last bits moved between the r
 pipeline's own generate step (``selfcal.pipeline.generate.generate``: the lockstep engine, the profile's
 batch, bf16) in fresh processes, two at once per setting, and compares their token matrices:
 
-- ``default``: as the study runs it (CUDA graphs captured on a side stream);
+- ``default``: as the pipeline runs it (CUDA graphs captured on a side stream, the lockstep's two-matmul
+  attention);
 - ``cublas-workspace``: ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (cuBLAS's documented condition for
   reproducible results when work runs on more than one stream);
 - ``eager``: no CUDA graphs (every step launched from Python on the default stream);
-- ``matmul-attention``: the lockstep's two-matmul attention (CPU's) instead of torch's fused SDPA kernel,
-  which CUDA takes by default (``lockstep.default_attention``) and whose backend torch picks per call;
+- ``fused-sdpa``: torch's fused SDPA kernel instead of the two matmuls (CUDA's default until lease 5;
+  its backend is torch's pick per call);
 - ``deterministic``: ``torch.use_deterministic_algorithms(True, warn_only=True)`` + the cuBLAS setting.
 
-Per setting: whether the two processes agree (digest), rows identical, the first differing (row, position),
-and, with ``--expect DIGEST``, whether it reproduces a committed set (e.g. lease c's self-s0).
+Lease 5 (benchmarks/results/gen-determinism-h200-smollm2-lease5.json, run before the switch, so its
+``default`` and ``cublas-workspace`` and ``eager`` are the fused kernel and its ``matmul-attention`` is
+today's ``default``): the fused kernel's two processes differed in all 128 rows from position 129 (the
+first step past one 128-slot attention window) in every setting; the two matmuls gave identical sets
+(e7cec3d1...), 32 s a set against 28. ``lockstep.default_attention`` is the two matmuls since.
 
-What one run can and cannot tell: the two processes share one box, while the sets that differed were made on
-two boxes (leases 1 and 3) under other loads; so ``agree`` can hold for every setting. ``--expect`` speaks
-for ``default`` (and ``cublas-workspace``) only: the other settings compute otherwise by construction and
-would miss a committed digest even if perfectly repeatable. Each setting's digests are kept (``--out``,
-rewritten after every setting, so a cut run keeps what it finished) to compare with the same run on a later
-box: a setting whose digest is the same on two boxes is the fix.
+Per setting: whether the two processes agree (digest), rows identical, the first differing (row, position),
+and, with ``--expect DIGEST``, whether it reproduces a set made before (e.g. lease 5's two-matmul self-s0).
+
+What one run can and cannot tell: the two processes share one box; a set repeatable on one box may still
+differ on another (leases 1 and 3 made the study's sets on two). ``--expect`` with the digest of an earlier
+box's ``default`` answers that: the same digest on two boxes is reproducibility across boxes. ``--expect``
+speaks for ``default`` (and ``cublas-workspace``) only: the other settings compute otherwise by construction.
+Each setting's digests are kept (``--out``, rewritten after every setting, so a cut run keeps what it
+finished).
 
     python benchmarks/gen_determinism.py --profile profiles/study-smollm2.yaml --out r.json \\
-        --expect 0d6964e78dcdeffadcf7a851267e97287c0f6601a6b08d2d34e5f642ebad253b        # GPU
+        --settings default fused-sdpa \\
+        --expect e7cec3d1d881321dd73421937799b8028013f05ae03b22ef21440b036a3e2a43        # GPU (lease 5's)
     python benchmarks/gen_determinism.py --profile profiles/study-stories260K.yaml --n 8 --seq-len 64 \\
         --settings default eager                                                        # CPU (a check)
 """
@@ -51,7 +59,7 @@ SETTINGS = {
     "default": {},
     "cublas-workspace": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"},
     "eager": {"SELFCAL_BENCH_EAGER": "1"},
-    "matmul-attention": {"SELFCAL_BENCH_MATMUL_ATTENTION": "1"},
+    "fused-sdpa": {"SELFCAL_BENCH_FUSED_SDPA": "1"},
     "deterministic": {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "SELFCAL_BENCH_DETERMINISTIC": "1"},
 }
 
@@ -72,10 +80,10 @@ def child(profile: Path, work: Path, n: int | None, seq_len: int | None, seed: i
                 super().__init__(*args, **kwargs)
 
         generator.LockstepRows = Eager
-    if os.environ.get("SELFCAL_BENCH_MATMUL_ATTENTION"):
+    if os.environ.get("SELFCAL_BENCH_FUSED_SDPA"):
         from selfcal.calibration import lockstep
 
-        lockstep.default_attention = lambda device: lockstep.ATTENTION_NAME
+        lockstep.default_attention = lambda device: lockstep.SDPA_ATTENTION_NAME
     from selfcal.calibration.calibset import read_tokens
     from selfcal.config import parse_params
     from selfcal.pipeline import layout
@@ -97,9 +105,8 @@ def child(profile: Path, work: Path, n: int | None, seq_len: int | None, seed: i
     manifest = generate(params, "self", seed, progress=False)
     tokens = read_tokens(layout.calibration_dir(params, "self", seed) / "tokens.safetensors")
     np.save(work / "tokens.npy", tokens)
-    from selfcal.calibration import generator, lockstep
+    from selfcal.calibration import generator
 
-    device = torch.device(params.model.device if params.model.device != "auto" else "cuda")
     (work / "result.json").write_text(
         json.dumps(
             {
@@ -107,7 +114,7 @@ def child(profile: Path, work: Path, n: int | None, seq_len: int | None, seed: i
                 "seconds": round(time.perf_counter() - t0, 1),
                 # what this process ran with, so a patch that did not take effect shows
                 "engine": generator.LockstepRows.__name__,
-                "attention": lockstep.default_attention(device) if torch.cuda.is_available() else "cpu default",
+                "attention": manifest.provenance.get("attention"),  # what the generator recorded it used
                 "deterministic": torch.are_deterministic_algorithms_enabled(),
                 "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
             }

@@ -104,6 +104,27 @@ def test_window_chunks_and_batch_sizes_do_not_change_the_set(model):
         np.testing.assert_array_equal(full, gen(model, **kw)[0], err_msg=str(kw))
 
 
+def test_every_device_generates_with_the_repeatable_attention_and_the_set_records_it(model, tmp_path):
+    """On the H200 the fused SDPA kernel gave another set in every row from the same seed twice on one box
+    (benchmarks/results/gen-determinism-h200-smollm2-lease5.json); the two matmuls gave the same set. So no
+    device may default to the fused kernel, and the set's provenance says which attention made it."""
+    from selfcal.calibration import sources
+    from selfcal.calibration.lockstep import ATTENTION_NAME, SDPA_ATTENTION_NAME, default_attention
+
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert default_attention(torch.device(device)) == ATTENTION_NAME, device
+    tokens, stats = gen(model)
+    assert stats.attention == ATTENTION_NAME
+    fused, fused_stats = gen(model, attention=SDPA_ATTENTION_NAME)  # still selectable, for the benchmarks
+    assert fused_stats.attention == SDPA_ATTENTION_NAME and fused.shape == tokens.shape
+
+    tokenizer = SimpleNamespace(bos_token_id=BOS, eos_token_id=EOS, cls_token_id=None, convert_ids_to_tokens=None)
+    spec = SimpleNamespace(t_initial=1.0, t_final=1.0, schedule_steps=10, top_k=None, top_p=None, first_token_words=[])
+    request = sources.SourceRequest(n=2, seq_len=16, seed=0, batch_size=2, root=tmp_path, name="self", progress=False)
+    result = sources.get("self").build(spec, request, model=model, tokenizer=tokenizer)
+    assert result.provenance["attention"] == ATTENTION_NAME
+
+
 def test_same_seed_same_hash_different_seed_different_hash(model):
     a = sha256_tokens(gen(model, seed=3)[0])
     assert a == sha256_tokens(gen(model, seed=3)[0])

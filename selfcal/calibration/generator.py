@@ -31,6 +31,7 @@ class GenerationStats:
     forward_steps: int
     batch_size: int = 0
     cuda_graphs: bool = False
+    attention: str = ""  # the lockstep attention that computed the logits (recorded: it decides the bits)
 
     @property
     def tokens_per_second(self) -> float:
@@ -71,6 +72,7 @@ def generate_self_calibration(
     t0 = time.perf_counter()
     generations = steps = 0
     graphs = False
+    used_attention = ""
     bar = tqdm(total=n * seq_len, unit="tok", desc="self-calibration", disable=not progress, unit_scale=True)
     extra = {} if window_chunk is None else {"window_chunk": window_chunk}
     if attention is not None:
@@ -85,6 +87,7 @@ def generate_self_calibration(
             generations += stats.generations
             steps += stats.forward_steps
             graphs = stats.graphs
+            used_attention = stats.attention
             bar.set_postfix(seqs=f"{rows.stop}/{n}")
             del engine
     finally:
@@ -96,5 +99,6 @@ def generate_self_calibration(
         forward_steps=steps,
         batch_size=rows_per_batch,
         cuda_graphs=graphs,
+        attention=used_attention,
     )
     return result, stats

@@ -65,6 +65,7 @@ class StepStats:
     generations: int
     seconds: float
     graphs: bool
+    attention: str = ATTENTION_NAME
 
 
 class StaticKVCache:
@@ -121,7 +122,8 @@ def lockstep_attention(module, query, key, value, attention_mask, scaling=None, 
 
 def sdpa_lockstep_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The candidate measured against ``lockstep_attention``: torch's fused attention with the same
-    boolean mask and grouped heads (``enable_gqa``); kept for the benchmark."""
+    boolean mask and grouped heads (``enable_gqa``); faster on CUDA but not repeatable there (see
+    ``default_attention``); kept for the benchmarks."""
     out = F.scaled_dot_product_attention(
         query,
         key,
@@ -137,10 +139,16 @@ ATTENTIONS = {ATTENTION_NAME: lockstep_attention, SDPA_ATTENTION_NAME: sdpa_lock
 
 
 def default_attention(device: torch.device) -> str:
-    """Measured (benchmarks/results/generate-h200-smollm2-bf16-candidates-pool.json, H200, SmolLM2
-    bf16, 128 x 2048): torch's fused kernel 5.48 ms/step against 5.85 for the two matmuls, so CUDA
-    takes it; on CPU the matmuls (the calibration digests recorded in tests were made with them)."""
-    return SDPA_ATTENTION_NAME if device.type == "cuda" else ATTENTION_NAME
+    """The two-matmul attention on every device: the one whose sets come out the same twice.
+
+    Measured (benchmarks/results/gen-determinism-h200-smollm2-lease5.json; H200, SmolLM2 bf16, the study's
+    self set 128 x 2048, two fresh processes at once per setting): with torch's fused SDPA the two runs
+    differed in all 128 rows from position 129 (the first step whose attention window is past one chunk of
+    128), also with CUBLAS_WORKSPACE_CONFIG and without CUDA graphs; with these two matmuls all 128 rows
+    were identical, at 32 s a set against 28 s. The fused kernel stays selectable (``attention=``) for
+    benchmarks (benchmarks/results/generate-h200-smollm2-bf16-candidates-pool.json: 5.48 ms/step
+    against 5.85)."""
+    return ATTENTION_NAME
 
 
 def _register_attention() -> None:
@@ -369,7 +377,11 @@ class LockstepRows:
                     on_step(self.batch)
             generations = int(self.restarts.sum()) + self.batch
         return StepStats(
-            forward_steps=steps, generations=generations, seconds=time.perf_counter() - t0, graphs=self.use_graphs
+            forward_steps=steps,
+            generations=generations,
+            seconds=time.perf_counter() - t0,
+            graphs=self.use_graphs,
+            attention=self.attention,
         )
 
 

@@ -58,6 +58,7 @@ class PoolResult:
     seconds: float
     batch: int
     cuda_graphs: bool = False
+    attention: str = ""  # the lockstep attention that computed the logits (recorded: it decides the bits)
 
 
 def process_logits(logits: torch.Tensor, sampling: PoolSampling, seen: torch.Tensor | None) -> torch.Tensor:
@@ -200,7 +201,8 @@ class PoolRows:
         # Every generation ends within gen_len steps of its start: a bound that cannot loop forever.
         max_steps = (self.n // self.batch + 2) * self.gen_len
         every = CHECK_EVERY if self.device.type == "cuda" else 1  # a look costs a sync only on a GPU
-        with torch.inference_mode(), lockstep_attention_on(self.model, default_attention(self.device)):
+        attention = default_attention(self.device)
+        with torch.inference_mode(), lockstep_attention_on(self.model, attention):
             while steps < max_steps:
                 if self.use_graphs:
                     try:
@@ -229,6 +231,7 @@ class PoolRows:
             seconds=time.perf_counter() - t0,
             batch=self.batch,
             cuda_graphs=self.use_graphs,
+            attention=attention,
         )
 
 

@@ -138,6 +138,7 @@ def self_calibration(spec, request: SourceRequest, *, model, tokenizer) -> Sourc
             "eos_token_ids": eos,
             "first_token_ids": first,
             "generations": stats.generations,
+            "attention": stats.attention,
             "tokens_per_second": round(stats.tokens_per_second, 1),
             "generation_seconds": round(stats.seconds, 3),
         },
@@ -265,6 +266,7 @@ def ji_synthesis(spec, request: SourceRequest, *, model, tokenizer) -> SourceRes
             "window_starts": starts,
             "eos_token_ids": eos,
             "forward_steps": pool.forward_steps,
+            "attention": pool.attention,
             "generation_seconds": round(pool.seconds, 3),
         },
     )
