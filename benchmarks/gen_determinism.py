@@ -18,9 +18,11 @@ batch, bf16) in fresh processes, two at once per setting, and compares their tok
 
 Lease 5 (benchmarks/results/gen-determinism-h200-smollm2-lease5.json, run before the switch, so its
 ``default`` and ``cublas-workspace`` and ``eager`` are the fused kernel and its ``matmul-attention`` is
-today's ``default``): the fused kernel's two processes differed in all 128 rows from position 129 (the
-first step past one 128-slot attention window) in every setting; the two matmuls gave identical sets
-(e7cec3d1...), 32 s a set against 28. ``lockstep.default_attention`` is the two matmuls since.
+today's ``default``): in the three fused settings run (default, cublas-workspace, eager) the two processes
+differed in all 128 rows, identical up to position 128 and the earliest difference at 129 (the first step
+past one 128-slot attention window); the two matmuls gave identical sets (e7cec3d1...), 32.2 s a set against
+27.9 (the step whole, two processes at once). ``deterministic`` was not run. ``lockstep.default_attention``
+is the two matmuls since.
 
 Per setting: whether the two processes agree (digest), rows identical, the first differing (row, position),
 and, with ``--expect DIGEST``, whether it reproduces a set made before (e.g. lease 5's two-matmul self-s0).

@@ -125,6 +125,26 @@ def test_every_device_generates_with_the_repeatable_attention_and_the_set_record
     assert result.provenance["attention"] == ATTENTION_NAME
 
 
+def test_both_engines_take_the_default_attention_when_they_run_and_report_the_one_they_used(model, monkeypatch):
+    """The lockstep rows and Ji's pool ask ``lockstep.default_attention`` at run time (no copy taken at
+    import), so the default decides every device's sets and the record says which attention made them."""
+    from selfcal.calibration import lockstep
+    from selfcal.calibration.pool import PoolSampling, generate_pool
+
+    monkeypatch.setattr(lockstep, "default_attention", lambda device: lockstep.SDPA_ATTENTION_NAME)
+    assert gen(model)[1].attention == lockstep.SDPA_ATTENTION_NAME
+    plain = PoolSampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0)
+    pool = generate_pool(
+        model, [[BOS, 5], [BOS, 6]], max_new_tokens=4, eos_ids=[EOS], sampling=plain, seed=0, batch_size=2
+    )
+    assert pool.attention == lockstep.SDPA_ATTENTION_NAME
+    monkeypatch.undo()
+    pool = generate_pool(
+        model, [[BOS, 5], [BOS, 6]], max_new_tokens=4, eos_ids=[EOS], sampling=plain, seed=0, batch_size=2
+    )
+    assert pool.attention == lockstep.ATTENTION_NAME
+
+
 def test_same_seed_same_hash_different_seed_different_hash(model):
     a = sha256_tokens(gen(model, seed=3)[0])
     assert a == sha256_tokens(gen(model, seed=3)[0])

@@ -172,6 +172,12 @@ def test_quality_of_a_set_is_shown_only_for_the_make_its_models_used_whatever_th
 
     assert quality_markdown([], ["ji-s0", "ji-s1"]).startswith("_no measure shown._ Left out: ji-s0, ji-s1: ")
     assert quality_markdown([], []) == "_no calibration set inspected yet_\n"
+    row = {"calibration": "c4-s0", "source": "c4", "ppl": 9.5}
+    both = quality_markdown([row], ["ji-s0"])
+    assert "| c4 |" in both and both.endswith(
+        "\nLeft out: ji-s0: no inspect record of the make (digest) its models were calibrated with.\n"
+    )
+    assert "Left out" not in quality_markdown([row], [])
 
     remade = [
         {"set": "ji-s0", "runs": ["r1", "r2"], "digests": ["a" * 64, "b" * 64], "same": False},

@@ -65,7 +65,7 @@ class StepStats:
     generations: int
     seconds: float
     graphs: bool
-    attention: str = ATTENTION_NAME
+    attention: str
 
 
 class StaticKVCache:
@@ -143,9 +143,10 @@ def default_attention(device: torch.device) -> str:
 
     Measured (benchmarks/results/gen-determinism-h200-smollm2-lease5.json; H200, SmolLM2 bf16, the study's
     self set 128 x 2048, two fresh processes at once per setting): with torch's fused SDPA the two runs
-    differed in all 128 rows from position 129 (the first step whose attention window is past one chunk of
-    128), also with CUBLAS_WORKSPACE_CONFIG and without CUDA graphs; with these two matmuls all 128 rows
-    were identical, at 32 s a set against 28 s. The fused kernel stays selectable (``attention=``) for
+    differed in all 128 rows, every row identical up to position 128 and the earliest difference at 129
+    (the first step whose attention window is past one chunk of 128), also with CUBLAS_WORKSPACE_CONFIG and
+    without CUDA graphs; with these two matmuls all 128 rows were identical, at 32.2 s a set against 27.9
+    (the generate step whole, two processes at once). The fused kernel stays selectable (``attention=``) for
     benchmarks (benchmarks/results/generate-h200-smollm2-bf16-candidates-pool.json: 5.48 ms/step
     against 5.85)."""
     return ATTENTION_NAME

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from selfcal.calibration import lockstep
 from selfcal.calibration.lockstep import (
     StaticKVCache,
     _geometry,
     check_supported,
-    default_attention,
     lockstep_attention_on,
 )
 from selfcal.calibration.sampling import inverse_cdf, row_uniforms
@@ -201,7 +201,7 @@ class PoolRows:
         # Every generation ends within gen_len steps of its start: a bound that cannot loop forever.
         max_steps = (self.n // self.batch + 2) * self.gen_len
         every = CHECK_EVERY if self.device.type == "cuda" else 1  # a look costs a sync only on a GPU
-        attention = default_attention(self.device)
+        attention = lockstep.default_attention(self.device)  # looked up when run: benchmarks swap it
         with torch.inference_mode(), lockstep_attention_on(self.model, attention):
             while steps < max_steps:
                 if self.use_graphs:
