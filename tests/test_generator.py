@@ -134,15 +134,16 @@ def test_both_engines_take_the_default_attention_when_they_run_and_report_the_on
     monkeypatch.setattr(lockstep, "default_attention", lambda device: lockstep.SDPA_ATTENTION_NAME)
     assert gen(model)[1].attention == lockstep.SDPA_ATTENTION_NAME
     plain = PoolSampling(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0)
-    pool = generate_pool(
-        model, [[BOS, 5], [BOS, 6]], max_new_tokens=4, eos_ids=[EOS], sampling=plain, seed=0, batch_size=2
-    )
-    assert pool.attention == lockstep.SDPA_ATTENTION_NAME
+
+    def pool_attention() -> str:
+        prompts = [[BOS, 5], [BOS, 6]]
+        return generate_pool(
+            model, prompts, max_new_tokens=4, eos_ids=[EOS], sampling=plain, seed=0, batch_size=2
+        ).attention
+
+    assert pool_attention() == lockstep.SDPA_ATTENTION_NAME
     monkeypatch.undo()
-    pool = generate_pool(
-        model, [[BOS, 5], [BOS, 6]], max_new_tokens=4, eos_ids=[EOS], sampling=plain, seed=0, batch_size=2
-    )
-    assert pool.attention == lockstep.ATTENTION_NAME
+    assert pool_attention() == lockstep.ATTENTION_NAME
 
 
 def test_same_seed_same_hash_different_seed_different_hash(model):
