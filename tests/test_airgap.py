@@ -145,6 +145,86 @@ def test_study_box_stop_ends_the_run_session_and_the_samplers_and_nothing_else(t
                 subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)
 
 
+def test_study_box_round_collects_while_the_run_goes_on_and_the_next_round_lets_it_go_on(tmp_path):
+    """Lease 6 lost two boxes between device calls (more than 30 s idle): what a call had collected came back,
+    the rest was lost. ``round`` is one call's worth: start (unless a run is going), progress, collect while
+    the run goes on, so each call returns the records so far without cutting a long item (Ji's pools) at the
+    call's end; the MLflow store comes back as a consistent snapshot of the live database."""
+    import io
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+    import tarfile
+
+    bin_ = tmp_path / "site" / "bin"
+    bin_.mkdir(parents=True)
+    # `selfcal run` finishes one item, then works on the next for a while; `selfcal study-report`: collect's check
+    (bin_ / "selfcal").write_text(
+        '#!/bin/sh\necho "selfcal $*"\n[ "$1" = run ] || exit 0\n'
+        'echo "item-$(wc -l < dvc.lock)" >> dvc.lock\nsleep 4\necho "item-$(wc -l < dvc.lock)" >> dvc.lock\n'
+    )
+    (bin_ / "nvidia-smi").write_text('#!/bin/sh\nwhile true; do echo "t, 0, 5 %, 1 MiB"; sleep 1; done\n')
+    (bin_ / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / ".selfcal").mkdir(parents=True)
+    out.mkdir()
+    (work / "dvc.lock").write_text("schema\n")
+    (work / "params.yaml").write_text("seed: 0\n")
+    store = sqlite3.connect(work / ".selfcal" / "mlflow.db")
+    store.execute("PRAGMA journal_mode=WAL")
+    store.execute("PRAGMA wal_autocheckpoint=0")
+    store.execute("CREATE TABLE registered (name TEXT)")
+    store.execute("INSERT INTO registered VALUES ('m:1')")
+    store.commit()
+    env = os.environ | {
+        "PATH": f"{bin_}:{os.environ['PATH']}",
+        "SITE": str(tmp_path / "site"),
+        "WORK": str(work),
+        "LOG": str(tmp_path / "study.log"),
+        "PIDFILE": str(tmp_path / "study.pid"),
+        "SAMPLER": str(tmp_path / "sampler.pid"),
+        "GPU_CSV": str(tmp_path / "gpu.csv"),
+        "CPU_LOG": str(tmp_path / "cpu.log"),
+        "STEP": "1",
+        "TMPDIR": str(tmp_path),
+    }
+    box = [str(REPO / "tools" / "study_box.sh")]
+    round_ = [*box, "round", "1", str(out), "run-x", "--only", "evaluate@x"]
+
+    def came_back(name):
+        with tarfile.open(out / "run-x.tgz") as tar:
+            return tar.extractfile(name).read()
+
+    try:
+        first = subprocess.run(round_, env=env, cwd=work, capture_output=True, text=True, timeout=60)
+        assert first.returncode == 0, first.stderr
+        run_pid = int((tmp_path / "study.pid").read_text())
+        assert "study_box: still running" in first.stdout and os.path.exists(f"/proc/{run_pid}")  # not stopped
+        assert came_back("dvc.lock").decode().split() == ["schema", "item-1"]
+        assert came_back("params.yaml") == b"seed: 0\n"
+        with tarfile.open(fileobj=io.BytesIO(came_back("mlflow-store.tar.xz"))) as tar:
+            tar.extractall(tmp_path / "store", filter="data")
+        snap = sqlite3.connect(tmp_path / "store" / ".selfcal" / "mlflow.db")
+        assert snap.execute("SELECT name FROM registered").fetchall() == [("m:1",)]  # the WAL's rows too
+        snap.close()
+        second = subprocess.run(round_, env=env, cwd=work, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0, second.stderr
+        assert "a run is going" in second.stdout and int((tmp_path / "study.pid").read_text()) == run_pid
+        stop = subprocess.run([*box, "stop"], env=env, cwd=work, capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0 and not (tmp_path / "sampler.pid").exists()
+        assert (out / "study.log").read_text().count("selfcal run --profile study-smollm2 --only evaluate@x") == 1
+        assert not list(tmp_path.glob("collect.*")) and not (work / "mlflow-store.tar.xz").exists()
+    finally:
+        store.close()
+        for pidfile in ("study.pid", "sampler.pid"):
+            if (tmp_path / pidfile).exists():
+                for pid in (tmp_path / pidfile).read_text().split():
+                    subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)
+
+
 def _pids_in_group(pgid: int) -> list[int]:
     import os
 
@@ -168,8 +248,10 @@ def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_a
     (4.8 MB in lease 4) comes back packed, the records plain, no weights; the packed store opens as the plain
     one did, with its artifact copies beside it."""
     import os
+    import sqlite3
     import subprocess
     import tarfile
+    from contextlib import closing
 
     from selfcal.lineage.run_store import store_db
 
@@ -185,7 +267,9 @@ def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_a
     (work / "artifacts/evaluations/self-s0-gptq.json").write_text("{}\n")
     (work / "artifacts/checkpoints/self-s0-gptq/manifest.json").write_text("{}\n")
     (work / "artifacts/checkpoints/self-s0-gptq/model.safetensors").write_bytes(b"\0" * 1024)
-    (work / ".selfcal/mlflow.db").write_bytes(b"SQLite format 3\x00db")
+    with closing(sqlite3.connect(work / ".selfcal/mlflow.db")) as con, con:
+        con.execute("CREATE TABLE registered (name TEXT)")
+        con.execute("INSERT INTO registered VALUES ('SmolLM2-gptq-self:1')")
     (work / ".selfcal/mlartifacts/r1/artifacts/manifest.json").write_text('{"m": 1}\n')
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -205,5 +289,6 @@ def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_a
     assert "mlflow-store.tar.xz" in names and "artifacts/evaluations/self-s0-gptq.json" in names
     assert not [n for n in names if n.startswith(".selfcal") or n.endswith(".safetensors")]
     db = store_db(tmp_path / "back")
-    assert db.read_bytes() == b"SQLite format 3\x00db"
+    with closing(sqlite3.connect(db)) as con:
+        assert con.execute("SELECT name FROM registered").fetchall() == [("SmolLM2-gptq-self:1",)]
     assert (db.parent / "mlartifacts/r1/artifacts/manifest.json").read_text() == '{"m": 1}\n'

@@ -11,6 +11,13 @@
 #                                         started it while the box stays warm), with nvidia-smi and /proc/stat
 #                                         sampled each second (GPU_CSV, CPU_LOG)
 #   tools/study_box.sh progress SECONDS   every 10 s until the run ends or SECONDS pass: items done, GPU busy
+#   tools/study_box.sh round SECONDS OUT NAME ARGS...
+#                                         one device call's worth: start ARGS (unless a run is going: then it goes
+#                                         on), progress SECONDS, collect OUT NAME while it goes on. What the run has
+#                                         finished comes back with every call, so a box given back between two calls
+#                                         (30 s idle; lease 6 lost two that way) loses only the items in flight and
+#                                         long items (Ji's pools) are never cut by a call's end; the last call:
+#                                         stop, then collect
 #   tools/study_box.sh stop               ends the run (its whole session: flow, dvc, stages) and the sampler, by
 #                                         the pids `start` saved (`pkill -f nvidia-smi` inside a device call matched
 #                                         the call's own shell and killed it before collect)
@@ -95,6 +102,7 @@ bench() {
 }
 
 LOG=${LOG:-/tmp/study.log}
+STEP=${STEP:-10}  # seconds between progress lines
 PIDFILE=${PIDFILE:-/tmp/study.pid}
 SAMPLER=${SAMPLER:-/tmp/gpu-sampler.pid}
 GPU_CSV=${GPU_CSV:-/tmp/gpu.csv}
@@ -164,8 +172,8 @@ progress() {
     fi
     pid=$(cat "$PIDFILE")
     while kill -0 "$pid" 2>/dev/null && [ "$t" -lt "$limit" ]; do
-        sleep 10
-        t=$((t + 10))
+        sleep "$STEP"
+        t=$((t + STEP))
         echo "t=${t}s completed=$(items Completed) failed=$(items Failed) gpu=$(tail -1 "$GPU_CSV")"
     done
     kill -0 "$pid" 2>/dev/null && echo "study_box: still running" || { echo "study_box: run ended"; tail -3 "$LOG"; }
@@ -179,20 +187,34 @@ collect() {
     # brings back at most 8 files (lease 4 lost three of the report's to that limit)
     selfcal study-report --out "/tmp/$name-report" --title "Reproduction study: SmolLM2-135M-Instruct ($name)" ||
         echo "study_box: study-report failed (the records still come back)"
-    # records and manifests, not weights
-    # the MLflow store packed (selfcal.lineage.run_store: ~4.8 MB of SQLite and JSON copies -> ~0.2 MB, and every
-    # call to the lent GPU carries the committed tree within 64 MiB)
-    rm -f mlflow-store.tar.xz
-    if [ -f .selfcal/mlflow.db ]; then
-        python -c 'from pathlib import Path; from selfcal.lineage.run_store import write_archive; write_archive(Path("."))'
-    fi
-    local files
-    files=$(ls -d dvc.lock params.yaml artifacts/evaluations artifacts/metrics artifacts/diagnostics \
+    # The run may still be going (`round`): the records are copied first (each is written whole, by rename), then
+    # dvc.lock (DVC rewrites it in place: copied until a copy parses), then the MLflow store as one consistent
+    # snapshot (SQLite's backup, selfcal.lineage.run_store: ~4.8 MB of SQLite and JSON copies -> ~0.2 MB, and
+    # every call to the lent GPU carries the committed tree within 64 MiB), so the store knows every model whose
+    # record came back (but one evaluated in the second between its record and its MLflow link)
+    local stage files
+    stage=$(mktemp -d "${TMPDIR:-/tmp}/collect.XXXXXX")
+    files=$(ls -d params.yaml artifacts/evaluations artifacts/metrics artifacts/diagnostics \
         artifacts/calibration/*/manifest.json artifacts/checkpoints/*/manifest.json \
         artifacts/checkpoints/*/compression.json artifacts/checkpoints/*/run.json artifacts/checkpoints/*/recipe.yaml \
-        mlflow-store.tar.xz 2>/dev/null || true)
+        2>/dev/null || true)
     # shellcheck disable=SC2086
-    tar -czf "$out/$name.tgz" $files
+    [ -z "$files" ] || tar -cf - $files | tar -xf - -C "$stage"
+    if [ -f dvc.lock ]; then
+        for _ in 1 2 3 4 5 6 7 8 9 10; do
+            cp dvc.lock "$stage/dvc.lock"
+            python -c 'import sys; from ruamel.yaml import YAML; YAML(typ="safe").load(open(sys.argv[1]))' \
+                "$stage/dvc.lock" 2>/dev/null && break
+            sleep 1
+        done
+    fi
+    rm -f mlflow-store.tar.xz
+    if [ -f .selfcal/mlflow.db ]; then
+        python -c 'from pathlib import Path; from selfcal.lineage.run_store import write_archive; write_archive(Path("."), live=True)'
+        mv mlflow-store.tar.xz "$stage/"
+    fi
+    (cd "$stage" && tar -czf "$out/$name.tgz" $(ls -A))
+    rm -rf "$stage"
     # the flow's log and the samplers' records, beside it
     for f in "$LOG" "$GPU_CSV" "$CPU_LOG"; do
         if [ -f "$f" ]; then cp "$f" "$out/"; fi
@@ -200,6 +222,19 @@ collect() {
     ls -la "$out"
 }
 
-cmd=${1:?usage: study_box.sh setup STASH | run ARGS... | bench SCRIPT ARGS... | start ARGS... | progress SECONDS | stop | collect OUT NAME}
+round() {
+    local seconds=${1:?round SECONDS OUT NAME ARGS...} out=${2:?round SECONDS OUT NAME ARGS...}
+    local name=${3:?round SECONDS OUT NAME ARGS...}
+    shift 3
+    if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+        echo "study_box: a run is going (pid $(cat "$PIDFILE")): it goes on"
+    else
+        start "$@"
+    fi
+    progress "$seconds"
+    collect "$out" "$name"
+}
+
+cmd=${1:?usage: study_box.sh setup STASH | run ARGS... | bench SCRIPT ARGS... | start ARGS... | progress SECONDS | round SECONDS OUT NAME ARGS... | stop | collect OUT NAME}
 shift
 "$cmd" "$@"

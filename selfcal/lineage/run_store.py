@@ -34,22 +34,48 @@ def has_store(run: Path) -> bool:
     return (run / STORE_DIR / DB).is_file() or (run / ARCHIVE).is_file()
 
 
-def write_archive(run: Path) -> Path:
+def write_archive(run: Path, *, live: bool = False) -> Path:
     """``run``/mlflow-store.tar.xz from ``run``/.selfcal (the database and the artifact copies), which stays:
-    what ``tools/study_box.sh collect`` brings back from a box."""
+    what ``tools/study_box.sh collect`` brings back from a box.
+
+    ``live``: the store may be in use (collect while the run goes on, so a box given back between two device
+    calls loses only the items in flight): the database goes in as SQLite's online backup, one consistent
+    snapshot with what its write-ahead log holds, instead of the file's bytes, which a writer may be changing
+    and which leave out what is still in ``mlflow.db-wal``."""
     db = run / STORE_DIR / DB
     if not db.is_file():
         raise DataError(f"{run}: no {STORE_DIR}/{DB} to pack")
     tmp = run / f".{ARCHIVE}.tmp"
-    try:
-        with tarfile.open(tmp, "w:xz") as tar:
-            for member in MEMBERS:
-                if (run / member).exists():
-                    tar.add(run / member, arcname=member)
-        tmp.replace(run / ARCHIVE)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".snapshot-", dir=run) as scratch:
+        source = db
+        if live:
+            source = Path(scratch) / DB
+            _backup(db, source)
+        try:
+            with tarfile.open(tmp, "w:xz") as tar:
+                tar.add(source, arcname=MEMBERS[0])
+                for member in MEMBERS[1:]:
+                    if (run / member).exists():
+                        tar.add(run / member, arcname=member)
+            tmp.replace(run / ARCHIVE)
+        finally:
+            tmp.unlink(missing_ok=True)
     return run / ARCHIVE
+
+
+def _backup(db: Path, dest: Path) -> None:
+    """SQLite's online backup of ``db`` into ``dest`` (waits up to 60 s for a writer's lock)."""
+    import sqlite3
+
+    src = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+    try:
+        out = sqlite3.connect(dest)
+        try:
+            src.backup(out)
+        finally:
+            out.close()
+    finally:
+        src.close()
 
 
 def pack(run: Path) -> Path:
