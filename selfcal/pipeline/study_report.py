@@ -237,6 +237,13 @@ def _lineage_table(lineage: list[dict]) -> str:
         + " registered model | calibration set (digest) | git commit | selfcal code |",
         "|---|" + ("---|" if by_run else "") + "---|---|---|---|",
     ]
+    if by_run:
+        lines[:0] = [
+            "Each run folder has its own MLflow store (`mlflow-store.tar.xz`), so a version number names a model "
+            "within its run only: `selfcal lineage --tracking-uri sqlite:///<the unpacked store>/.selfcal/mlflow.db "
+            "MODEL:VERSION`.",
+            "",
+        ]
     for e in lineage:
         dirty = " (dirty)" if e["git_dirty"] == "true" else ""
         run = f" {e.get('run', '-')} |" if by_run else ""
