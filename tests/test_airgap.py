@@ -83,7 +83,6 @@ def test_study_box_stop_ends_the_run_session_and_the_samplers_and_nothing_else(t
     killed it before ``collect``. ``stop`` ends exactly what ``start`` began, by the pids it saved: the run's whole
     session (the flow and the stage it is in, KILLed if it outlives TERM) and the two samplers; a second ``start``
     while a run is going is refused (it would orphan the first)."""
-    import os
     import subprocess
     import time
 
@@ -96,17 +95,7 @@ def test_study_box_stop_ends_the_run_session_and_the_samplers_and_nothing_else(t
         f.chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
-    env = os.environ | {
-        "PATH": f"{bin_}:{os.environ['PATH']}",
-        "SITE": str(tmp_path / "site"),
-        "WORK": str(work),
-        "LOG": str(tmp_path / "study.log"),
-        "PIDFILE": str(tmp_path / "study.pid"),
-        "SAMPLER": str(tmp_path / "sampler.pid"),
-        "GPU_CSV": str(tmp_path / "gpu.csv"),
-        "CPU_LOG": str(tmp_path / "cpu.log"),
-        "PROFILE": "study-smollm2-sweep-n",
-    }
+    env = _box_env(tmp_path, bin_, work, PROFILE="study-smollm2-sweep-n")
     box = [str(REPO / "tools" / "study_box.sh")]
     # stands for the device call's own shell: its command line names what a pattern kill would look for
     bystander = subprocess.Popen(["bash", "-c", "sleep 300 # nvidia-smi selfcal study_box.sh run", "x"])
@@ -179,18 +168,7 @@ def test_study_box_round_collects_while_the_run_goes_on_and_the_next_round_lets_
     store.execute("CREATE TABLE registered (name TEXT)")
     store.execute("INSERT INTO registered VALUES ('m:1')")
     store.commit()
-    env = os.environ | {
-        "PATH": f"{bin_}:{os.environ['PATH']}",
-        "SITE": str(tmp_path / "site"),
-        "WORK": str(work),
-        "LOG": str(tmp_path / "study.log"),
-        "PIDFILE": str(tmp_path / "study.pid"),
-        "SAMPLER": str(tmp_path / "sampler.pid"),
-        "GPU_CSV": str(tmp_path / "gpu.csv"),
-        "CPU_LOG": str(tmp_path / "cpu.log"),
-        "STEP": "1",
-        "TMPDIR": str(tmp_path),
-    }
+    env = _box_env(tmp_path, bin_, work, STEP="1", TMPDIR=str(tmp_path))
     box = [str(REPO / "tools" / "study_box.sh")]
     round_ = [*box, "round", "1", str(out), "run-x", "--only", "evaluate@x"]
 
@@ -223,6 +201,27 @@ def test_study_box_round_collects_while_the_run_goes_on_and_the_next_round_lets_
             if (tmp_path / pidfile).exists():
                 for pid in (tmp_path / pidfile).read_text().split():
                     subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)
+
+
+def _box_env(tmp_path, bin_, work, **extra) -> dict:
+    """study_box.sh's environment in a test: the fakes in ``bin_`` first on PATH, every file it writes under
+    ``tmp_path``."""
+    import os
+
+    return (
+        os.environ
+        | {
+            "PATH": f"{bin_}:{os.environ['PATH']}",
+            "SITE": str(tmp_path / "site"),
+            "WORK": str(work),
+            "LOG": str(tmp_path / "study.log"),
+            "PIDFILE": str(tmp_path / "study.pid"),
+            "SAMPLER": str(tmp_path / "sampler.pid"),
+            "GPU_CSV": str(tmp_path / "gpu.csv"),
+            "CPU_LOG": str(tmp_path / "cpu.log"),
+        }
+        | extra
+    )
 
 
 def _pids_in_group(pgid: int) -> list[int]:
