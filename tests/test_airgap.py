@@ -264,6 +264,7 @@ def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_a
         (work / d).mkdir(parents=True)
     (work / "dvc.lock").write_text("schema: '2.0'\n")
     (work / "artifacts/evaluations/self-s0-gptq.json").write_text("{}\n")
+    (work / "artifacts/evaluations/.self-s1-gptq.json.tmp-0a1b2c3d").write_text("{")  # a writer's scratch file
     (work / "artifacts/checkpoints/self-s0-gptq/manifest.json").write_text("{}\n")
     (work / "artifacts/checkpoints/self-s0-gptq/model.safetensors").write_bytes(b"\0" * 1024)
     with closing(sqlite3.connect(work / ".selfcal/mlflow.db")) as con, con:
@@ -286,7 +287,7 @@ def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_a
         names = tar.getnames()
         tar.extractall(tmp_path / "back", filter="data")
     assert "mlflow-store.tar.xz" in names and "artifacts/evaluations/self-s0-gptq.json" in names
-    assert not [n for n in names if n.startswith(".selfcal") or n.endswith(".safetensors")]
+    assert not [n for n in names if n.startswith(".selfcal") or n.endswith(".safetensors") or ".tmp-" in n]
     db = store_db(tmp_path / "back")
     with closing(sqlite3.connect(db)) as con:
         assert con.execute("SELECT name FROM registered").fetchall() == [("SmolLM2-gptq-self:1",)]

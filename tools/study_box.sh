@@ -198,8 +198,11 @@ collect() {
         artifacts/calibration/*/manifest.json artifacts/checkpoints/*/manifest.json \
         artifacts/checkpoints/*/compression.json artifacts/checkpoints/*/run.json artifacts/checkpoints/*/recipe.yaml \
         2>/dev/null || true)
+    # a writer's scratch file (selfcal.artifacts: .NAME.tmp-XXXX) may come and go under tar: left out, and its
+    # going is no error (GNU tar's status 1: a file changed or went while read)
     # shellcheck disable=SC2086
-    [ -z "$files" ] || tar -cf - $files | tar -xf - -C "$stage"
+    [ -z "$files" ] || { tar -cf - --exclude='.*.tmp-*' --ignore-failed-read --warning=no-file-changed \
+        --warning=no-file-removed $files || [ $? -eq 1 ]; } | tar -xf - -C "$stage"
     if [ -f dvc.lock ]; then
         for _ in 1 2 3 4 5 6 7 8 9 10; do
             cp dvc.lock "$stage/dvc.lock"
