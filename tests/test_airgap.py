@@ -246,7 +246,6 @@ def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_a
     """What comes back from a lease is committed and travels with every later call (64 MiB a call): the store
     (4.8 MB in lease 4) comes back packed, the records plain, no weights; the packed store opens as the plain
     one did, with its artifact copies beside it."""
-    import os
     import sqlite3
     import subprocess
     import tarfile
@@ -273,8 +272,7 @@ def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_a
     (work / ".selfcal/mlartifacts/r1/artifacts/manifest.json").write_text('{"m": 1}\n')
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    env = os.environ | {"PATH": f"{bin_}:{os.environ['PATH']}", "SITE": str(tmp_path / "site"), "WORK": str(work)}
-    env |= {"LOG": str(tmp_path / "none.log"), "GPU_CSV": str(tmp_path / "g"), "CPU_LOG": str(tmp_path / "c")}
+    env = _box_env(tmp_path, bin_, work)  # no log or samples written: collect brings none back
     done = subprocess.run(
         [str(REPO / "tools" / "study_box.sh"), "collect", str(out_dir), "lease-x"],
         env=env,

@@ -216,7 +216,8 @@ collect() {
         python -c 'from pathlib import Path; from selfcal.lineage.run_store import write_archive; write_archive(Path("."), live=True)'
         mv mlflow-store.tar.xz "$stage/"
     fi
-    (cd "$stage" && tar -czf "$out/$name.tgz" $(ls -A))
+    # shellcheck disable=SC2046
+    tar -czf "$out/$name.tgz" -C "$stage" $(ls -A "$stage")
     rm -rf "$stage"
     # the flow's log and the samplers' records, beside it
     for f in "$LOG" "$GPU_CSV" "$CPU_LOG"; do

@@ -15,6 +15,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 from selfcal.errors import DataError
@@ -46,11 +47,8 @@ def write_archive(run: Path, *, live: bool = False) -> Path:
     if not db.is_file():
         raise DataError(f"{run}: no {STORE_DIR}/{DB} to pack")
     tmp = run / f".{ARCHIVE}.tmp"
-    with tempfile.TemporaryDirectory(prefix=".snapshot-", dir=run) as scratch:
-        source = db
-        if live:
-            source = Path(scratch) / DB
-            _backup(db, source)
+    with tempfile.TemporaryDirectory(prefix=".snapshot-", dir=run) if live else nullcontext() as scratch:
+        source = _backup(db, Path(scratch) / DB) if live else db
         try:
             with tarfile.open(tmp, "w:xz") as tar:
                 tar.add(source, arcname=MEMBERS[0])
@@ -63,19 +61,16 @@ def write_archive(run: Path, *, live: bool = False) -> Path:
     return run / ARCHIVE
 
 
-def _backup(db: Path, dest: Path) -> None:
+def _backup(db: Path, dest: Path) -> Path:
     """SQLite's online backup of ``db`` into ``dest`` (waits up to 60 s for a writer's lock)."""
     import sqlite3
 
-    src = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
-    try:
-        out = sqlite3.connect(dest)
-        try:
-            src.backup(out)
-        finally:
-            out.close()
-    finally:
-        src.close()
+    with (
+        closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as src,
+        closing(sqlite3.connect(dest)) as out,
+    ):
+        src.backup(out)
+    return dest
 
 
 def pack(run: Path) -> Path:

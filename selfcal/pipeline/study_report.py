@@ -231,19 +231,18 @@ def _lineage_table(lineage: list[dict]) -> str:
     names a model only within its run: a report of run folders (``--runs``) has the run as a column, and the
     ``selfcal lineage`` of a row is read from that run folder's store (``lineage.run_store``)."""
     by_run = any("run" in e for e in lineage)
+    note = (
+        "Each run folder has its own MLflow store (`mlflow-store.tar.xz`), so a version number names a model "
+        "within its run only: `selfcal lineage --tracking-uri sqlite:///<the unpacked store>/.selfcal/mlflow.db "
+        "MODEL:VERSION`."
+    )
     lines = [
+        *([note, ""] if by_run else []),
         "| evaluated |"
         + (" run (MLflow store) |" if by_run else "")
         + " registered model | calibration set (digest) | git commit | selfcal code |",
         "|---|" + ("---|" if by_run else "") + "---|---|---|---|",
     ]
-    if by_run:
-        lines[:0] = [
-            "Each run folder has its own MLflow store (`mlflow-store.tar.xz`), so a version number names a model "
-            "within its run only: `selfcal lineage --tracking-uri sqlite:///<the unpacked store>/.selfcal/mlflow.db "
-            "MODEL:VERSION`.",
-            "",
-        ]
     for e in lineage:
         dirty = " (dirty)" if e["git_dirty"] == "true" else ""
         run = f" {e.get('run', '-')} |" if by_run else ""
