@@ -32,22 +32,46 @@ def window_nll(
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+#: Float32 logit elements one batch of ``sequence_mean_nll`` may hold (1 GiB). A batch's logits are
+#: rows x width x vocabulary: with SmolLM2's 49,152 tokens, 128 texts of up to 2,048 tokens asked for
+#: 36.75 GiB in one allocation and Ji's filter died of it on the shared H200 (lease 7), after a pool
+#: of 1000 generations (~5 minutes) that the retry then made again. A constant, not the free memory:
+#: the batch's composition may change a row's float results, and the filter must keep the same texts
+#: on every box.
+LOGIT_BUDGET = 2**28
+
+
+def sequence_batches(lengths: Sequence[int], *, batch_size: int, vocab_size: int, budget: int = LOGIT_BUDGET):
+    """Indices of ``lengths`` in batches, shortest first: at most ``batch_size`` rows, and rows x the
+    batch's longest length x ``vocab_size`` within ``budget`` (one row always goes, however long)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * lengths[i] * vocab_size > budget):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
 @torch.inference_mode()
 def sequence_mean_nll(
-    model, sequences: Sequence[Sequence[int]], *, batch_size: int = 8, pad_id: int = 0
+    model, sequences: Sequence[Sequence[int]], *, batch_size: int = 8, pad_id: int = 0, budget: int = LOGIT_BUDGET
 ) -> torch.Tensor:
     """Mean NLL over tokens 2..T of each sequence (lengths may differ): shape (n,), float64.
 
     This is ``model(ids, labels=ids).loss`` per sequence, as Ji et al.'s sample_ppl.py computes
     it one text at a time, batched here: sequences are sorted by length and right-padded, and a
     causal model's logits at real positions do not depend on the padding after them.
-    Sequences shorter than 2 tokens have nothing to predict and get NaN.
+    Sequences shorter than 2 tokens have nothing to predict and get NaN. A batch holds at most
+    ``batch_size`` rows and ``budget`` float logits (``sequence_batches``).
     """
     device = next(model.parameters()).device
     result = torch.full((len(sequences),), float("nan"), dtype=torch.float64)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    for start in range(0, len(order), batch_size):
-        idx = [i for i in order[start : start + batch_size] if len(sequences[i]) >= 2]
+    lengths = [len(s) for s in sequences]
+    for batch in sequence_batches(lengths, batch_size=batch_size, vocab_size=model.config.vocab_size, budget=budget):
+        idx = [i for i in batch if lengths[i] >= 2]
         if not idx:
             continue
         width = max(len(sequences[i]) for i in idx)

@@ -143,20 +143,9 @@ def test_study_box_round_collects_while_the_run_goes_on_and_the_next_round_lets_
     import os
     import sqlite3
     import subprocess
-    import sys
     import tarfile
 
-    bin_ = tmp_path / "site" / "bin"
-    bin_.mkdir(parents=True)
-    # `selfcal run` finishes one item, then works on the next for a while; `selfcal study-report`: collect's check
-    (bin_ / "selfcal").write_text(
-        '#!/bin/sh\necho "selfcal $*"\n[ "$1" = run ] || exit 0\n'
-        'echo "item-$(wc -l < dvc.lock)" >> dvc.lock\nsleep 4\necho "item-$(wc -l < dvc.lock)" >> dvc.lock\n'
-    )
-    (bin_ / "nvidia-smi").write_text('#!/bin/sh\nwhile true; do echo "t, 0, 5 %, 1 MiB"; sleep 1; done\n')
-    (bin_ / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
-    for f in bin_.iterdir():
-        f.chmod(0o755)
+    bin_ = _round_fakes(tmp_path)
     work, out = tmp_path / "work", tmp_path / "out"
     (work / ".selfcal").mkdir(parents=True)
     out.mkdir()
@@ -201,6 +190,54 @@ def test_study_box_round_collects_while_the_run_goes_on_and_the_next_round_lets_
             if (tmp_path / pidfile).exists():
                 for pid in (tmp_path / pidfile).read_text().split():
                     subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)
+
+
+def _round_fakes(tmp_path):
+    """A box's commands for ``round``: ``selfcal run`` finishes one item, then works on the next for a while;
+    ``selfcal study-report`` (collect's check) says what it was asked; nvidia-smi samples; the test's python."""
+    import sys
+
+    bin_ = tmp_path / "site" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "selfcal").write_text(
+        '#!/bin/sh\necho "selfcal $*"\n[ "$1" = run ] || exit 0\n'
+        'echo "item-$(wc -l < dvc.lock)" >> dvc.lock\nsleep 4\necho "item-$(wc -l < dvc.lock)" >> dvc.lock\n'
+    )
+    (bin_ / "nvidia-smi").write_text('#!/bin/sh\nwhile true; do echo "t, 0, 5 %, 1 MiB"; sleep 1; done\n')
+    (bin_ / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    return bin_
+
+
+def test_study_box_round_without_a_chunk_never_starts_a_run_and_a_new_box_is_refused(tmp_path):
+    """Lease 7: the box was given back between two calls; the next call's round (no chunk: the run was meant
+    to go on) found no run on the new box, started the whole profile, then died on the missing clone. A round
+    without a chunk now starts nothing: it collects what an ended run left, or says the box is new."""
+    import subprocess
+    import tarfile
+
+    bin_ = _round_fakes(tmp_path)
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    env = _box_env(tmp_path, bin_, work, STEP="1", TMPDIR=str(tmp_path))
+    box = [str(REPO / "tools" / "study_box.sh")]
+    for args in ([], ["--only", "evaluate@x"]):  # a new box: no clone (setup never ran), with a chunk or not
+        new_box = subprocess.run([*box, "round", "1", str(out), "run-x", *args], env=env, cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert new_box.returncode == 2 and f"no {work}: this box is not set up" in new_box.stderr
+        assert not (tmp_path / "study.pid").exists() and not (tmp_path / "study.log").exists()
+        assert not (out / "run-x.tgz").exists()
+    work.mkdir()
+    (work / "dvc.lock").write_text("schema\nitem-1\n")  # an ended run's
+    (work / "params.yaml").write_text("seed: 0\n")
+    ended = subprocess.run([*box, "round", "1", str(out), "run-x"], env=env, cwd=work,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ended.returncode == 0, ended.stderr
+    assert "no run going and no chunk given: nothing started" in ended.stdout
+    assert not (tmp_path / "study.pid").exists() and "selfcal run" not in ended.stdout
+    with tarfile.open(out / "run-x.tgz") as tar:
+        assert tar.extractfile("dvc.lock").read() == b"schema\nitem-1\n"
 
 
 def _box_env(tmp_path, bin_, work, **extra) -> dict:

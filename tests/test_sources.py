@@ -178,6 +178,43 @@ def test_ji_filter_keeps_texts_below_the_80th_percentile_of_whole_text_perplexit
     assert info["ppl_threshold"] == pytest.approx(threshold, rel=1e-4)
 
 
+def test_scoring_batches_hold_at_most_batch_size_rows_and_the_logit_budget_one_row_always_goes():
+    from selfcal.scoring import sequence_batches
+
+    lengths = [5, 3, 9, 2]  # shortest first: 3 (2), 1 (3), 0 (5), 2 (9)
+    assert list(sequence_batches(lengths, batch_size=3, vocab_size=10, budget=60)) == [[3, 1], [0], [2]]
+    # a budget that never binds: the batches are the sorted order cut every batch_size rows, as before the budget
+    assert list(sequence_batches(lengths, batch_size=3, vocab_size=10, budget=10**9)) == [[3, 1, 0], [2]]
+    assert list(sequence_batches([], batch_size=3, vocab_size=10)) == []
+
+
+def test_ji_filter_scores_within_the_logit_budget_and_the_budget_does_not_change_what_it_keeps(tokenizer, tiny_model):
+    """Lease 7: the filter's batch of 128 texts asked the shared H200 for 36.75 GiB of logits and died after
+    the pool was made. A batch now holds rows x width x vocabulary <= the budget; the scores are the same."""
+    from transformers import AutoModelForCausalLM
+
+    from selfcal.scoring import sequence_mean_nll
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    sequences = [list(tokenizer(t)["input_ids"]) for t in _docs(9, words=14)] + [[1]]
+    vocab = model.config.vocab_size
+    widest = max(len(x) for x in sequences)
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda _m, _a, kw: seen.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        free = sequence_mean_nll(model, sequences, batch_size=16, budget=10**12)
+        assert [rows for rows, _ in seen] == [9]  # one batch: the budget never binds (the one-token row has no score)
+        seen.clear()
+        bounded = sequence_mean_nll(model, sequences, batch_size=16, budget=2 * widest * vocab)
+    finally:
+        hook.remove()
+    assert len(seen) >= 5 and all(rows * width * vocab <= 2 * widest * vocab for rows, width in seen)
+    assert torch.isnan(free[-1]) and torch.isnan(bounded[-1])
+    torch.testing.assert_close(bounded[:-1], free[:-1], rtol=1e-5, atol=1e-6)
+
+
 def test_ji_windows_are_get_selfgens_random_windows_of_the_space_joined_text(tokenizer):
     import random
 

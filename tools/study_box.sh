@@ -17,7 +17,9 @@
 #                                         finished comes back with every call, so a box given back between two calls
 #                                         (30 s idle; lease 6 lost two that way) loses only the items in flight and
 #                                         long items (Ji's pools) are never cut by a call's end; the last call:
-#                                         stop, then collect
+#                                         stop, then collect. A round without ARGS never starts a run (on a box
+#                                         where none is going it collects what the last one left, or, on a new
+#                                         box, says so and exits 2)
 #   tools/study_box.sh stop               ends the run (its whole session: flow, dvc, stages) and the sampler, by
 #                                         the pids `start` saved (`pkill -f nvidia-smi` inside a device call matched
 #                                         the call's own shell and killed it before collect)
@@ -110,6 +112,10 @@ CPU_LOG=${CPU_LOG:-/tmp/cpu.log}
 
 start() {
     eval "$(env_lines)"
+    if [ ! -d "$WORK" ]; then
+        echo "study_box: no $WORK: this box is not set up: run setup STASH first" >&2
+        return 2
+    fi
     if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
         echo "study_box: a run is going (pid $(cat "$PIDFILE")): stop it first" >&2
         return 2
@@ -232,8 +238,15 @@ round() {
     shift 3
     if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
         echo "study_box: a run is going (pid $(cat "$PIDFILE")): it goes on"
-    else
+    elif [ $# -gt 0 ]; then
         start "$@"
+    elif [ -d "$WORK" ]; then
+        # a later call's round (no chunk) after the run ended: what it left is collected, nothing starts (lease 7:
+        # such a round on a box given back in between started the whole profile, and then failed on no WORK)
+        echo "study_box: no run going and no chunk given: nothing started"
+    else
+        echo "study_box: no run going, and no $WORK: this box is not set up (a new box: the last one was given back?): setup STASH, then round with the chunk" >&2
+        return 2
     fi
     progress "$seconds"
     collect "$out" "$name"
