@@ -30,6 +30,10 @@ from pathlib import Path
 import torch
 
 
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a causal LM folder (safetensors)")
@@ -50,7 +54,7 @@ def main() -> None:
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     texts = [torch.randint(3, vocab, (2048 - 37 * i,), generator=gen).tolist() for i in range(args.texts)]
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    loaded = _peak_rss_gib()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -63,12 +67,7 @@ def main() -> None:
         "lengths": [len(t) for t in texts],
         "batch_size": args.batch_size,
         "seconds": round(seconds, 2),
-        "peak_gib": round(
-            torch.cuda.max_memory_allocated() / 2**30
-            if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            3,
-        ),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else _peak_rss_gib(), 3),
         "peak_kind": "cuda max_memory_allocated" if device == "cuda" else "peak RSS",
         "rss_after_load_gib": round(loaded, 3),
         "nll": nll.tolist(),

@@ -74,7 +74,7 @@ def sequence_mean_nll(
         idx = [i for i in batch if lengths[i] >= 2]
         if not idx:
             continue
-        width = max(len(sequences[i]) for i in idx)
+        width = max(lengths[i] for i in idx)
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for row, i in enumerate(idx):

@@ -110,13 +110,20 @@ SAMPLER=${SAMPLER:-/tmp/gpu-sampler.pid}
 GPU_CSV=${GPU_CSV:-/tmp/gpu.csv}
 CPU_LOG=${CPU_LOG:-/tmp/cpu.log}
 
+# Whether `setup` made WORK on this box (a box lent anew after one was given back has none): says so if not.
+set_up() {
+    [ -d "$WORK" ] && return 0
+    echo "study_box: no $WORK: this box is not set up (a new box, if the last one was given back): run setup STASH first, then start or round with the chunk" >&2
+    return 2
+}
+
+# Whether the run `start` began is still going.
+running() { [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
+
 start() {
     eval "$(env_lines)"
-    if [ ! -d "$WORK" ]; then
-        echo "study_box: no $WORK: this box is not set up: run setup STASH first" >&2
-        return 2
-    fi
-    if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+    set_up || return 2
+    if running; then
         echo "study_box: a run is going (pid $(cat "$PIDFILE")): stop it first" >&2
         return 2
     fi
@@ -236,17 +243,17 @@ round() {
     local seconds=${1:?round SECONDS OUT NAME ARGS...} out=${2:?round SECONDS OUT NAME ARGS...}
     local name=${3:?round SECONDS OUT NAME ARGS...}
     shift 3
-    if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+    if running; then
         echo "study_box: a run is going (pid $(cat "$PIDFILE")): it goes on"
-    elif [ $# -gt 0 ]; then
-        start "$@"
-    elif [ -d "$WORK" ]; then
-        # a later call's round (no chunk) after the run ended: what it left is collected, nothing starts (lease 7:
-        # such a round on a box given back in between started the whole profile, and then failed on no WORK)
-        echo "study_box: no run going and no chunk given: nothing started"
     else
-        echo "study_box: no run going, and no $WORK: this box is not set up (a new box: the last one was given back?): setup STASH, then round with the chunk" >&2
-        return 2
+        set_up || return 2
+        if [ $# -gt 0 ]; then
+            start "$@"
+        else
+            # a later call's round (no chunk) after the run ended: what it left is collected, nothing starts
+            # (lease 7: such a round on a box given back in between started the whole profile, then failed)
+            echo "study_box: no run going and no chunk given: nothing started"
+        fi
     fi
     progress "$seconds"
     collect "$out" "$name"
