@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
+import subprocess
 
 import pytest
 
@@ -70,12 +72,46 @@ def test_pack_fills_transfers_under_the_limit_keeping_each_files_folder(airgap, 
     assert all(size <= 1 << 20 for size in sizes) and len(folders) == 4  # 3400 KiB: at least 4 transfers of 1 MiB
     merged = {f.relative_to(d).as_posix() for d in folders for f in d.rglob("*") if f.is_file()}
     assert merged == {f"wheels/w{i}.whl" for i in range(5)} | {"parts/model.part000", "parts/model.part001"} | {
-        "shared.tar.xz"
+        "shared.tar.xz",
+        "transfers.json",
     }
     manifest = json.loads((tmp_path / "bundle" / "transfers.json").read_text())
     assert sorted(manifest) == ["c1", "c2", "c3", "c4"]
+    assert all(
+        (d / "transfers.json").read_text() == (tmp_path / "bundle" / "transfers.json").read_text() for d in folders
+    )
     with pytest.raises(SystemExit, match="over the 1 MiB transfer: split it"):
         airgap.pack({"": [blob("big.bin", 1100)]}, tmp_path / "bundle2", transfer_mib=1)
+
+
+def test_check_on_the_box_names_the_transfers_that_did_not_arrive_before_anything_is_installed(airgap, tmp_path):
+    """Lease 8: the box was given back after c1, c2-c4 landed on a new one, and setup failed only at the import
+    check (c1's wheel of pydantic-settings). The bootstrap now stops first, naming c1."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files = []
+    for i, kib in enumerate((700, 600, 500)):
+        files.append(src / f"w{i}.whl")
+        files[-1].write_bytes(b"x" * (kib << 10))
+    folders = airgap.pack({"wheels": files}, tmp_path / "bundle", transfer_mib=1)
+    assert len(folders) == 3
+    stash = tmp_path / "stash"
+    for d in folders[1:]:  # c1 lost with the first box
+        shutil.copytree(d, stash, dirs_exist_ok=True)
+    assert airgap.missing(stash) == {"c1": ["wheels/w0.whl"]}
+    boot = subprocess.run(
+        ["sh", str(REPO / "tools" / "airgap_bootstrap.sh"), str(stash), str(tmp_path / "site")],
+        capture_output=True,
+        text=True,
+    )
+    assert boot.returncode != 0 and "lacks c1 (1 file(s), e.g. wheels/w0.whl): carry c1 again" in boot.stderr
+    assert not (tmp_path / "site").exists()  # nothing installed
+    (stash / "wheels" / "w0.whl").write_bytes(b"x" * 10)  # a truncated copy is not an arrival either
+    assert airgap.missing(stash) == {"c1": ["wheels/w0.whl"]}
+    shutil.copytree(folders[0], stash, dirs_exist_ok=True)
+    assert airgap.missing(stash) == {}
+    with pytest.raises(SystemExit, match="no transfers.json"):
+        airgap.missing(tmp_path)
 
 
 def test_study_box_stop_ends_the_run_session_and_the_samplers_and_nothing_else(tmp_path):

@@ -248,7 +248,8 @@ def pack(pieces: dict[str, list[Path]], out: Path, transfer_mib: int) -> list[Pa
     """Distribute ``pieces`` ({subfolder: files}: ``wheels``, ``parts``, ``""`` for the rest) into transfer
     folders ``out/c1``, ``out/c2`` … of at most ``transfer_mib`` MiB each (largest first, first fit), keeping
     each file's subfolder, so that copying every transfer's contents into one folder on the box gives the
-    bundle ``airgap_bootstrap.sh`` takes. Writes ``out/transfers.json`` (what went where). A file over the
+    bundle ``airgap_bootstrap.sh`` takes. Writes ``transfers.json`` (what went where, with sizes) into ``out`` and
+    into every transfer, for ``check`` on the box. A file over the
     limit is refused: split it first."""
     import shutil
 
@@ -278,11 +279,45 @@ def pack(pieces: dict[str, list[Path]], out: Path, transfer_mib: int) -> list[Pa
         folders.append(folder)
         manifest[folder.name] = {
             "mib": round(sizes[k - 1] / 2**20, 1),
-            "files": [f"{s}/{f.name}".lstrip("/") for s, f in content],
+            "files": {f"{s}/{f.name}".lstrip("/"): f.stat().st_size for s, f in content},
         }
         print(f"airgap: {folder}: {len(content)} file(s), {manifest[folder.name]['mib']} MiB", flush=True)
-    (out / "transfers.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    text = json.dumps(manifest, indent=2) + "\n"
+    # every transfer carries the whole list, so whichever arrives, the box can say which ones have not
+    for target in (out, *folders):
+        (target / "transfers.json").write_text(text)
     return folders
+
+
+def missing(stash: Path) -> dict[str, list[str]]:
+    """The files of each transfer absent from ``stash`` (or of another size), by transfer; empty when all
+    arrived. Lease 8: the box was given back between the first and the second transfer, the next ones landed
+    on a new box, and the install failed only at the import check (a wheel of c1's missing)."""
+    listing = stash / "transfers.json"
+    if not listing.is_file():
+        raise SystemExit(f"airgap: {stash} has no transfers.json: no transfer of a pack has arrived there")
+    gone: dict[str, list[str]] = {}
+    for transfer, entry in json.loads(listing.read_text()).items():
+        absent = [
+            name
+            for name, size in entry["files"].items()
+            if not (stash / name).is_file() or (stash / name).stat().st_size != size
+        ]
+        if absent:
+            gone[transfer] = absent
+    return gone
+
+
+def check(stash: Path) -> None:
+    """One line and exit 1 when a transfer is missing (before anything is installed), else one line."""
+    gone = missing(stash)
+    if gone:
+        which = ", ".join(f"{t} ({len(files)} file(s), e.g. {files[0]})" for t, files in gone.items())
+        raise SystemExit(
+            f"airgap: {stash} lacks {which}: carry {' '.join(gone)} again "
+            "(a box given back between transfers starts empty: `warm: false` in a call's answer)"
+        )
+    print(f"airgap: {stash}: every transfer arrived", flush=True)
 
 
 def main() -> None:
@@ -309,6 +344,8 @@ def main() -> None:
     k.add_argument("--tar", nargs="*", type=Path, default=[], metavar="DIR", help="folders to carry as DIR.tar.xz")
     k.add_argument("--exclude", nargs="*", default=[], help="tar --exclude patterns (e.g. models)")
     k.add_argument("--git-bundle", action="store_true", help="HEAD as repo.bundle (lineage's commit on the box)")
+    c = sub.add_parser("check", help="(on the box) has every transfer of the pack arrived? (transfers.json)")
+    c.add_argument("stash", type=Path)
     j = sub.add_parser("join", help="(on the box) reassemble and check the split files")
     j.add_argument("directory", type=Path)
     j.add_argument("--out", type=Path, required=True)
@@ -320,6 +357,8 @@ def main() -> None:
         split(args.files, args.out, args.part_mib)
     elif args.cmd == "pack":
         _pack(args)
+    elif args.cmd == "check":
+        check(args.stash)
     else:
         args.out.mkdir(parents=True, exist_ok=True)
         join(args.directory, args.out)

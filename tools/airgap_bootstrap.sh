@@ -8,6 +8,9 @@ bundle=${1:?usage: airgap_bootstrap.sh BUNDLE_DIR SITE_DIR}
 site=${2:?usage: airgap_bootstrap.sh BUNDLE_DIR SITE_DIR}
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python3}
+if [ -f "$bundle/transfers.json" ]; then  # a pack's transfers: all of them, before anything is installed
+    "$py" "$here/airgap.py" check "$bundle"
+fi
 if [ -f "$bundle/parts/parts.json" ]; then
     "$py" "$here/airgap.py" join "$bundle/parts" --out "$bundle/files"
 fi
