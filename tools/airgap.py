@@ -17,12 +17,13 @@ index. This tool, run where the index is reachable:
   separate transfers.
 
 - ``pack``: the wheels, the split files, folders as ``.tar.xz`` and the commit as a git bundle, distributed into
-  transfer folders ``c1``, ``c2`` … of at most ``--transfer-mib`` each (``transfers.json`` says what is where);
-  copy each into one folder on the box as it arrives.
+  transfer folders ``c1``, ``c2`` … of at most ``--transfer-mib`` each (``transfers.json``, in every one, says
+  what is where and each file's size); copy each into one folder on the box as it arrives.
+- ``check`` (on the box): has every transfer arrived, whole? One line naming the missing ones, exit 1.
 
-On the box, ``sh tools/airgap_bootstrap.sh BUNDLE_DIR SITE_DIR`` joins the parts (checking every sha256),
-installs the wheels into SITE_DIR with no index and no dependency resolution, and imports each package
-once; put SITE_DIR on PYTHONPATH.
+On the box, ``sh tools/airgap_bootstrap.sh BUNDLE_DIR SITE_DIR`` runs ``check`` first (a pack's folder),
+joins the parts (checking every sha256), installs the wheels into SITE_DIR with no index and no dependency
+resolution, and imports each package once; put SITE_DIR on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -254,11 +255,11 @@ def pack(pieces: dict[str, list[Path]], out: Path, transfer_mib: int) -> list[Pa
     import shutil
 
     limit = transfer_mib << 20
-    files = sorted(((sub, f) for sub, fs in pieces.items() for f in fs), key=lambda x: -x[1].stat().st_size)
-    bins: list[list[tuple[str, Path]]] = []
+    # each file's size read once: it places the file and is what ``check`` expects on the box
+    files = sorted(((sub, f, f.stat().st_size) for sub, fs in pieces.items() for f in fs), key=lambda x: -x[2])
+    bins: list[list[tuple[str, Path, int]]] = []
     sizes: list[int] = []
-    for sub, f in files:
-        size = f.stat().st_size
+    for sub, f, size in files:
         if size > limit:
             raise SystemExit(f"airgap: {f} is {size >> 20} MiB, over the {transfer_mib} MiB transfer: split it")
         i = next((k for k, used in enumerate(sizes) if used + size <= limit), None)
@@ -266,20 +267,20 @@ def pack(pieces: dict[str, list[Path]], out: Path, transfer_mib: int) -> list[Pa
             bins.append([])
             sizes.append(0)
             i = len(bins) - 1
-        bins[i].append((sub, f))
+        bins[i].append((sub, f, size))
         sizes[i] += size
     for old in out.glob("c[0-9]*"):
         shutil.rmtree(old)
     folders, manifest = [], {}
     for k, content in enumerate(bins, start=1):
         folder = out / f"c{k}"
-        for sub, f in content:
+        for sub, f, _ in content:
             (folder / sub).mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, folder / sub / f.name)
         folders.append(folder)
         manifest[folder.name] = {
             "mib": round(sizes[k - 1] / 2**20, 1),
-            "files": {f"{s}/{f.name}".lstrip("/"): f.stat().st_size for s, f in content},
+            "files": {f"{s}/{f.name}".lstrip("/"): size for s, f, size in content},
         }
         print(f"airgap: {folder}: {len(content)} file(s), {manifest[folder.name]['mib']} MiB", flush=True)
     text = json.dumps(manifest, indent=2) + "\n"
