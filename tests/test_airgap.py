@@ -276,6 +276,72 @@ def test_study_box_round_without_a_chunk_never_starts_a_run_and_a_new_box_is_ref
         assert tar.extractfile("dvc.lock").read() == b"schema\nitem-1\n"
 
 
+def test_study_box_lane_runs_a_second_profile_beside_the_first_in_its_own_clone_and_comes_back_apart(tmp_path):
+    """Lease 9 ran the set-size sweep beside Ji's chunk (its pools hold three slots for six minutes) by setting
+    WORK, LOG, the pid files and the samples by hand. ``LANE=n`` does it: its own clone of the commit setup
+    restored, its own log and pids (stop ends only its run), and collect writes into OUT/n, so one call brings
+    both runs back without one's files overwriting the other's; on a box never set up a lane is refused."""
+    import os
+    import subprocess
+    import tarfile
+
+    bin_ = _round_fakes(tmp_path)
+    root, work, out = tmp_path / "box", tmp_path / "work", tmp_path / "out"
+    root.mkdir()
+    (root / "dvc.lock").write_text("schema\n")
+    (root / "params.yaml").write_text("seed: 1\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run([*git, "add", "."], cwd=root, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "box"], cwd=root, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    work.mkdir()
+    (work / "dvc.lock").write_text("schema\n")
+    (work / "params.yaml").write_text("seed: 0\n")
+    main_env = _box_env(tmp_path, bin_, work, STEP="1", TMPDIR=str(tmp_path))
+    lane_env = {
+        k: v for k, v in main_env.items() if k not in ("WORK", "LOG", "PIDFILE", "SAMPLER", "GPU_CSV", "CPU_LOG")
+    }
+    lane_env |= {"LANE": "n", "PROFILE": "study-smollm2-sweep-n"}
+    box = [str(REPO / "tools" / "study_box.sh")]
+    lane_state = tmp_path / "study-n"
+    try:
+        first = subprocess.run([*box, "round", "1", str(out), "run-x", "--only", "evaluate@x"], env=main_env,
+                               cwd=root, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert first.returncode == 0, first.stderr
+        lane = subprocess.run([*box, "round", "1", str(out), "run-n", "--only", "evaluate@y"], env=lane_env,
+                              cwd=root, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert lane.returncode == 0, lane.stderr
+        clone = tmp_path / "study-work-n"
+        assert f"lane n: commit {head[:7]}" in lane.stdout and (clone / "params.yaml").read_text() == "seed: 1\n"
+        main_pid, lane_pid = int((tmp_path / "study.pid").read_text()), int((lane_state / "study.pid").read_text())
+        assert main_pid != lane_pid and os.path.exists(f"/proc/{main_pid}") and os.path.exists(f"/proc/{lane_pid}")
+        with tarfile.open(out / "n" / "run-n.tgz") as tar:
+            assert tar.extractfile("params.yaml").read() == b"seed: 1\n"  # the lane's clone, not WORK
+        with tarfile.open(out / "run-x.tgz") as tar:
+            assert tar.extractfile("params.yaml").read() == b"seed: 0\n"
+        assert "--profile study-smollm2-sweep-n --only evaluate@y" in (out / "n" / "study.log").read_text()
+        assert "evaluate@y" not in (out / "study.log").read_text()
+        assert sorted(f.name for f in (out / "n").iterdir()) == ["cpu.log", "gpu.csv", "run-n.tgz", "study.log"]
+        stop = subprocess.run([*box, "stop"], env=lane_env, cwd=root, capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0 and not (lane_state / "study.pid").exists()
+        assert _pids_in_group(lane_pid) == []
+        main_samplers = [int(p) for p in (tmp_path / "sampler.pid").read_text().split()]
+        assert all(_pids_in_group(p) for p in main_samplers)  # the first run's samplers go on: only the lane's stop
+    finally:
+        for pidfile in (tmp_path / "study.pid", tmp_path / "sampler.pid", lane_state / "study.pid",
+                        lane_state / "gpu-sampler.pid"):  # fmt: skip
+            if pidfile.exists():
+                for pid in pidfile.read_text().split():
+                    subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    refused = subprocess.run([*box, "round", "1", str(out), "run-m", "--only", "z"], env=lane_env | {"LANE": "m"},
+                             cwd=bare, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert refused.returncode == 2 and "this box is not set up" in refused.stderr
+    assert not (tmp_path / "study-work-m").exists()
+
+
 def _box_env(tmp_path, bin_, work, **extra) -> dict:
     """study_box.sh's environment in a test: the fakes in ``bin_`` first on PATH, every file it writes under
     ``tmp_path``."""

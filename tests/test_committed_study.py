@@ -21,7 +21,8 @@ import pytest
 from selfcal.lineage.run_store import has_store, store_db
 from tests.helpers import REPO as ROOT
 
-RUNS = sorted(p for p in (ROOT / "reports").glob("*/runs/*") if p.is_dir() and has_store(p))
+# reports/STUDY/runs/RUN, and a sweep's own runs beside the grid's: reports/STUDY/SWEEP/runs/RUN
+RUNS = sorted(p for p in (ROOT / "reports").glob("**/runs/*") if p.is_dir() and has_store(p))
 
 
 @pytest.fixture(autouse=True)
@@ -57,7 +58,7 @@ def test_the_study_has_runs_with_registered_models():
     assert sum(len(_versions(run)[1]) for run in RUNS) >= 5
 
 
-@pytest.mark.parametrize("run", RUNS, ids=[f"{r.parent.parent.name}/{r.name}" for r in RUNS])
+@pytest.mark.parametrize("run", RUNS, ids=[str(r.relative_to(ROOT / "reports")) for r in RUNS])
 def test_every_registered_model_traces_to_its_committed_files(run):
     from selfcal.lineage.trace import trace
 

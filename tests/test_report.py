@@ -153,6 +153,42 @@ def test_a_set_two_runs_made_differently_is_reported_and_the_quality_shown_is_th
     assert "| self-s0 | self | 9.50 |" in (tmp_path / "report" / "diagnostics.md").read_text()
 
 
+def test_a_run_that_scored_no_model_still_brings_its_sets_and_their_measures(tmp_path):
+    """Lease 9's Ji chunk was cut after its pools, sets and three measures, before any model was scored: the
+    run folder has no evaluations, and the report still takes its measures and its remade sets; a folder with
+    no records at all is refused by name."""
+    import json
+
+    from selfcal.config import parse_params
+    from selfcal.errors import DataError
+    from selfcal.pipeline.study_report import study_report
+    from tests.helpers import small_params
+    from tests.test_evaluation import _record
+
+    raw = small_params(tmp_path / "model", tmp_path, **{"calibration.seeds": [0], "tracking.enabled": False})
+    raw["calibration"]["sources"]["c4"] = {"kind": "corpus", "path": "c4.jsonl"}
+    params = parse_params(raw, root=tmp_path)
+    a = tmp_path / "runs" / "a"
+    (a / "artifacts" / "evaluations").mkdir(parents=True)
+    rec = _record("dense", "none", {"arc_easy": 0.5}, ppl=20.0)
+    (a / "artifacts" / "evaluations" / "dense.json").write_text(rec.model_dump_json())
+    (a / "artifacts" / "calibration" / "c4-s0").mkdir(parents=True)
+    (a / "artifacts" / "calibration" / "c4-s0" / "manifest.json").write_text(json.dumps({"content_digest": "c" * 64}))
+    j = tmp_path / "runs" / "j"
+    (j / "artifacts" / "calibration" / "c4-s0").mkdir(parents=True)
+    (j / "artifacts" / "calibration" / "c4-s0" / "manifest.json").write_text(json.dumps({"content_digest": "c" * 64}))
+    (j / "artifacts" / "diagnostics").mkdir()
+    diag = {"calibration": "c4-s0", "calibration_digest": "c" * 64, "kind": "corpus", "perplexity": 31.5}
+    (j / "artifacts" / "diagnostics" / "c4-s0.json").write_text(json.dumps(diag))
+    readme = (study_report(params, tmp_path / "report", title="t", runs=[a, j]) / "README.md").read_text()
+    assert "| c4-s0 | a, j | cccccccccccc, cccccccccccc | yes | - |" in readme
+    assert "| c4-s0 | corpus | 31.50 |" in (tmp_path / "report" / "diagnostics.md").read_text()
+    empty = tmp_path / "runs" / "empty"
+    (empty / "artifacts").mkdir(parents=True)
+    with pytest.raises(DataError, match="empty: no artifacts/evaluations, calibration or diagnostics"):
+        study_report(params, tmp_path / "report2", title="t", runs=[a, empty])
+
+
 def test_quality_of_a_set_is_shown_only_for_the_make_its_models_used_whatever_the_runs_order():
     """Cases the runs can produce: the used make measured in the later run or the earlier one; a set no model
     used yet; models of one set from two makes (a chunk remade a Ji pool); a used make nobody inspected."""

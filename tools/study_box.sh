@@ -30,6 +30,14 @@
 #                                         tarball OUT/NAME.tgz; the log and
 #                                         both samples (`selfcal study-report` runs as a check, into /tmp)
 #
+# LANE=NAME (any command but setup): a second run beside the first on the same box, e.g. the set-size sweep
+# while Ji's pools hold three slots for six minutes (lease 9). The lane has its own clone of the commit
+# (study-work-NAME, made on its first start), log, pids and samples (${TMPDIR:-/tmp}/study-NAME/), and collect
+# writes into OUT/NAME, so one call brings back both runs (4 files each: a call brings back at most 8). Both
+# runs' items share the GPU: keep their --jobs together near one run's (lease 9: 8 + 6 items filled the
+# H200's 140 GB, one item ran out of memory and was retried, and Ji's pools took 9.5 minutes, not 6), and
+# each lane's gpu.csv samples the whole GPU, so the two reports count the shared span twice.
+#
 # STASH holds wheels/*.whl, parts/ (parts.json + the GGUF wheel's parts), shared.tar.xz (../shared's data and
 # tools) and, when the box gets no .git, repo.bundle (`git bundle create repo.bundle HEAD`).
 #
@@ -41,8 +49,9 @@ set -euo pipefail
 SITE=${SITE:-/tmp/site}
 MODEL=${MODEL:-$HOME/.cache/selfcal-models/SmolLM2-135M-Instruct}
 PROFILE=${PROFILE:-study-smollm2}
+LANE=${LANE:-}
 root=$(pwd)
-WORK=${WORK:-$(dirname "$root")/study-work}
+WORK=${WORK:-$(dirname "$root")/study-work${LANE:+-$LANE}}
 env_lines() {
     echo "export PYTHONPATH=$SITE:$WORK PATH=$SITE/bin:\$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1"
     echo "export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false"
@@ -103,16 +112,24 @@ bench() {
     python "$@"
 }
 
-LOG=${LOG:-/tmp/study.log}
+STATE=/tmp
+if [ -n "$LANE" ]; then STATE=${TMPDIR:-/tmp}/study-$LANE; fi
+LOG=${LOG:-$STATE/study.log}
 STEP=${STEP:-10}  # seconds between progress lines
-PIDFILE=${PIDFILE:-/tmp/study.pid}
-SAMPLER=${SAMPLER:-/tmp/gpu-sampler.pid}
-GPU_CSV=${GPU_CSV:-/tmp/gpu.csv}
-CPU_LOG=${CPU_LOG:-/tmp/cpu.log}
+PIDFILE=${PIDFILE:-$STATE/study.pid}
+SAMPLER=${SAMPLER:-$STATE/gpu-sampler.pid}
+GPU_CSV=${GPU_CSV:-$STATE/gpu.csv}
+CPU_LOG=${CPU_LOG:-$STATE/cpu.log}
 
 # Whether `setup` made WORK on this box (a box lent anew after one was given back has none): says so if not.
+# A lane's clone is made here, from the commit setup restored.
 set_up() {
     [ -d "$WORK" ] && return 0
+    if [ -n "$LANE" ] && git -C "$root" rev-parse -q --verify HEAD >/dev/null 2>&1; then
+        git clone -q "$root" "$WORK"
+        echo "study_box: lane $LANE: commit $(git -C "$WORK" rev-parse --short HEAD) in $WORK"
+        return 0
+    fi
     echo "study_box: no $WORK: this box is not set up (a new box, if the last one was given back): run setup STASH first, then start or round with the chunk" >&2
     return 2
 }
@@ -128,6 +145,8 @@ start() {
         return 2
     fi
     stop_pids "$SAMPLER"  # a previous run's samplers, if any; the samples below append to theirs
+    mkdir -p "$(dirname "$LOG")" "$(dirname "$PIDFILE")" "$(dirname "$SAMPLER")" "$(dirname "$GPU_CSV")" \
+        "$(dirname "$CPU_LOG")"
     setsid nohup nvidia-smi --query-gpu=timestamp,index,utilization.gpu,memory.used --format=csv,noheader \
         -lms 1000 >>"$GPU_CSV" 2>&1 </dev/null &
     echo $! >"$SAMPLER"
@@ -194,6 +213,8 @@ progress() {
 
 collect() {
     local out=$1 name=$2
+    if [ -n "$LANE" ]; then out=$out/$LANE; fi
+    mkdir -p "$out"
     eval "$(env_lines)"
     cd "$WORK"
     # a check that the records make a report; the report itself is made here from the run folders, and a call

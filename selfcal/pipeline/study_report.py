@@ -307,8 +307,10 @@ def run_sources(params: Params, runs: list[Path] | None) -> list[RunSource]:
     out = []
     for root in runs:
         evaluations = root / "artifacts" / "evaluations"
-        if not evaluations.is_dir():
-            raise DataError(f"{root}: no artifacts/evaluations in this run folder")
+        # a lease cut before any model was scored still made sets and measured them (lease 9: Ji's pools
+        # took the first ten minutes): its sets and measures count; a folder with none of the three is no run
+        if not any((root / "artifacts" / d).is_dir() for d in ("evaluations", "calibration", "diagnostics")):
+            raise DataError(f"{root}: no artifacts/evaluations, calibration or diagnostics in this run folder")
         db = run_store.store_db(root)  # plain, or unpacked from the committed mlflow-store.tar.xz
         out.append(RunSource(root.name, evaluations, f"sqlite:///{db.resolve()}" if db is not None else None))
     return out
