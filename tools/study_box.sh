@@ -35,7 +35,7 @@
 # (study-work-NAME, made on its first start), log, pids and samples (${TMPDIR:-/tmp}/study-NAME/), and collect
 # writes into OUT/NAME, so one call brings back both runs (4 files each: a call brings back at most 8). Both
 # runs' items share the GPU: keep their --jobs together near one run's (lease 9: 8 + 6 items filled the
-# H200's 140 GB, one item ran out of memory and was retried, and Ji's pools took 9.5 minutes, not 6), and
+# H200's 140 GB, one item ran out of memory and was retried, and Ji's pools took about 9 minutes, not 6), and
 # each lane's gpu.csv samples the whole GPU, so the two reports count the shared span twice.
 #
 # STASH holds wheels/*.whl, parts/ (parts.json + the GGUF wheel's parts), shared.tar.xz (../shared's data and
@@ -215,6 +215,7 @@ collect() {
     local out=$1 name=$2
     if [ -n "$LANE" ]; then out=$out/$LANE; fi
     mkdir -p "$out"
+    out=$(cd "$out" && pwd)  # the tarball is written from WORK below
     eval "$(env_lines)"
     cd "$WORK"
     # a check that the records make a report; the report itself is made here from the run folders, and a call
