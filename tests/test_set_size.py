@@ -73,7 +73,7 @@ def test_the_study_report_draws_the_set_size_sweep_from_the_sources_sizes(tmp_pa
     params = parse_params(raw, root=tmp_path)
     folder = tmp_path / "runs" / "a" / "artifacts" / "evaluations"
     folder.mkdir(parents=True)
-    acc = {("self-n1", 0): 0.30, ("self-n1", 1): 0.32, ("self-n2", 0): 0.40, ("self-n4", 0): 0.44}
+    acc = {("self-n1", 0): 0.30, ("self-n1", 1): 0.32, ("self-n2", 0): 0.40, ("self-n4", 0): 0.44, ("self-n4", 1): 0.46}
     acc |= {("c4-n1", 0): 0.35, ("c4-n4", 0): 0.45, ("c4-n4", 1): 0.47, ("wiki", 0): 0.5}
     for (source, seed), a in acc.items():
         rec = _record(f"{source}-s{seed}-gptq", "gptq", {"arc_easy": a}, ppl=10 / a).model_copy(
@@ -96,7 +96,7 @@ def test_the_study_report_draws_the_set_size_sweep_from_the_sources_sizes(tmp_pa
         ("gptq / c4", "4", "2"),
         ("gptq / self", "1", "2"),
         ("gptq / self", "2", "1"),
-        ("gptq / self", "4", "1"),
+        ("gptq / self", "4", "2"),
     ]
     assert float(rows[2]["mean_acc"]) == pytest.approx(0.31) and float(rows[2]["mean_acc.std"]) == pytest.approx(
         0.01414, abs=1e-4
@@ -107,6 +107,17 @@ def test_the_study_report_draws_the_set_size_sweep_from_the_sources_sizes(tmp_pa
     assert "![set-size sweep, mean_acc](sweep_n.png)" in readme
     # the calibration-quality summary: one row per source, mean ± std over its sets
     assert "| self-n1 | self | 2 | 7.00 ± 1.41 |" in readme
+    # self against real data at each n (Welch's t over the sets), not "nothing to compare"; wiki is on no line
+    from selfcal.pipeline.study_report import self_pairs
+    from selfcal.report.significance import REAL_SOURCES
+
+    assert self_pairs(params) == [("self", REAL_SOURCES), ("self-n1", ("c4-n1",)), ("self-n4", ("c4-n4",))]
+    # t = (0.45 - 0.46) / sqrt(0.01414² / 2 x 2) = -0.71; c4-n1 has one set: no test
+    assert (
+        "| gptq | c4-n4 | 45.00 | 46.00 | -0.71 |" in readme
+        and "| gptq | c4-n1 | 31.00 | 35.00 | - | - | **n/a** |" in readme
+    )
+    assert "| gptq | wiki |" not in readme and "not both evaluated yet" not in readme
 
 
 def test_only_sources_differing_in_size_alone_make_a_line_and_labels_stay_apart(tmp_path):

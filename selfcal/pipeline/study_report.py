@@ -132,12 +132,8 @@ def temperature_rows(params: Params, table: list[dict], metric: str = "mean_acc"
     return rows if len({(r["t_initial"], r["t_final"]) for r in rows}) > 1 else []
 
 
-def set_size_points(params: Params, table: list[dict], metrics: list[str]) -> list[dict]:
-    """The set-size sweep run as one profile (the paper's Figure 3): sources that differ only in their own
-    ``n_samples`` form one line; per method x line x n, each metric's mean ± std over the sets (the aggregate's
-    table). A line's label is its sources' name less a trailing ``-nN`` (``self-n16`` -> ``self``), else their
-    kind (with its first source's name when another line has that label). Sources that differ in other params
-    (the temperature sweep's schedules) or two of one size make no line."""
+def size_lines(params: Params) -> dict[str, tuple[str, int]]:
+    """Per source of a set-size sweep, its line's label and its n (``set_size_points``); other sources: none."""
     import re
 
     groups: dict[str, list[str]] = defaultdict(list)
@@ -158,6 +154,33 @@ def set_size_points(params: Params, table: list[dict], metrics: list[str]) -> li
         taken.add(label)
         for m, n in zip(members, sizes, strict=True):
             line_of[m] = (label, n)
+    return line_of
+
+
+def self_pairs(params: Params) -> list[tuple[str, tuple[str, ...]]]:
+    """Which self-calibration source is tested against which real-data sources: the grid's ``self`` against
+    C4, WikiText and Cosmopedia, and in a set-size sweep each self point against the real-data (corpus)
+    points of the same n (``self-n4`` against ``c4-n4``: the paper's Figure 3 compares the lines at each n)."""
+    from selfcal.report.significance import REAL_SOURCES
+
+    pairs: list[tuple[str, tuple[str, ...]]] = [("self", REAL_SOURCES)]
+    at_n: dict[int, list[str]] = defaultdict(list)
+    for source, (_, n) in size_lines(params).items():
+        at_n[n].append(source)
+    for n in sorted(at_n):
+        kinds = {s: params.calibration.sources[s].kind for s in at_n[n]}
+        real = tuple(s for s, k in kinds.items() if k == "corpus")
+        pairs += [(s, real) for s, k in kinds.items() if k == "self" and real]
+    return pairs
+
+
+def set_size_points(params: Params, table: list[dict], metrics: list[str]) -> list[dict]:
+    """The set-size sweep run as one profile (the paper's Figure 3): sources that differ only in their own
+    ``n_samples`` form one line; per method x line x n, each metric's mean ± std over the sets (the aggregate's
+    table). A line's label is its sources' name less a trailing ``-nN`` (``self-n16`` -> ``self``), else their
+    kind (with its first source's name when another line has that label). Sources that differ in other params
+    (the temperature sweep's schedules) or two of one size make no line."""
+    line_of = size_lines(params)
     points = []
     for e in table:
         if e["source"] in line_of:
@@ -491,13 +514,15 @@ def _headline(cols: list[str]) -> list[str]:
     return [c for c in cols if c == "mean_acc" or c.startswith("ppl.")]
 
 
-def _significance(table: list[dict], cols: list[str], paper_table: Path | None) -> str:
+def _significance(
+    table: list[dict], cols: list[str], paper_table: Path | None, pairs: list[tuple[str, tuple[str, ...]]]
+) -> str:
     from selfcal.report.significance import compare_self, comparison_markdown, paper_comparisons
 
     paper = paper_comparisons(paper_table) if paper_table is not None and paper_table.is_file() else []
     parts = []
     for metric in _headline(cols):
-        ours = compare_self(table, metric)
+        ours = [c for mine, others in pairs for c in compare_self(table, metric, self_source=mine, others=others)]
         if ours:
             label = "mean zero-shot accuracy" if metric == "mean_acc" else f"{metric[4:]} perplexity (lower is better)"
             parts.append(f"### {label}\n\n" + comparison_markdown(ours, paper if metric == "mean_acc" else [], metric))
@@ -634,7 +659,7 @@ def study_report(
         "## Results (mean ± std over calibration sets)",
         (out / "by_source.md").read_text(),
         "## Self-calibration against real data",
-        _significance(table, cols, paper_table),
+        _significance(table, cols, paper_table, self_pairs(params)),
         "## Calibration-set quality (mean ± std over each source's sets)",
         quality_markdown(diag_rows, unmeasured),
         *(["## Calibration sets made in several runs", remade_markdown(remade, used)] if remade else []),

@@ -123,7 +123,8 @@ def comparison_markdown(ours: list[Comparison], paper: list[dict], metric: str, 
         )
     note = (
         f'\n\nWelch\'s t over the calibration sets (n each side as run), two-sided, alpha {alpha}: "matches" is no '
-        "detectable difference, not proof of equality; with five sets a side only differences of a few stds show. "
+        "detectable difference, not proof of equality; with five sets a side (two in the sweeps) only differences of "
+        "a few stds show. "
         "The paper's column applies the same test to its appendix tables (ten-task mean, five sets)."
     )
     return "\n".join(lines) + note + "\n"
