@@ -32,7 +32,7 @@
 #
 # LANE=NAME (any command but setup): a second run beside the first on the same box, e.g. the set-size sweep
 # while Ji's pools hold three slots for six minutes (lease 9). The lane has its own clone of the commit
-# (study-work-NAME, made on its first start), log, pids and samples (${TMPDIR:-/tmp}/study-NAME/), and collect
+# (study-work-NAME, cloned from setup's study-work on its first start), log, pids and samples (/tmp/study-NAME/), and collect
 # writes into OUT/NAME, so one call brings back both runs (4 files each: a call brings back at most 8). Both
 # runs' items share the GPU: keep their --jobs together near one run's (lease 9: 8 + 6 items filled the
 # H200's 140 GB, one item ran out of memory and was retried, and Ji's pools took about 9 minutes, not 6), and
@@ -50,6 +50,11 @@ SITE=${SITE:-/tmp/site}
 MODEL=${MODEL:-$HOME/.cache/selfcal-models/SmolLM2-135M-Instruct}
 PROFILE=${PROFILE:-study-smollm2}
 LANE=${LANE:-}
+case $LANE in *[!A-Za-z0-9_-]*)
+    echo "study_box: LANE=$LANE: letters, digits, - and _ only (it names a folder)" >&2
+    exit 2
+    ;;
+esac
 root=$(pwd)
 WORK=${WORK:-$(dirname "$root")/study-work${LANE:+-$LANE}}
 env_lines() {
@@ -112,8 +117,8 @@ bench() {
     python "$@"
 }
 
-STATE=/tmp
-if [ -n "$LANE" ]; then STATE=${TMPDIR:-/tmp}/study-$LANE; fi
+STATE=${STATE_ROOT:-/tmp}  # not TMPDIR: every call of a lease must find the same pid files
+if [ -n "$LANE" ]; then STATE=$STATE/study-$LANE; fi
 LOG=${LOG:-$STATE/study.log}
 STEP=${STEP:-10}  # seconds between progress lines
 PIDFILE=${PIDFILE:-$STATE/study.pid}
@@ -122,11 +127,13 @@ GPU_CSV=${GPU_CSV:-$STATE/gpu.csv}
 CPU_LOG=${CPU_LOG:-$STATE/cpu.log}
 
 # Whether `setup` made WORK on this box (a box lent anew after one was given back has none): says so if not.
-# A lane's clone is made here, from the commit setup restored.
+# A lane's clone is made here, from setup's (so only on a box that was set up, and at the same commit).
 set_up() {
     [ -d "$WORK" ] && return 0
-    if [ -n "$LANE" ] && git -C "$root" rev-parse -q --verify HEAD >/dev/null 2>&1; then
-        git clone -q "$root" "$WORK"
+    local main
+    main=$(dirname "$root")/study-work
+    if [ -n "$LANE" ] && [ -d "$main/.git" ]; then
+        git clone -q "$main" "$WORK" || return 2
         echo "study_box: lane $LANE: commit $(git -C "$WORK" rev-parse --short HEAD) in $WORK"
         return 0
     fi
@@ -265,6 +272,7 @@ round() {
     local seconds=${1:?round SECONDS OUT NAME ARGS...} out=${2:?round SECONDS OUT NAME ARGS...}
     local name=${3:?round SECONDS OUT NAME ARGS...}
     shift 3
+    out=$(mkdir -p "$out" && cd "$out" && pwd)  # progress cds into WORK before collect
     if running; then
         echo "study_box: a run is going (pid $(cat "$PIDFILE")): it goes on"
     else
