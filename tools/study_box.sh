@@ -32,11 +32,12 @@
 #
 # LANE=NAME (any command but setup): a second run beside the first on the same box, e.g. the set-size sweep
 # while Ji's pools hold three slots for six minutes (lease 9). The lane has its own clone of the commit
-# (study-work-NAME, cloned from setup's study-work on its first start), log, pids and samples (/tmp/study-NAME/), and collect
-# writes into OUT/NAME, so one call brings back both runs (4 files each: a call brings back at most 8). Both
-# runs' items share the GPU: keep their --jobs together near one run's (lease 9: 8 + 6 items filled the
-# H200's 140 GB, one item ran out of memory and was retried, and Ji's pools took about 9 minutes, not 6), and
-# each lane's gpu.csv samples the whole GPU, so the two reports count the shared span twice.
+# (study-work-NAME, cloned from setup's study-work on its first start), log, pids and samples
+# (/tmp/study-NAME/), and collect writes into OUT/NAME, so one call brings back both runs (4 files each: a
+# call brings back at most 8). Both runs' items share the GPU: keep their --jobs together near one run's
+# (lease 9: 8 + 6 items filled the H200's 140 GB, one item ran out of memory and was retried, and Ji's pools
+# took about 9 minutes, not 6), and each lane's gpu.csv samples the whole GPU, so the two reports count the
+# shared span twice.
 #
 # STASH holds wheels/*.whl, parts/ (parts.json + the GGUF wheel's parts), shared.tar.xz (../shared's data and
 # tools) and, when the box gets no .git, repo.bundle (`git bundle create repo.bundle HEAD`).
@@ -202,7 +203,8 @@ stop() {
     echo "study_box: stopped ($(items Completed) items completed)"
 }
 
-progress() {
+# In a subshell: its cd must not move the caller (round's OUT, relative to where it was called, is used after).
+progress() (
     cd "$WORK"
     local limit=$1 t=0 pid
     if [ ! -f "$PIDFILE" ]; then
@@ -216,7 +218,7 @@ progress() {
         echo "t=${t}s completed=$(items Completed) failed=$(items Failed) gpu=$(tail -1 "$GPU_CSV")"
     done
     kill -0 "$pid" 2>/dev/null && echo "study_box: still running" || { echo "study_box: run ended"; tail -3 "$LOG"; }
-}
+)
 
 collect() {
     local out=$1 name=$2
@@ -272,7 +274,6 @@ round() {
     local seconds=${1:?round SECONDS OUT NAME ARGS...} out=${2:?round SECONDS OUT NAME ARGS...}
     local name=${3:?round SECONDS OUT NAME ARGS...}
     shift 3
-    out=$(mkdir -p "$out" && cd "$out" && pwd)  # progress cds into WORK before collect
     if running; then
         echo "study_box: a run is going (pid $(cat "$PIDFILE")): it goes on"
     else
