@@ -228,6 +228,39 @@ def test_study_box_round_collects_while_the_run_goes_on_and_the_next_round_lets_
                     subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)
 
 
+def test_study_box_round_under_timeout_collects_what_is_done_and_leaves_the_run_going(tmp_path):
+    """Lease 10's second box: the call's limit ended ``round`` (setup had taken its first 45 s) before its
+    collect, and nothing came back. Under ``timeout`` a round's TERM now collects what is done, then exits
+    143 (timeout's own status: 124), and the run goes on for the next call; without the trap the tarball
+    would not exist until the 30 s round had passed."""
+    import os
+    import subprocess
+    import tarfile
+    import time
+
+    bin_ = _round_fakes(tmp_path)
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    out.mkdir()
+    (work / "dvc.lock").write_text("schema\n")
+    (work / "params.yaml").write_text("seed: 0\n")
+    env = _box_env(tmp_path, bin_, work, STEP="1", TMPDIR=str(tmp_path))
+    box = [str(REPO / "tools" / "study_box.sh")]
+    try:
+        t0 = time.monotonic()
+        cut = subprocess.run(["timeout", "3", *box, "round", "30", str(out), "run-x", "--only", "evaluate@x"],
+                             env=env, cwd=work, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert cut.returncode == 124 and time.monotonic() - t0 < 20, (cut.stdout, cut.stderr)
+        assert "study_box: TERM: collecting what is done" in cut.stderr
+        with tarfile.open(out / "run-x.tgz") as tar:
+            assert tar.extractfile("dvc.lock").read().decode().split() == ["schema", "item-1"]
+        run_pid = int((tmp_path / "study.pid").read_text())
+        assert os.path.exists(f"/proc/{run_pid}")  # the run was not stopped
+        assert not list(tmp_path.glob("collect.*"))
+    finally:
+        subprocess.run([*box, "stop"], env=env, cwd=work, capture_output=True, text=True, timeout=60)
+
+
 def _round_fakes(tmp_path):
     """A box's commands for ``round``: ``selfcal run`` finishes one item, then works on the next for a while;
     ``selfcal study-report`` (collect's check) says what it was asked; nvidia-smi samples; the test's python."""

@@ -19,7 +19,8 @@
 #                                         long items (Ji's pools) are never cut by a call's end; the last call:
 #                                         stop, then collect. A round without ARGS never starts a run (on a box
 #                                         where none is going it collects what the last one left, or, on a new
-#                                         box, says so and exits 2)
+#                                         box, says so and exits 2). Under `timeout`, its TERM collects what
+#                                         is done (about 10 s) and exits 143: the run goes on
 #   tools/study_box.sh stop               ends the run (its whole session: flow, dvc, stages) and the sampler, by
 #                                         the pids `start` saved (`pkill -f nvidia-smi` inside a device call matched
 #                                         the call's own shell and killed it before collect)
@@ -286,8 +287,23 @@ round() {
             echo "study_box: no run going and no chunk given: nothing started"
         fi
     fi
-    progress "$seconds"
+    # A TERM (the call's `timeout`, set too short: lease 10's second box lost a whole call to setup's 45 s) ends
+    # the wait, not the run: what is done is collected (about 10 s), then exit 143; progress runs in the
+    # background because bash handles a trapped signal only between foreground commands
+    progress "$seconds" &
+    ROUND=("$!" "$out" "$name")
+    trap round_term TERM
+    wait "${ROUND[0]}" || true
+    trap - TERM
     collect "$out" "$name"
+}
+
+round_term() {
+    trap - TERM
+    kill "${ROUND[0]}" 2>/dev/null || true
+    echo "study_box: TERM: collecting what is done (the run goes on)" >&2
+    collect "${ROUND[1]}" "${ROUND[2]}"
+    exit 143
 }
 
 cmd=${1:?usage: study_box.sh setup STASH | run ARGS... | bench SCRIPT ARGS... | start ARGS... | progress SECONDS | round SECONDS OUT NAME ARGS... | stop | collect OUT NAME}
