@@ -116,20 +116,55 @@ def stage_times(client, experiment: str, compress_run_ids: list[str] | None) -> 
     ]
 
 
-def temperature_rows(params: Params, table: list[dict], metric: str = "mean_acc") -> list[dict]:
-    """The temperature-schedule sweep, when the profile lists several self-calibration sources (one per
-    (t_initial, t_final) pair, as the paper's Figure 4): per method, ``metric`` over the grid."""
+def temperature_rows(params: Params, table: list[dict], metrics: list[str]) -> list[dict]:
+    """The temperature-schedule sweep (the paper's Figure 4), when the profile lists several self-calibration
+    sources that differ in (t_initial, t_final): per method x schedule, each metric's mean ± std over the sets
+    (the aggregate's table) and how many sets are in. One schedule, or none, is no sweep: no rows."""
     temps = {
         name: (spec.t_initial, spec.t_final)
         for name, spec in params.calibration.sources.items()
         if getattr(spec, "kind", None) == "self"
     }
+    if len(set(temps.values())) < 2:
+        return []
     rows = []
     for e in table:
-        if e["source"] in temps and e.get(metric) is not None:
+        if e["source"] in temps:
             t0, t1 = temps[e["source"]]
-            rows.append({"method": e["method"], "t_initial": t0, "t_final": t1, metric: e[metric]})
-    return rows if len({(r["t_initial"], r["t_final"]) for r in rows}) > 1 else []
+            row = {"method": e["method"], "t_initial": t0, "t_final": t1, "source": e["source"], "sets": e["n_sets"]}
+            for m in metrics:
+                row[m], row[m + ".std"] = e.get(m), e.get(m + ".std")
+            rows.append(row)
+    return sorted(rows, key=lambda r: (r["method"], r["t_initial"], r["t_final"]))
+
+
+def temperature_markdown(rows: list[dict], metric: str) -> str:
+    """One method's schedule grid as a table: t_initial down, t_final across, mean ± std over the sets, and how
+    many sets where fewer than the fullest cell's (a grid still being run)."""
+    scale = 1.0 if metric.startswith("ppl.") else 100.0
+    t0s = sorted({r["t_initial"] for r in rows})
+    t1s = sorted({r["t_final"] for r in rows})
+    full = max(r["sets"] for r in rows)
+    cell = {(r["t_initial"], r["t_final"]): r for r in rows}
+    lines = [
+        "| t_initial ↓, t_final → | " + " | ".join(f"{t:g}" for t in t1s) + " |",
+        "|---|" + "---|" * len(t1s),
+    ]
+    for t0 in t0s:
+        out = []
+        for t1 in t1s:
+            r = cell.get((t0, t1))
+            if r is None or r.get(metric) is None:
+                out.append("-")
+                continue
+            text = f"{scale * r[metric]:.{1 if scale > 1 else 2}f}"
+            if r.get(metric + ".std") is not None and r["sets"] > 1:
+                text += f" ± {scale * r[metric + '.std']:.{1 if scale > 1 else 2}f}"
+            if r["sets"] < full:
+                text += f" ({r['sets']} of {full})"
+            out.append(text)
+        lines.append(f"| **{t0:g}** | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def size_lines(params: Params) -> dict[str, tuple[str, int]]:
@@ -621,12 +656,23 @@ def study_report(
         json.dumps({"models": lineage, "missing": missing, "pending": pending}, indent=2, sort_keys=True) + "\n",
     )
     sweeps = []
-    temps = temperature_rows(params, table)
-    for method in sorted({r["method"] for r in temps}):
-        png = out / f"temperature-{method}.png"
-        plots.temperature_heatmap([r for r in temps if r["method"] == method], png, title=f"{method}: mean_acc")
-        sweeps.append(f"![temperature schedule, {method}]({png.name})")
     size_metrics = _headline(cols)
+    temps = temperature_rows(params, table, size_metrics)
+    if temps:
+        atomic_write_text(out / "temperature.csv", _csv(temps))
+    for method in sorted({r["method"] for r in temps}):
+        mine = [r for r in temps if r["method"] == method]
+        for m in [m for m in size_metrics if any(r[m] is not None for r in mine)]:
+            png = f"temperature-{method}.png" if m == "mean_acc" else f"temperature-{method}-{m[4:]}.png"
+            what = "mean zero-shot accuracy (%)" if m == "mean_acc" else f"{m[4:]} perplexity (lower is better)"
+            plots.temperature_heatmap(mine, out / png, metric=m, title=f"{method}: {what}")
+            sweeps.append(
+                f"### Temperature schedule, {method}: {what}, mean ± std over the sets\n\n"
+                + temperature_markdown(mine, m)
+                + f"\n![temperature schedule, {method}, {m}]({png})"
+            )
+    if temps:
+        sweeps.append("(`temperature.csv`: every schedule's mean ± std and sets, per method)")
     size_points = set_size_points(params, table, size_metrics)
     if size_points and not experiments:
         atomic_write_text(out / "sweep_n.csv", _csv(size_points))
