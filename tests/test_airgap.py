@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -53,6 +54,31 @@ def test_split_parts_join_back_and_a_changed_part_is_refused(airgap, tmp_path):
     (parts / entry["parts"][1]).write_bytes(b"x" * 10)
     with pytest.raises(SystemExit, match="sha256 mismatch"):
         airgap.join(parts, out)
+
+
+def test_call_mib_sizes_the_transfers_beside_the_tracked_tree_that_travels_with_every_call(airgap, tmp_path):
+    """Lease 10: parts of 45 MiB were refused beside an 18.7 MiB tree (the committed run folders had grown it).
+    ``--call-mib`` counts the tree git tracks (not untracked files, which stay here) and leaves a margin."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / "tracked.bin").write_bytes(b"x" * (3 << 20) + b"y")  # 3 MiB and a byte: counts as 4
+    (repo / "untracked.bin").write_bytes(b"x" * (20 << 20))
+    subprocess.run(["git", "add", "tracked.bin"], cwd=repo, check=True)
+    assert airgap.tree_bytes(repo) == (3 << 20) + 1
+    assert airgap.transfer_limit(64, airgap.tree_bytes(repo)) == 64 - 6 - 4
+    assert airgap.transfer_limit(64, int(18.7 * (1 << 20))) == 39  # lease 10's tree: 45 was refused, 40 went
+    with pytest.raises(SystemExit, match="leaves 5 MiB per transfer in a 64 MiB call"):
+        airgap.transfer_limit(64, 53 << 20)
+    with pytest.raises(SystemExit, match="needs a git checkout"):
+        airgap.tree_bytes(tmp_path / "nowhere")
+    # through the command line, before anything is downloaded or packed: a tree too big for the call is refused
+    out = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "airgap.py"), "pack", "--out", str(tmp_path / "b"), "--call-mib", "12"],
+        capture_output=True, text=True, cwd=repo,
+    )  # fmt: skip
+    assert out.returncode != 0 and "leaves 2 MiB per transfer in a 12 MiB call" in out.stderr
+    assert not (tmp_path / "b").exists()
 
 
 def test_pack_fills_transfers_under_the_limit_keeping_each_files_folder(airgap, tmp_path):

@@ -5,7 +5,7 @@ index. This tool, run where the index is reachable:
 
     python tools/airgap.py wheels --set eval --out .bundle/wheels      # the pinned packages the box lacks
     python tools/airgap.py split FILE... --out .bundle/parts --part-mib 60
-    python tools/airgap.py pack --out .bundle --transfer-mib 60 --split MODEL.gguf.whl --tar ../shared \
+    python tools/airgap.py pack --out .bundle --call-mib 64 --split MODEL.gguf.whl --tar ../shared \
         --exclude models --git-bundle      # all of it, in transfer folders .bundle/c1, c2, ... under the limit
 
 - ``wheels``: each package of the set at the version this environment pins (importlib.metadata), as a
@@ -18,7 +18,8 @@ index. This tool, run where the index is reachable:
 
 - ``pack``: the wheels, the split files, folders as ``.tar.xz`` and the commit as a git bundle, distributed into
   transfer folders ``c1``, ``c2`` … of at most ``--transfer-mib`` each (``transfers.json``, in every one, says
-  what is where and each file's size); copy each into one folder on the box as it arrives.
+  what is where and each file's size); copy each into one folder on the box as it arrives. ``--call-mib``
+  sizes them for a device call that also carries the git working tree (the lent H200: 64 MiB in all).
 - ``check`` (on the box): has every transfer arrived, whole? One line naming the missing ones, exit 1.
 
 On the box, ``sh tools/airgap_bootstrap.sh BUNDLE_DIR SITE_DIR`` runs ``check`` first (a pack's folder),
@@ -321,6 +322,30 @@ def check(stash: Path) -> None:
     print(f"airgap: {stash}: every transfer arrived", flush=True)
 
 
+CALL_MARGIN_MIB = 6  # what a call counts beyond the files' bytes: 45 MiB parts + an 18.7 MiB tree were refused
+
+
+def tree_bytes(root: Path) -> int:
+    """The bytes of the files git tracks under ``root``: the working tree the lent GPU copies with every call."""
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True) if root.is_dir() else None
+    if listed is None or listed.returncode != 0:
+        raise SystemExit(f"airgap: --call-mib needs a git checkout (the tree that travels with every call): {root}")
+    return sum((root / n).stat().st_size for n in listed.stdout.decode().split("\0") if n and (root / n).is_file())
+
+
+def transfer_limit(call_mib: int, tree: int) -> int:
+    """The largest transfer (MiB) that fits one device call beside the working tree: ``call_mib`` less the tree
+    and a margin. Lease 10: the tree had grown to 18.7 MiB with the run folders, and transfers of 45 MiB were
+    refused; the README's rule (58 - tree) was right, the number typed was not."""
+    mib = call_mib - CALL_MARGIN_MIB - -(-tree // (1 << 20))
+    if mib < 8:
+        raise SystemExit(
+            f"airgap: the working tree ({tree / (1 << 20):.1f} MiB) leaves {mib} MiB per transfer in a "
+            f"{call_mib} MiB call: shrink the tree"
+        )
+    return mib
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -340,7 +365,13 @@ def main() -> None:
     k.add_argument("--set", choices=sorted(ROOTS), default="pipeline")
     k.add_argument("--python", default="3.12")
     k.add_argument("--out", type=Path, required=True, help="e.g. .bundle (wheels/ is kept there as a cache)")
-    k.add_argument("--transfer-mib", type=int, default=60, help="per transfer (the lent H200 takes 64 MiB)")
+    k.add_argument("--transfer-mib", type=int, default=60, help="per transfer (default 60)")
+    k.add_argument(
+        "--call-mib",
+        type=int,
+        help="size the transfers to a device call's limit that counts the git working tree too (the lent H200: "
+        f"64): each transfer gets that less the tracked files and {CALL_MARGIN_MIB} MiB (overrides --transfer-mib)",
+    )
     k.add_argument("--split", nargs="*", type=Path, default=[], metavar="FILE", help="big files (a model's GGUF)")
     k.add_argument("--tar", nargs="*", type=Path, default=[], metavar="DIR", help="folders to carry as DIR.tar.xz")
     k.add_argument("--exclude", nargs="*", default=[], help="tar --exclude patterns (e.g. models)")
@@ -367,6 +398,13 @@ def main() -> None:
 
 def _pack(args) -> None:
     out = args.out
+    if args.call_mib is not None:
+        tree = tree_bytes(Path.cwd())
+        args.transfer_mib = transfer_limit(args.call_mib, tree)
+        print(
+            f"airgap: transfers of at most {args.transfer_mib} MiB ({args.call_mib} MiB per call, less the "
+            f"{tree / (1 << 20):.1f} MiB tracked tree and {CALL_MARGIN_MIB} MiB)"
+        )
     got = wheels(closure(ROOTS[args.set]), out / "wheels", args.python)
     parts_dir = out / "parts"
     if parts_dir.exists():
