@@ -282,7 +282,7 @@ def test_study_box_round_under_timeout_collects_what_is_done_and_leaves_the_run_
             assert tar.extractfile("dvc.lock").read().decode().split() == ["schema", "item-1"]
         run_pid = int((tmp_path / "study.pid").read_text())
         assert os.path.exists(f"/proc/{run_pid}")  # the run was not stopped
-        assert not list(tmp_path.glob("collect.*"))
+        assert not list(tmp_path.glob("collect.*")) and not list(out.glob(".*.part"))  # written whole, renamed
     finally:
         subprocess.run([*box, "stop"], env=env, cwd=work, capture_output=True, text=True, timeout=60)
 

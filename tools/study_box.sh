@@ -262,7 +262,8 @@ collect() {
         mv mlflow-store.tar.xz "$stage/"
     fi
     # shellcheck disable=SC2046
-    tar -czf "$out/$name.tgz" -C "$stage" $(ls -A "$stage")
+    tar -czf "$out/.$name.tgz.part" -C "$stage" $(ls -A "$stage")
+    mv "$out/.$name.tgz.part" "$out/$name.tgz"
     rm -rf "$stage"
     # the flow's log and the samplers' records, beside it
     for f in "$LOG" "$GPU_CSV" "$CPU_LOG"; do
@@ -289,17 +290,19 @@ round() {
     fi
     # A TERM (the call's `timeout`, set too short: lease 10's second box lost a whole call to setup's 45 s) ends
     # the wait, not the run: what is done is collected (about 10 s), then exit 143; progress runs in the
-    # background because bash handles a trapped signal only between foreground commands
+    # background because bash handles a trapped signal only between foreground commands. While collect runs,
+    # TERM is ignored, by it and by what it starts: GNU timeout sends a second TERM to the whole process group,
+    # which would otherwise cut the tarball (it is written under a temporary name and renamed besides)
     progress "$seconds" &
     ROUND=("$!" "$out" "$name")
     trap round_term TERM
     wait "${ROUND[0]}" || true
-    trap - TERM
+    trap '' TERM
     collect "$out" "$name"
 }
 
 round_term() {
-    trap - TERM
+    trap '' TERM
     kill "${ROUND[0]}" 2>/dev/null || true
     echo "study_box: TERM: collecting what is done (the run goes on)" >&2
     collect "${ROUND[1]}" "${ROUND[2]}"

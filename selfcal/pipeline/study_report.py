@@ -119,52 +119,33 @@ def stage_times(client, experiment: str, compress_run_ids: list[str] | None) -> 
 def temperature_rows(params: Params, table: list[dict], metrics: list[str]) -> list[dict]:
     """The temperature-schedule sweep (the paper's Figure 4), when the profile lists several self-calibration
     sources that differ in (t_initial, t_final): per method x schedule, each metric's mean ± std over the sets
-    (the aggregate's table) and how many sets are in. One schedule, or none, is no sweep: no rows."""
-    temps = {
-        name: (spec.t_initial, spec.t_final)
-        for name, spec in params.calibration.sources.items()
-        if getattr(spec, "kind", None) == "self"
-    }
-    if len(set(temps.values())) < 2:
+    (the aggregate's table), how many sets are in (records: every study evaluation has both metrics) and how
+    many the profile asks for. One schedule, or none, is no sweep: no rows. Two sources of one schedule (say,
+    another ``schedule_steps``) would share a cell: the first in the profile's order is drawn, the other named
+    in the log."""
+    temps: dict[str, tuple[float, float]] = {}
+    for name, spec in params.calibration.sources.items():
+        if getattr(spec, "kind", None) != "self":
+            continue
+        schedule = (spec.t_initial, spec.t_final)
+        first = next((n for n, t in temps.items() if t == schedule), None)
+        if first is not None:
+            log.warning("temperature grid: %s has %s's schedule %s -> %s: left out of it", name, first, *schedule)
+            continue
+        temps[name] = schedule
+    if len(temps) < 2:
         return []
+    of = len(params.calibration.seeds)
     rows = []
     for e in table:
         if e["source"] in temps:
             t0, t1 = temps[e["source"]]
             row = {"method": e["method"], "t_initial": t0, "t_final": t1, "source": e["source"], "sets": e["n_sets"]}
+            row["of"] = of
             for m in metrics:
                 row[m], row[m + ".std"] = e.get(m), e.get(m + ".std")
             rows.append(row)
     return sorted(rows, key=lambda r: (r["method"], r["t_initial"], r["t_final"]))
-
-
-def temperature_markdown(rows: list[dict], metric: str) -> str:
-    """One method's schedule grid as a table: t_initial down, t_final across, mean ± std over the sets, and how
-    many sets where fewer than the fullest cell's (a grid still being run)."""
-    scale = 1.0 if metric.startswith("ppl.") else 100.0
-    t0s = sorted({r["t_initial"] for r in rows})
-    t1s = sorted({r["t_final"] for r in rows})
-    full = max(r["sets"] for r in rows)
-    cell = {(r["t_initial"], r["t_final"]): r for r in rows}
-    lines = [
-        "| t_initial ↓, t_final → | " + " | ".join(f"{t:g}" for t in t1s) + " |",
-        "|---|" + "---|" * len(t1s),
-    ]
-    for t0 in t0s:
-        out = []
-        for t1 in t1s:
-            r = cell.get((t0, t1))
-            if r is None or r.get(metric) is None:
-                out.append("-")
-                continue
-            text = f"{scale * r[metric]:.{1 if scale > 1 else 2}f}"
-            if r.get(metric + ".std") is not None and r["sets"] > 1:
-                text += f" ± {scale * r[metric + '.std']:.{1 if scale > 1 else 2}f}"
-            if r["sets"] < full:
-                text += f" ({r['sets']} of {full})"
-            out.append(text)
-        lines.append(f"| **{t0:g}** | " + " | ".join(out) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def size_lines(params: Params) -> dict[str, tuple[str, int]]:
@@ -594,7 +575,7 @@ def study_report(
     reported as far as it goes, with what is complete and what is not. ``paper_table``: the paper's appendix
     tables (CSV), for the same self-vs-real-data test on its numbers beside ours."""
     from selfcal.lineage.tracking import open_client
-    from selfcal.report import plots
+    from selfcal.report import plots, temperature
 
     sources = run_sources(params, runs)
     gathered, pending = gather(params, sources)
@@ -668,7 +649,7 @@ def study_report(
             plots.temperature_heatmap(mine, out / png, metric=m, title=f"{method}: {what}")
             sweeps.append(
                 f"### Temperature schedule, {method}: {what}, mean ± std over the sets\n\n"
-                + temperature_markdown(mine, m)
+                + temperature.temperature_markdown(mine, m)
                 + f"\n![temperature schedule, {method}, {m}]({png})"
             )
     if temps:

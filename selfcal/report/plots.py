@@ -55,41 +55,32 @@ def accuracy_vs_n(rows: list[dict], path: Path, *, metric: str = "mean_acc", tit
 
 
 def temperature_heatmap(rows: list[dict], path: Path, *, metric: str = "mean_acc", title: str = "") -> None:
-    """``metric`` over the (t_initial, t_final) grid of the self-calibration schedule, each cell its mean over
-    the sets (accuracies in %; perplexities as they are, coloured on a log scale, reversed so that better is
-    brighter either way); a cell with fewer sets than the fullest says how many, an empty one stays blank."""
+    """``metric`` over the (t_initial, t_final) grid of the self-calibration schedule: the cells of
+    ``selfcal.report.temperature.temperature_grid`` (the README's table has the same), perplexities coloured on
+    a log scale and reversed, so that better is brighter either way; a cell short of sets says how many it has,
+    an empty one stays blank."""
     import math
+
+    from selfcal.report.temperature import temperature_grid, value_text
 
     plt = _pyplot()
     ppl = metric.startswith("ppl.")
-    scale = 1.0 if ppl else 100.0
-    t0s = sorted({r["t_initial"] for r in rows})
-    t1s = sorted({r["t_final"] for r in rows})
-    grid = [[float("nan")] * len(t1s) for _ in t0s]
-    sets = [[0] * len(t1s) for _ in t0s]
-    for r in rows:
-        if r.get(metric) is not None:
-            i, j = t0s.index(r["t_initial"]), t1s.index(r["t_final"])
-            grid[i][j], sets[i][j] = scale * r[metric], r.get("sets", 1)
-    full = max((n for row in sets for n in row), default=0)
-    shown = [[math.log10(v) if ppl and v == v and v > 0 else v for v in row] for row in grid]
+    t0s, t1s, cells = temperature_grid(rows, metric)
+    shown = [[float("nan")] * len(t1s) for _ in t0s]
+    for (i, j), cell in cells.items():
+        shown[i][j] = math.log10(cell.value) if ppl and cell.value > 0 else cell.value
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     im = ax.imshow(shown, origin="lower", cmap="viridis_r" if ppl else "viridis")
     ax.set_xticks(range(len(t1s)), [f"{t:g}" for t in t1s])
     ax.set_yticks(range(len(t0s)), [f"{t:g}" for t in t0s])
     ax.set_xlabel("t_final")
     ax.set_ylabel("t_initial")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            if v == v:
-                text = f"{v:.0f}" if ppl and v >= 100 else f"{v:.1f}"
-                if sets[i][j] < full:
-                    text += f"\n({sets[i][j]} of {full})"
-                r, g, b, _ = im.cmap(im.norm(shown[i][j]))
-                ink = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"  # legible on light and dark cells
-                ax.text(j, i, text, ha="center", va="center", color=ink, fontsize=7)
-    label = f"log10 {metric} (lower is better)" if ppl else f"{metric} (%)"
-    fig.colorbar(im, ax=ax, label=label)
+    for (i, j), cell in cells.items():
+        text = value_text(cell, metric) + (f"\n({cell.sets} of {cell.of})" if cell.short else "")
+        r, g, b, _ = im.cmap(im.norm(shown[i][j]))
+        ink = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"  # legible on light and dark cells
+        ax.text(j, i, text, ha="center", va="center", color=ink, fontsize=7)
+    fig.colorbar(im, ax=ax, label=f"log10 {metric} (lower is better)" if ppl else f"{metric} (%)")
     ax.set_title(title)
     _save(fig, path)
     plt.close(fig)
