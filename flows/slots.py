@@ -34,6 +34,10 @@ class Slot:
             out["CUDA_VISIBLE_DEVICES"] = ""  # a CPU slot: no stage may wander onto a GPU
         else:
             out["CUDA_VISIBLE_DEVICES"] = self.gpu
+            # CUDA numbers devices fastest first, nvidia-smi by PCI bus: in bus order, the id an item's log line
+            # names ("GPU 1") is the index of nvidia-smi's samples (gpu.csv), so per-GPU busy time matches the
+            # items that ran there (a box's own choice, when the flow was given one, is kept)
+            out["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
             out[GPU_SHARE_ENV] = str(self.share)
         return out
 

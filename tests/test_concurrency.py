@@ -19,6 +19,16 @@ def test_one_item_per_gpu_and_jobs_capped_by_the_gpus():
     assert all(s.threads == 8 and s.env()["OMP_NUM_THREADS"] == "8" for s in slots)
 
 
+def test_a_gpu_slot_numbers_devices_as_nvidia_smi_does_unless_the_box_chose(monkeypatch):
+    """CUDA's default order is fastest first, nvidia-smi's (gpu.csv's index) the PCI bus: a slot's "GPU 1" must
+    be nvidia-smi's 1, or per-GPU busy time is charged to the wrong items on a mixed box."""
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    gpu, cpu = plan_slots(1, ["1"], cpus=4)[0], plan_slots(1, [], cpus=4)[0]
+    assert gpu.env()["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and "CUDA_DEVICE_ORDER" not in cpu.env()
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # the ids the flow was given mean this order
+    assert gpu.env()["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+
+
 def test_slots_per_gpu_share_a_gpu_after_every_gpu_has_one():
     slots = plan_slots(4, ["3", "5"], slots_per_gpu=2, cpus=16)
     assert [s.gpu for s in slots] == ["3", "5", "3", "5"]  # a second item per GPU only when all GPUs have one

@@ -31,6 +31,36 @@ class GpuUsage:
 
 def read_gpu_csv(path: Path) -> GpuUsage | None:
     """The samples of ``path``; None when it holds fewer than two (nothing to measure)."""
+    series = list(_samples(path).values())
+    if not series:
+        return None
+    start = min(s[0][0] for s in series)
+    end = max(s[-1][0] for s in series)
+    busy = sum(_busy_seconds(s) for s in series)
+    peak = max(m for s in series for _, _, m in s)
+    return GpuUsage(len(series), (end - start).total_seconds(), busy, peak)
+
+
+def busy_per_gpu(path: Path) -> dict[str, float]:
+    """Each GPU's busy fraction (nvidia-smi's index) over the whole sampled span: on a box of several GPUs,
+    whether the work was spread over all of them."""
+    samples = _samples(path)
+    if not samples:
+        return {}
+    start = min(s[0][0] for s in samples.values())
+    span = (max(s[-1][0] for s in samples.values()) - start).total_seconds()
+    return {gpu: _busy_seconds(s) / span if span else 0.0 for gpu, s in sorted(samples.items())}
+
+
+def _busy_seconds(series: list[tuple[datetime, float, float]]) -> float:
+    """Each sample's utilization times the interval to the next."""
+    pairs = zip(series, series[1:], strict=False)
+    return sum(u0 / 100 * (t1 - t0).total_seconds() for (t0, u0, _), (t1, _, _) in pairs)
+
+
+def _samples(path: Path) -> dict[str, list[tuple[datetime, float, float]]]:
+    """Per GPU index, its (time, utilization %, memory MiB) samples in time order; GPUs with fewer than two
+    samples left out."""
     samples: dict[str, list[tuple[datetime, float, float]]] = {}
     for line in path.read_text().splitlines():
         parts = [p.strip() for p in line.split(",")]
@@ -42,17 +72,7 @@ def read_gpu_csv(path: Path) -> GpuUsage | None:
         except ValueError:
             continue
         samples.setdefault(parts[1] if len(parts) == 4 else "0", []).append((t, util, mem))
-    series = [sorted(s) for s in samples.values() if len(s) > 1]
-    if not series:
-        return None
-    start = min(s[0][0] for s in series)
-    end = max(s[-1][0] for s in series)
-    busy = 0.0
-    for s in series:
-        for (t0, u0, _), (t1, _, _) in zip(s, s[1:], strict=False):
-            busy += u0 / 100 * (t1 - t0).total_seconds()
-    peak = max(m for s in series for _, _, m in s)
-    return GpuUsage(len(series), (end - start).total_seconds(), busy, peak)
+    return {gpu: sorted(s) for gpu, s in samples.items() if len(s) > 1}
 
 
 def usage_markdown(rows: list[tuple[str, GpuUsage, int]]) -> str:
