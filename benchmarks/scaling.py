@@ -1,8 +1,10 @@
 """The scaling table: one grid slice run with ``--jobs 1`` and with ``--jobs`` = 2 x the GPU count (issue 20),
-from the run folders ``tools/study_box.sh collect`` brings back (each: ``run.log``, the flow's filtered log, and
-``gpu.csv``, nvidia-smi every second). Per run: GPUs, jobs, the flow's wall time, the speed-up over the
-``--jobs 1`` run, each GPU's busy fraction, and that every item finished exactly once, and on which GPU;
-``selfcal study-report --runs`` on the same folders gives every model's lineage.
+from the run folders as committed (each: ``run.log``, the flow's log filtered from the ``study.log`` that
+``tools/study_box.sh collect`` brings back, and ``gpu.csv``, nvidia-smi every second). ``A+B``: two runs of
+disjoint items one after the other (the slice's ``--jobs 1`` is longer than a lease), walls added. Per run:
+GPUs, jobs, the flow's wall time, the speed-up over the ``--jobs 1`` run, each GPU's busy fraction over the
+flow's run, and that every item finished exactly once, and on which GPU; ``selfcal study-report --runs`` on
+the same folders gives every model's lineage.
 
     python benchmarks/scaling.py reports/SmolLM2-135M/scaling/runs/* --out reports/SmolLM2-135M/scaling/table.md
 """
@@ -20,24 +22,42 @@ sys.path.insert(0, str(REPO))
 
 from selfcal.artifacts import atomic_write_text  # noqa: E402
 from selfcal.errors import SelfcalError  # noqa: E402
-from selfcal.report.gpu_usage import busy_per_gpu  # noqa: E402
-from selfcal.report.scaling import read_flow_log, scaling_markdown, scaling_rows  # noqa: E402
+from selfcal.report.gpu_usage import busy_per_gpu, first_sample_time  # noqa: E402
+from selfcal.report.scaling import (  # noqa: E402
+    flow_window,
+    in_sequence,
+    read_flow_log,
+    scaling_markdown,
+    scaling_rows,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path, help="run folders, each with run.log (and gpu.csv)")
+    ap.add_argument(
+        "runs",
+        nargs="+",
+        type=Path,
+        help="run folders as committed (run.log: the flow's log as the lease step filters it from study.log; "
+        "gpu.csv), or A+B: runs of disjoint items one after the other, as one configuration (walls added)",
+    )
     ap.add_argument("--out", type=Path, help="write the table here (Markdown) and the rows beside it (.json)")
     args = ap.parse_args(argv)
     try:
-        missing = [str(r) for r in args.runs if not (r / "run.log").is_file()]
+        missing = [p for r in args.runs for p in str(r).split("+") if not (Path(p) / "run.log").is_file()]
         if missing:
             raise SelfcalError(f"no run.log in {', '.join(missing)}")
         runs = []
-        for folder in args.runs:
-            gpu_csv = folder / "gpu.csv"
-            busy = busy_per_gpu(gpu_csv) if gpu_csv.is_file() else {}
-            runs.append((folder.name, read_flow_log(folder / "run.log"), busy))
+        for arg in args.runs:
+            parts = [Path(p) for p in str(arg).split("+")]
+            flows = [read_flow_log(p / "run.log") for p in parts]
+            busy: dict[str, float] = {}
+            if len(parts) == 1 and (parts[0] / "gpu.csv").is_file():
+                first = first_sample_time(parts[0] / "gpu.csv")
+                if first is not None:
+                    busy = busy_per_gpu(parts[0] / "gpu.csv", *flow_window(flows[0], first))
+            label = "+".join(p.name for p in parts)
+            runs.append((label, flows[0] if len(flows) == 1 else in_sequence(flows), busy))
         rows = scaling_rows(runs)
     except SelfcalError as e:
         print(f"scaling: {e}", file=sys.stderr)

@@ -36,8 +36,13 @@ class Slot:
             out["CUDA_VISIBLE_DEVICES"] = self.gpu
             # CUDA numbers devices fastest first, nvidia-smi by PCI bus: in bus order, the id an item's log line
             # names ("GPU 1") is the index of nvidia-smi's samples (gpu.csv), so per-GPU busy time matches the
-            # items that ran there (a box's own choice, when the flow was given one, is kept)
-            out["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+            # items that ran there. Ids the flow was given (CUDA_VISIBLE_DEVICES) mean the order they were given
+            # in: that is kept, whatever it is, or an item could land on a GPU it was not given
+            order = os.environ.get("CUDA_DEVICE_ORDER")
+            if order is None and "CUDA_VISIBLE_DEVICES" not in os.environ:
+                order = "PCI_BUS_ID"
+            if order is not None:
+                out["CUDA_DEVICE_ORDER"] = order
             out[GPU_SHARE_ENV] = str(self.share)
         return out
 

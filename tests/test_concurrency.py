@@ -23,10 +23,15 @@ def test_a_gpu_slot_numbers_devices_as_nvidia_smi_does_unless_the_box_chose(monk
     """CUDA's default order is fastest first, nvidia-smi's (gpu.csv's index) the PCI bus: a slot's "GPU 1" must
     be nvidia-smi's 1, or per-GPU busy time is charged to the wrong items on a mixed box."""
     monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     gpu, cpu = plan_slots(1, ["1"], cpus=4)[0], plan_slots(1, [], cpus=4)[0]
     assert gpu.env()["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and "CUDA_DEVICE_ORDER" not in cpu.env()
-    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # the ids the flow was given mean this order
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")  # the box's choice is kept
     assert gpu.env()["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+    # ids given to the flow under CUDA's default order keep meaning that order: not reinterpreted by bus
+    monkeypatch.delenv("CUDA_DEVICE_ORDER")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,3")
+    assert "CUDA_DEVICE_ORDER" not in gpu.env()
 
 
 def test_slots_per_gpu_share_a_gpu_after_every_gpu_has_one():

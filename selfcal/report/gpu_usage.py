@@ -41,15 +41,26 @@ def read_gpu_csv(path: Path) -> GpuUsage | None:
     return GpuUsage(len(series), (end - start).total_seconds(), busy, peak)
 
 
-def busy_per_gpu(path: Path) -> dict[str, float]:
-    """Each GPU's busy fraction (nvidia-smi's index) over the whole sampled span: on a box of several GPUs,
-    whether the work was spread over all of them."""
+def busy_per_gpu(path: Path, since: datetime | None = None, until: datetime | None = None) -> dict[str, float]:
+    """Each GPU's busy fraction (nvidia-smi's index) over the sampled span, or over [since, until] (a flow's
+    own run: the sampler starts before it and goes on after, and ``start`` appends across runs): on a box of
+    several GPUs, whether the work was spread over all of them."""
     samples = _samples(path)
+    if since is not None or until is not None:
+        lo, hi = since or datetime.min, until or datetime.max
+        samples = {g: kept for g, s in samples.items() if len(kept := [x for x in s if lo <= x[0] <= hi]) > 1}
     if not samples:
         return {}
-    start = min(s[0][0] for s in samples.values())
-    span = (max(s[-1][0] for s in samples.values()) - start).total_seconds()
+    start = since or min(s[0][0] for s in samples.values())
+    end = until or max(s[-1][0] for s in samples.values())
+    span = (end - start).total_seconds()
     return {gpu: _busy_seconds(s) / span if span else 0.0 for gpu, s in sorted(samples.items())}
+
+
+def first_sample_time(path: Path) -> datetime | None:
+    """When the sampler's first good line was written (gpu.csv has dates, a flow log only clock times)."""
+    samples = _samples(path)
+    return min((s[0][0] for s in samples.values()), default=None)
 
 
 def _busy_seconds(series: list[tuple[datetime, float, float]]) -> float:
