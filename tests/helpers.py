@@ -206,3 +206,15 @@ def params_error(data) -> str:
     msg = str(e.value)
     assert "\n" not in msg
     return msg
+
+
+def load_script(relative: str):
+    """A repository script that is no package module (``tools/airgap.py``, ``benchmarks/scaling.py``), imported
+    from its file so a test can call its functions."""
+    import importlib.util
+
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

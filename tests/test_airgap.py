@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -10,15 +9,12 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_script
 
 
 @pytest.fixture(scope="module")
 def airgap():
-    spec = importlib.util.spec_from_file_location("airgap", REPO / "tools" / "airgap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/airgap.py")
 
 
 def test_the_pipeline_set_is_the_installed_closure_with_requested_extras_less_what_the_box_has(airgap):

@@ -4,12 +4,11 @@ run's real log."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, load_script
 
 ITEMS = ["generate@self-0", "compress@self-0-gptq", "evaluate@self-0-gptq", "evaluate_dense"]
 
@@ -68,10 +67,7 @@ def _folder(tmp_path, name, log, gpu_csv=None):
 
 @pytest.fixture(scope="module")
 def scaling_cli():
-    spec = importlib.util.spec_from_file_location("scaling", REPO / "benchmarks" / "scaling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/scaling.py")
 
 
 def test_the_table_gives_wall_speed_up_busy_per_gpu_and_each_item_once_with_its_gpu(tmp_path, scaling_cli, capsys):
