@@ -16,6 +16,7 @@ from selfcal.errors import DataError
 from selfcal.lineage.tracking import stage_run
 from selfcal.pipeline import layout
 from selfcal.records import MEAN_ACC, EvaluationRecord, metric_name, read_evaluation
+from selfcal.report import metric_display
 
 log = logging.getLogger("selfcal.aggregate")
 
@@ -74,9 +75,8 @@ def report_metrics(cols: list[str], table: list[dict]) -> dict:
 def _fmt(mean: float | None, std: float | None, col: str) -> str:
     if mean is None:
         return "-"
-    if col.startswith("ppl."):
-        return f"{mean:.2f}" + (f" ± {std:.2f}" if std else "")
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std else "")
+    k = metric_display.scale(col)
+    return metric_display.number(k * mean, col) + (f" ± {metric_display.number(k * std, col)}" if std else "")
 
 
 def unscored_tasks(rows: list[EvaluationRecord]) -> dict[str, str]:
@@ -110,14 +110,14 @@ def by_source_markdown(cols: list[str], table: list[dict], mean_tasks: list[str]
 
     parts = []
     for col in cols:
-        if col == "mean_acc" or col.startswith("ppl."):
-            ppl = col.startswith("ppl.")
+        if col == "mean_acc" or metric_display.is_perplexity(col):
+            ppl = metric_display.is_perplexity(col)
             over = f" over {', '.join(mean_tasks)}" if mean_tasks else ""
-            what = f"{col[4:]} perplexity (lower is better)" if ppl else f"mean zero-shot accuracy (%){over}"
+            what = metric_display.label(col) + ("" if ppl else f" (%){over}")
             parts.append(
                 f"### {what}, mean ± std over calibration sets\n\n"
                 + source_method_table(
-                    table, col, lower_is_better=ppl, scale=1.0 if ppl else 100.0, digits=2 if ppl else 1
+                    table, col, lower_is_better=ppl, scale=metric_display.scale(col), digits=metric_display.digits(col)
                 )
             )
     return "\n".join(parts)

@@ -140,8 +140,8 @@ def temperature_rows(params: Params, table: list[dict], metrics: list[str]) -> l
     for e in table:
         if e["source"] in temps:
             t0, t1 = temps[e["source"]]
-            row = {"method": e["method"], "t_initial": t0, "t_final": t1, "source": e["source"], "sets": e["n_sets"]}
-            row["of"] = of
+            row = {"method": e["method"], "t_initial": t0, "t_final": t1, "source": e["source"]}
+            row |= {"sets": e["n_sets"], "of": of}
             for m in metrics:
                 row[m], row[m + ".std"] = e.get(m), e.get(m + ".std")
             rows.append(row)
@@ -533,6 +533,7 @@ def _headline(cols: list[str]) -> list[str]:
 def _significance(
     table: list[dict], cols: list[str], paper_table: Path | None, pairs: list[tuple[str, tuple[str, ...]]]
 ) -> str:
+    from selfcal.report import metric_display
     from selfcal.report.significance import compare_self, comparison_markdown, paper_comparisons
 
     paper = paper_comparisons(paper_table) if paper_table is not None and paper_table.is_file() else []
@@ -540,8 +541,8 @@ def _significance(
     for metric in _headline(cols):
         ours = [c for mine, others in pairs for c in compare_self(table, metric, self_source=mine, others=others)]
         if ours:
-            label = "mean zero-shot accuracy" if metric == "mean_acc" else f"{metric[4:]} perplexity (lower is better)"
-            parts.append(f"### {label}\n\n" + comparison_markdown(ours, paper if metric == "mean_acc" else [], metric))
+            table_md = comparison_markdown(ours, paper if metric == "mean_acc" else [], metric)
+            parts.append(f"### {metric_display.label(metric)}\n\n" + table_md)
     return "\n".join(parts) if parts else "_self-calibration and a real-data source are not both evaluated yet_\n"
 
 
@@ -575,7 +576,7 @@ def study_report(
     reported as far as it goes, with what is complete and what is not. ``paper_table``: the paper's appendix
     tables (CSV), for the same self-vs-real-data test on its numbers beside ours."""
     from selfcal.lineage.tracking import open_client
-    from selfcal.report import plots, temperature
+    from selfcal.report import metric_display, plots, temperature
 
     sources = run_sources(params, runs)
     gathered, pending = gather(params, sources)
@@ -645,7 +646,7 @@ def study_report(
         mine = [r for r in temps if r["method"] == method]
         for m in [m for m in size_metrics if any(r[m] is not None for r in mine)]:
             png = f"temperature-{method}.png" if m == "mean_acc" else f"temperature-{method}-{m[4:]}.png"
-            what = "mean zero-shot accuracy (%)" if m == "mean_acc" else f"{m[4:]} perplexity (lower is better)"
+            what = metric_display.label(m) + ("" if metric_display.is_perplexity(m) else " (%)")
             plots.temperature_heatmap(mine, out / png, metric=m, title=f"{method}: {what}")
             sweeps.append(
                 f"### Temperature schedule, {method}: {what}, mean ± std over the sets\n\n"

@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from selfcal.artifacts import atomic_write_bytes
+from selfcal.report import metric_display
 
 
 def _save(fig, path: Path) -> None:
@@ -30,8 +31,8 @@ def accuracy_vs_n(rows: list[dict], path: Path, *, metric: str = "mean_acc", tit
     """One line per ``label`` (e.g. source or method): mean ± std of ``metric`` against set size n (accuracies in %,
     perplexities as they are, on a log axis)."""
     plt = _pyplot()
-    ppl = metric.startswith("ppl.")
-    scale = 1.0 if ppl else 100.0
+    ppl = metric_display.is_perplexity(metric)
+    scale = metric_display.scale(metric)
     lines: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for r in rows:
         if r.get(metric) is not None:
@@ -61,10 +62,10 @@ def temperature_heatmap(rows: list[dict], path: Path, *, metric: str = "mean_acc
     an empty one stays blank."""
     import math
 
-    from selfcal.report.temperature import temperature_grid, value_text
+    from selfcal.report.temperature import temperature_grid
 
     plt = _pyplot()
-    ppl = metric.startswith("ppl.")
+    ppl = metric_display.is_perplexity(metric)
     t0s, t1s, cells = temperature_grid(rows, metric)
     shown = [[float("nan")] * len(t1s) for _ in t0s]
     for (i, j), cell in cells.items():
@@ -76,7 +77,7 @@ def temperature_heatmap(rows: list[dict], path: Path, *, metric: str = "mean_acc
     ax.set_xlabel("t_final")
     ax.set_ylabel("t_initial")
     for (i, j), cell in cells.items():
-        text = value_text(cell, metric) + (f"\n({cell.sets} of {cell.of})" if cell.short else "")
+        text = metric_display.number(cell.value, metric) + (f"\n({cell.sets} of {cell.of})" if cell.short else "")
         r, g, b, _ = im.cmap(im.norm(shown[i][j]))
         ink = "k" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "w"  # legible on light and dark cells
         ax.text(j, i, text, ha="center", va="center", color=ink, fontsize=7)

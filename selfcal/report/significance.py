@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from selfcal.report import metric_display
+
 REAL_SOURCES = ("c4", "wikitext", "cosmopedia")
 # The paper's appendix names its sources so; our sources are keyed in lower case.
 PAPER_SOURCES = {"c4": "C4", "wikitext": "WikiText", "cosmopedia": "Cosmopedia", "self": "Self"}
@@ -102,7 +104,7 @@ def paper_comparisons(csv_path: Path, *, alpha: float = 0.05, sets: int = 5) -> 
 
 def comparison_markdown(ours: list[Comparison], paper: list[dict], metric: str, alpha: float = 0.05) -> str:
     """Our verdicts per method and source, beside how often the paper's five models got each verdict."""
-    scale, unit = (1.0, "") if metric.startswith("ppl.") else (100.0, " (%)")
+    scale, unit = metric_display.scale(metric), ("" if metric_display.is_perplexity(metric) else " (%)")
     tally: dict[tuple[str, str], dict[str, int]] = {}
     for r in paper:
         counts = tally.setdefault((r["method"].lower(), r["other"]), {"beats": 0, "matches": 0, "loses": 0})

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from selfcal.report import metric_display
+
 
 @dataclass(frozen=True)
 class Cell:
@@ -22,11 +24,6 @@ class Cell:
         return self.sets < self.of
 
 
-def scale(metric: str) -> float:
-    """Accuracies are shown in %, perplexities as they are."""
-    return 1.0 if metric.startswith("ppl.") else 100.0
-
-
 def temperature_grid(rows: list[dict], metric: str) -> tuple[list[float], list[float], dict[tuple[int, int], Cell]]:
     """``rows`` (one method's: ``t_initial``, ``t_final``, ``metric``; optionally ``metric.std``, ``sets``, default
     1, and ``of``, default the fullest row's sets) as the sorted t_initial and t_final axes (every row's, so each
@@ -35,21 +32,16 @@ def temperature_grid(rows: list[dict], metric: str) -> tuple[list[float], list[f
     t0s = sorted({r["t_initial"] for r in rows})
     t1s = sorted({r["t_final"] for r in rows})
     full = max((r.get("sets", 1) for r in rows), default=0)
+    k = metric_display.scale(metric)
     cells = {}
     for r in rows:
         if r.get(metric) is None:
             continue
         sets = r.get("sets", 1)
         std = r.get(metric + ".std") if sets > 1 else None
-        k = scale(metric)
         key = (t0s.index(r["t_initial"]), t1s.index(r["t_final"]))
         cells[key] = Cell(k * r[metric], None if std is None else k * std, sets, r.get("of", full))
     return t0s, t1s, cells
-
-
-def value_text(cell: Cell, metric: str) -> str:
-    """A cell's mean as the table and the heatmap print it: accuracies to 0.1 point, perplexities to 0.01."""
-    return f"{cell.value:.{2 if metric.startswith('ppl.') else 1}f}"
 
 
 def temperature_markdown(rows: list[dict], metric: str) -> str:
@@ -69,9 +61,9 @@ def temperature_markdown(rows: list[dict], metric: str) -> str:
             if cell is None:
                 texts.append("-")
                 continue
-            text = value_text(cell, metric)
+            text = metric_display.number(cell.value, metric)
             if cell.std is not None:
-                text += f" ± {value_text(Cell(cell.std, None, 1, 1), metric)}"
+                text += f" ± {metric_display.number(cell.std, metric)}"
             if cell.short:
                 text += f" ({cell.sets} of {cell.of})"
             texts.append(text)
