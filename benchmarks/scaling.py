@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from selfcal.artifacts import atomic_write_text  # noqa: E402
 from selfcal.errors import SelfcalError  # noqa: E402
-from selfcal.report.gpu_usage import busy_per_gpu, first_sample_time  # noqa: E402
+from selfcal.report.gpu_usage import busy_per_gpu, first_sample_time, gpu_samples  # noqa: E402
 from selfcal.report.scaling import (  # noqa: E402
     flow_window,
     in_sequence,
@@ -53,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             flows = [read_flow_log(p / "run.log") for p in parts]
             busy: dict[str, float] = {}
             if len(parts) == 1 and (parts[0] / "gpu.csv").is_file():
-                first = first_sample_time(parts[0] / "gpu.csv")
+                samples = gpu_samples(parts[0] / "gpu.csv")  # read once: its first date anchors the log's clock
+                first = first_sample_time(samples)
                 if first is not None:
-                    busy = busy_per_gpu(parts[0] / "gpu.csv", *flow_window(flows[0], first))
+                    busy = busy_per_gpu(samples, *flow_window(flows[0], first))
             label = "+".join(p.name for p in parts)
             runs.append((label, flows[0] if len(flows) == 1 else in_sequence(flows), busy))
         rows = scaling_rows(runs)

@@ -105,7 +105,7 @@ def test_runs_of_different_items_or_an_item_run_twice_are_not_a_speed_up(tmp_pat
 
 def test_a_committed_h200_run_reads_as_it_ran():
     """Lease 10's Ji run: 4 items at once on the one GPU, its 23 items each once, Completed after 19.8 min."""
-    from selfcal.report.gpu_usage import busy_per_gpu
+    from selfcal.report.gpu_usage import busy_per_gpu, gpu_samples
     from selfcal.report.scaling import read_flow_log
 
     folder = REPO / "reports" / "SmolLM2-135M" / "runs" / "2026-12-04-h200-k"
@@ -114,7 +114,7 @@ def test_a_committed_h200_run_reads_as_it_ran():
     assert run.wall_seconds == pytest.approx(19 * 60 + 48.2, abs=0.5)  # 14:39:25.694 -> 14:59:13.875
     assert run.planned == 23 and len(run.completed) == 23 and not run.twice()
     assert set(run.gpu_of().values()) == {"0"}
-    busy = busy_per_gpu(folder / "gpu.csv")
+    busy = busy_per_gpu(gpu_samples(folder / "gpu.csv"))
     assert list(busy) == ["0"] and 0.8 < busy["0"] < 1.0  # the report's 91%
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+Samples = dict[str, list[tuple[datetime, float, float]]]  # per GPU index: (time, utilization %, memory MiB)
+
 
 @dataclass(frozen=True)
 class GpuUsage:
@@ -31,7 +33,7 @@ class GpuUsage:
 
 def read_gpu_csv(path: Path) -> GpuUsage | None:
     """The samples of ``path``; None when it holds fewer than two (nothing to measure)."""
-    series = list(_samples(path).values())
+    series = list(gpu_samples(path).values())
     if not series:
         return None
     start = min(s[0][0] for s in series)
@@ -41,11 +43,10 @@ def read_gpu_csv(path: Path) -> GpuUsage | None:
     return GpuUsage(len(series), (end - start).total_seconds(), busy, peak)
 
 
-def busy_per_gpu(path: Path, since: datetime | None = None, until: datetime | None = None) -> dict[str, float]:
-    """Each GPU's busy fraction (nvidia-smi's index) over the sampled span, or over [since, until] (a flow's
-    own run: the sampler starts before it and goes on after, and ``start`` appends across runs): on a box of
-    several GPUs, whether the work was spread over all of them."""
-    samples = _samples(path)
+def busy_per_gpu(samples: Samples, since: datetime | None = None, until: datetime | None = None) -> dict[str, float]:
+    """Each GPU's busy fraction (nvidia-smi's index; ``gpu_samples``) over the sampled span, or over [since,
+    until] (a flow's own run: the sampler starts before it and goes on after, and ``start`` appends across
+    runs): on a box of several GPUs, whether the work was spread over all of them."""
     if since is not None or until is not None:
         lo, hi = since or datetime.min, until or datetime.max
         samples = {g: kept for g, s in samples.items() if len(kept := [x for x in s if lo <= x[0] <= hi]) > 1}
@@ -57,9 +58,8 @@ def busy_per_gpu(path: Path, since: datetime | None = None, until: datetime | No
     return {gpu: _busy_seconds(s) / span if span else 0.0 for gpu, s in sorted(samples.items())}
 
 
-def first_sample_time(path: Path) -> datetime | None:
+def first_sample_time(samples: Samples) -> datetime | None:
     """When the sampler's first good line was written (gpu.csv has dates, a flow log only clock times)."""
-    samples = _samples(path)
     return min((s[0][0] for s in samples.values()), default=None)
 
 
@@ -69,10 +69,10 @@ def _busy_seconds(series: list[tuple[datetime, float, float]]) -> float:
     return sum(u0 / 100 * (t1 - t0).total_seconds() for (t0, u0, _), (t1, _, _) in pairs)
 
 
-def _samples(path: Path) -> dict[str, list[tuple[datetime, float, float]]]:
+def gpu_samples(path: Path) -> Samples:
     """Per GPU index, its (time, utilization %, memory MiB) samples in time order; GPUs with fewer than two
     samples left out."""
-    samples: dict[str, list[tuple[datetime, float, float]]] = {}
+    samples: Samples = {}
     for line in path.read_text().splitlines():
         parts = [p.strip() for p in line.split(",")]
         if len(parts) not in (3, 4) or not parts[-1].endswith("MiB") or not parts[-2].endswith("%"):
