@@ -66,12 +66,16 @@ def test_the_study_report_draws_the_temperature_grid_per_method_with_each_cells_
     assert (out / "temperature-wanda.png").is_file()
 
 
-def test_one_schedule_is_no_temperature_sweep(tmp_path):
+def test_one_schedule_is_no_temperature_sweep(tmp_path, caplog):
     from selfcal.pipeline.study_report import temperature_rows
 
     params = _temperature_params(tmp_path, [(10, 10)])
+    # a set-size sweep: several self sources, one schedule; no grid, so no warning about cells either
+    params.calibration.sources["t10-10-n2"] = params.calibration.sources["t10-10"].model_copy(update={"n_samples": 2})
     table = [{"source": "t10-10", "method": "gptq", "n_sets": 2, "mean_acc": 0.4, "mean_acc.std": 0.01}]
-    assert temperature_rows(params, table, ["mean_acc"]) == []
+    with caplog.at_level("WARNING"):
+        assert temperature_rows(params, table, ["mean_acc"]) == []
+    assert "temperature grid" not in caplog.text
     two = _temperature_params(tmp_path, [(10, 10), (5, 10)])
     assert [r["t_initial"] for r in temperature_rows(two, table, ["mean_acc"])] == [1.0]
 

@@ -122,19 +122,23 @@ def temperature_rows(params: Params, table: list[dict], metrics: list[str]) -> l
     (the aggregate's table), how many sets are in (records: every study evaluation has both metrics) and how
     many the profile asks for. One schedule, or none, is no sweep: no rows. Two sources of one schedule (say,
     another ``schedule_steps``) would share a cell: the first in the profile's order is drawn, the other named
-    in the log."""
+    in the log, only when there is a grid to leave it out of (a set-size sweep's self sources all share one
+    schedule: no grid, nothing to say)."""
     temps: dict[str, tuple[float, float]] = {}
+    shadowed: list[tuple[str, str]] = []
     for name, spec in params.calibration.sources.items():
         if getattr(spec, "kind", None) != "self":
             continue
         schedule = (spec.t_initial, spec.t_final)
         first = next((n for n, t in temps.items() if t == schedule), None)
         if first is not None:
-            log.warning("temperature grid: %s has %s's schedule %s -> %s: left out of it", name, first, *schedule)
+            shadowed.append((name, first))
             continue
         temps[name] = schedule
     if len(temps) < 2:
         return []
+    for name, first in shadowed:
+        log.warning("temperature grid: %s has %s's schedule %s -> %s: left out of it", name, first, *temps[first])
     of = len(params.calibration.seeds)
     rows = []
     for e in table:
