@@ -113,7 +113,7 @@ def by_source_markdown(cols: list[str], table: list[dict], mean_tasks: list[str]
         if col == "mean_acc" or metric_display.is_perplexity(col):
             ppl = metric_display.is_perplexity(col)
             over = f" over {', '.join(mean_tasks)}" if mean_tasks else ""
-            what = metric_display.label(col) + ("" if ppl else f" (%){over}")
+            what = metric_display.label(col) + metric_display.unit(col) + ("" if ppl else over)
             parts.append(
                 f"### {what}, mean ± std over calibration sets\n\n"
                 + source_method_table(

@@ -649,8 +649,8 @@ def study_report(
     for method in sorted({r["method"] for r in temps}):
         mine = [r for r in temps if r["method"] == method]
         for m in [m for m in size_metrics if any(r[m] is not None for r in mine)]:
-            png = f"temperature-{method}.png" if m == "mean_acc" else f"temperature-{method}-{m[4:]}.png"
-            what = metric_display.label(m) + ("" if metric_display.is_perplexity(m) else " (%)")
+            png = metric_display.file_name(f"temperature-{method}", m)
+            what = metric_display.label(m) + metric_display.unit(m)
             plots.temperature_heatmap(mine, out / png, metric=m, title=f"{method}: {what}")
             sweeps.append(
                 f"### Temperature schedule, {method}: {what}, mean ± std over the sets\n\n"
@@ -663,7 +663,7 @@ def study_report(
     if size_points and not experiments:
         atomic_write_text(out / "sweep_n.csv", _csv(size_points))
         for m in [m for m in size_metrics if any(p[m] is not None for p in size_points)]:
-            png = "sweep_n.png" if m == "mean_acc" else f"sweep_n-{m[4:]}.png"
+            png = metric_display.file_name("sweep_n", m)
             plots.accuracy_vs_n(size_points, out / png, metric=m, title=f"{m} against calibration set size")
             sweeps.append(f"![set-size sweep, {m}]({png})")
         sweeps.append("(`sweep_n.csv`: mean ± std over each point's calibration sets)")

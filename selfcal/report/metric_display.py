@@ -23,6 +23,16 @@ def number(value: float, metric: str) -> str:
     return f"{value:.{digits(metric)}f}"
 
 
+def unit(metric: str) -> str:
+    """What a heading or column adds after the metric's name: " (%)" for accuracies, nothing for perplexities."""
+    return "" if is_perplexity(metric) else " (%)"
+
+
+def file_name(stem: str, metric: str) -> str:
+    """A per-metric plot: ``STEM.png`` for mean accuracy, ``STEM-wikitext2.png`` for ``ppl.wikitext2``."""
+    return f"{stem}.png" if metric == "mean_acc" else f"{stem}-{metric[4:]}.png"
+
+
 def label(metric: str) -> str:
     """A heading's name for the metric: "mean zero-shot accuracy" or "wikitext2 perplexity (lower is better)"."""
     return f"{metric[4:]} perplexity (lower is better)" if is_perplexity(metric) else "mean zero-shot accuracy"

@@ -104,7 +104,7 @@ def paper_comparisons(csv_path: Path, *, alpha: float = 0.05, sets: int = 5) -> 
 
 def comparison_markdown(ours: list[Comparison], paper: list[dict], metric: str, alpha: float = 0.05) -> str:
     """Our verdicts per method and source, beside how often the paper's five models got each verdict."""
-    scale, unit = metric_display.scale(metric), ("" if metric_display.is_perplexity(metric) else " (%)")
+    scale, unit = metric_display.scale(metric), metric_display.unit(metric)
     tally: dict[tuple[str, str], dict[str, int]] = {}
     for r in paper:
         counts = tally.setdefault((r["method"].lower(), r["other"]), {"beats": 0, "matches": 0, "loses": 0})
