@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the table here (Markdown) and the rows beside it (.json)")
     args = ap.parse_args(argv)
     try:
-        missing = [p for r in args.runs for p in str(r).split("+") if not (Path(p) / "run.log").is_file()]
+        groups = [[Path(p) for p in str(arg).split("+")] for arg in args.runs]
+        missing = [str(p) for parts in groups for p in parts if not (p / "run.log").is_file()]
         if missing:
             raise SelfcalError(f"no run.log in {', '.join(missing)}")
         runs = []
-        for arg in args.runs:
-            parts = [Path(p) for p in str(arg).split("+")]
+        for parts in groups:
             flows = [read_flow_log(p / "run.log") for p in parts]
             busy: dict[str, float] = {}
             if len(parts) == 1 and (parts[0] / "gpu.csv").is_file():
