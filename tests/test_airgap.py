@@ -207,7 +207,7 @@ def test_study_box_round_collects_while_the_run_goes_on_and_the_next_round_lets_
     work, out = tmp_path / "work", tmp_path / "out"
     (work / ".selfcal").mkdir(parents=True)
     out.mkdir()
-    (work / "dvc.lock").write_text("schema\n")
+    (work / "dvc.lock").write_text(LOCK)
     (work / "params.yaml").write_text("seed: 0\n")
     store = sqlite3.connect(work / ".selfcal" / "mlflow.db")
     store.execute("PRAGMA journal_mode=WAL")
@@ -228,7 +228,7 @@ def test_study_box_round_collects_while_the_run_goes_on_and_the_next_round_lets_
         assert first.returncode == 0, first.stderr
         run_pid = int((tmp_path / "study.pid").read_text())
         assert "study_box: still running" in first.stdout and os.path.exists(f"/proc/{run_pid}")  # not stopped
-        assert came_back("dvc.lock").decode().split() == ["schema", "item-1"]
+        assert _stages(came_back("dvc.lock")) == ["guard", "item-1"]
         assert came_back("params.yaml") == b"seed: 0\n"
         with tarfile.open(fileobj=io.BytesIO(came_back("mlflow-store.tar.xz"))) as tar:
             tar.extractall(tmp_path / "store", filter="data")
@@ -264,7 +264,7 @@ def test_study_box_round_under_timeout_collects_what_is_done_and_leaves_the_run_
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     out.mkdir()
-    (work / "dvc.lock").write_text("schema\n")
+    (work / "dvc.lock").write_text(LOCK)
     (work / "params.yaml").write_text("seed: 0\n")
     env = _box_env(tmp_path, bin_, work, STEP="1", TMPDIR=str(tmp_path))
     box = [str(REPO / "tools" / "study_box.sh")]
@@ -275,12 +275,22 @@ def test_study_box_round_under_timeout_collects_what_is_done_and_leaves_the_run_
         assert cut.returncode == 124 and time.monotonic() - t0 < 20, (cut.stdout, cut.stderr)
         assert "study_box: TERM: collecting what is done" in cut.stderr
         with tarfile.open(out / "run-x.tgz") as tar:
-            assert tar.extractfile("dvc.lock").read().decode().split() == ["schema", "item-1"]
+            assert _stages(tar.extractfile("dvc.lock").read()) == ["guard", "item-1"]
         run_pid = int((tmp_path / "study.pid").read_text())
         assert os.path.exists(f"/proc/{run_pid}")  # the run was not stopped
         assert not list(tmp_path.glob("collect.*")) and not list(out.glob(".*.part"))  # written whole, renamed
     finally:
         subprocess.run([*box, "stop"], env=env, cwd=work, capture_output=True, text=True, timeout=60)
+
+
+#: A dvc.lock as DVC writes it (a mapping with ``schema`` and ``stages``, a final newline): what collect passes on
+LOCK = "schema: '2.0'\nstages:\n  guard: {cmd: g}\n"
+
+
+def _stages(data: bytes) -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load(data)["stages"])
 
 
 def _round_fakes(tmp_path):
@@ -292,7 +302,8 @@ def _round_fakes(tmp_path):
     bin_.mkdir(parents=True)
     (bin_ / "selfcal").write_text(
         '#!/bin/sh\necho "selfcal $*"\n[ "$1" = run ] || exit 0\n'
-        'echo "item-$(wc -l < dvc.lock)" >> dvc.lock\nsleep 4\necho "item-$(wc -l < dvc.lock)" >> dvc.lock\n'
+        'echo "  item-$(($(grep -c "cmd: x" dvc.lock) + 1)): {cmd: x}" >> dvc.lock\nsleep 4\n'
+        'echo "  item-$(($(grep -c "cmd: x" dvc.lock) + 1)): {cmd: x}" >> dvc.lock\n'
     )
     (bin_ / "nvidia-smi").write_text('#!/bin/sh\nwhile true; do echo "t, 0, 5 %, 1 MiB"; sleep 1; done\n')
     (bin_ / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
@@ -320,7 +331,7 @@ def test_study_box_round_without_a_chunk_never_starts_a_run_and_a_new_box_is_ref
         assert not (tmp_path / "study.pid").exists() and not (tmp_path / "study.log").exists()
         assert not (out / "run-x.tgz").exists()
     work.mkdir()
-    (work / "dvc.lock").write_text("schema\nitem-1\n")  # an ended run's
+    (work / "dvc.lock").write_text(LOCK + "  item-1: {cmd: x}\n")  # an ended run's
     (work / "params.yaml").write_text("seed: 0\n")
     ended = subprocess.run([*box, "round", "1", str(out), "run-x"], env=env, cwd=work,
                            capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -328,7 +339,7 @@ def test_study_box_round_without_a_chunk_never_starts_a_run_and_a_new_box_is_ref
     assert "no run going and no chunk given: nothing started" in ended.stdout
     assert not (tmp_path / "study.pid").exists() and "selfcal run" not in ended.stdout
     with tarfile.open(out / "run-x.tgz") as tar:
-        assert tar.extractfile("dvc.lock").read() == b"schema\nitem-1\n"
+        assert _stages(tar.extractfile("dvc.lock").read()) == ["guard", "item-1"]
 
 
 def test_study_box_lane_runs_a_second_profile_beside_the_first_in_its_own_clone_and_comes_back_apart(tmp_path):
@@ -342,7 +353,7 @@ def test_study_box_lane_runs_a_second_profile_beside_the_first_in_its_own_clone_
     bin_ = _round_fakes(tmp_path)
     root, work, out = tmp_path / "box", tmp_path / "study-work", tmp_path / "out"  # setup's clone: study-work
     root.mkdir()
-    (root / "dvc.lock").write_text("schema\n")
+    (root / "dvc.lock").write_text(LOCK)
     (root / "params.yaml").write_text("seed: 1\n")
     git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -419,6 +430,7 @@ def _box_env(tmp_path, bin_, work, **extra) -> dict:
             "SAMPLER": str(tmp_path / "sampler.pid"),
             "GPU_CSV": str(tmp_path / "gpu.csv"),
             "CPU_LOG": str(tmp_path / "cpu.log"),
+            "STATE_ROOT": str(tmp_path),  # dvc.lock's last good copy, beside the pid files
         }
         | extra
     )
@@ -461,7 +473,7 @@ def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_a
     work = tmp_path / "work"
     for d in ("artifacts/evaluations", "artifacts/checkpoints/self-s0-gptq", ".selfcal/mlartifacts/r1/artifacts"):
         (work / d).mkdir(parents=True)
-    (work / "dvc.lock").write_text("schema: '2.0'\n")
+    (work / "dvc.lock").write_text(LOCK)
     (work / "artifacts/evaluations/self-s0-gptq.json").write_text("{}\n")
     (work / "artifacts/evaluations/.self-s1-gptq.json.tmp-0a1b2c3d").write_text("{")  # a writer's scratch file
     (work / "artifacts/checkpoints/self-s0-gptq/manifest.json").write_text("{}\n")
@@ -490,3 +502,55 @@ def test_study_box_collect_brings_back_the_records_and_the_mlflow_store_packed_a
     with closing(sqlite3.connect(db)) as con:
         assert con.execute("SELECT name FROM registered").fetchall() == [("SmolLM2-gptq-self:1",)]
     assert (db.parent / "mlartifacts/r1/artifacts/manifest.json").read_text() == '{"m": 1}\n'
+
+
+def test_study_box_stop_ends_the_run_while_holding_dvcs_lock(tmp_path):
+    """Lease 10's n3 came back with a dvc.lock cut mid-line: ``stop`` had killed a dvc while it was "Updating
+    lock file". DVC writes it only under its repo lock, so ``stop`` now holds that lock while it ends the run:
+    a stage that is TERMed tries the lock (as a dvc about to record it would) and finds it taken."""
+    import subprocess
+    import sys
+    import time
+
+    bin_ = tmp_path / "site" / "bin"
+    bin_.mkdir(parents=True)
+    (bin_ / "selfcal").write_text(
+        f"#!{sys.executable}\n"
+        "import fcntl, os, signal, sys, time\n"
+        "def on_term(*_):\n"
+        "    with open('.dvc/tmp/lock', 'a+') as fh:\n"
+        "        try:\n"
+        "            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "            seen = 'took it'\n"
+        "        except BlockingIOError:\n"
+        "            seen = 'locked out'\n"
+        "    open(os.environ['TERM_SEEN'], 'w').write(seen)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, on_term)\n"
+        "print('selfcal', *sys.argv[1:], flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    (bin_ / "nvidia-smi").write_text('#!/bin/sh\nwhile true; do echo "t, 0, 5 %, 1 MiB"; sleep 1; done\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    work = tmp_path / "work"
+    (work / ".dvc" / "tmp").mkdir(parents=True)
+    seen = tmp_path / "seen"
+    env = _box_env(tmp_path, bin_, work, TERM_SEEN=str(seen))
+    box = [str(REPO / "tools" / "study_box.sh")]
+    try:
+        out = subprocess.run([*box, "start", "--only", "evaluate@x"], env=env, cwd=work, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        for _ in range(100):
+            if "selfcal run" in (tmp_path / "study.log").read_text():
+                break
+            time.sleep(0.1)
+        stop = subprocess.run([*box, "stop"], env=env, cwd=work, capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0 and "study_box: stopped" in stop.stdout, stop.stderr
+        assert seen.read_text() == "locked out"
+        assert not (tmp_path / "study.pid").exists() and not (tmp_path / "sampler.pid").exists()
+    finally:
+        for pidfile in ("study.pid", "sampler.pid"):
+            if (tmp_path / pidfile).exists():
+                for pid in (tmp_path / pidfile).read_text().split():
+                    subprocess.run(["kill", "-KILL", "--", f"-{pid}"], capture_output=True)

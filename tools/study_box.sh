@@ -23,7 +23,8 @@
 #                                         is done (about 10 s) and exits 143: the run goes on
 #   tools/study_box.sh stop               ends the run (its whole session: flow, dvc, stages) and the sampler, by
 #                                         the pids `start` saved (`pkill -f nvidia-smi` inside a device call matched
-#                                         the call's own shell and killed it before collect)
+#                                         the call's own shell and killed it before collect), holding DVC's repo
+#                                         lock meanwhile (no dvc is killed halfway through writing dvc.lock)
 #   tools/study_box.sh bench SCRIPT ARGS  a benchmark of the commit (benchmarks/*.py) in WORK with the run's
 #                                         environment, e.g. beside a started run: benchmarks/gen_determinism.py
 #   tools/study_box.sh collect OUT NAME   what comes back (no checkpoints): the run's records, manifests,
@@ -58,6 +59,7 @@ case $LANE in *[!A-Za-z0-9_-]*)
     ;;
 esac
 root=$(pwd)
+TOOLS=$(cd "$(dirname "$0")" && pwd)  # dvclock.py beside this script
 WORK=${WORK:-$(dirname "$root")/study-work${LANE:+-$LANE}}
 env_lines() {
     echo "export PYTHONPATH=$SITE:$WORK PATH=$SITE/bin:\$PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1"
@@ -195,11 +197,19 @@ stop_pids() {
     rm -f "$file"
 }
 
+_stop_run() { stop_pids "$PIDFILE"; }
+
 # Items of the run that ended in STATE (Completed, Failed), from the flow's log.
 items() { grep -c "Finished in state $1" "$LOG" 2>/dev/null || true; }
 
+# DVC's repo lock is held while the run is ended (tools/dvclock.py), so no dvc is halfway through rewriting
+# dvc.lock when it is killed (lease 10's n3: a dvc killed while "Updating lock file" left it cut mid-line)
 stop() {
-    stop_pids "$PIDFILE"
+    if [ -f "$PIDFILE" ] && [ -d "$WORK/.dvc" ]; then
+        python3 "$TOOLS/dvclock.py" run "$WORK" --wait 30 -- "$0" _stop_run || _stop_run
+    else
+        _stop_run
+    fi
     stop_pids "$SAMPLER"
     echo "study_box: stopped ($(items Completed) items completed)"
 }
@@ -233,7 +243,8 @@ collect() {
     selfcal study-report --out "/tmp/$name-report" --title "Reproduction study: SmolLM2-135M-Instruct ($name)" ||
         echo "study_box: study-report failed (the records still come back)"
     # The run may still be going (`round`): the records are copied first (each is written whole, by rename), then
-    # dvc.lock (DVC rewrites it in place: copied until a copy parses), then the MLflow store as one consistent
+    # dvc.lock (DVC rewrites it in place, under its repo lock: copied holding that lock, tools/dvclock.py; lease
+    # 8's came back empty from a copy taken mid-write), then the MLflow store as one consistent
     # snapshot (SQLite's backup, selfcal.lineage.run_store: ~4.8 MB of SQLite and JSON copies -> ~0.2 MB, and
     # every call to the lent GPU carries the committed tree within 64 MiB), so the store knows every model whose
     # record came back (but one evaluated in the second between its record and its MLflow link)
@@ -248,14 +259,9 @@ collect() {
     # shellcheck disable=SC2086
     [ -z "$files" ] || { tar -cf - --exclude='.*.tmp-*' --ignore-failed-read --warning=no-file-changed \
         --warning=no-file-removed $files || [ $? -eq 1 ]; } | tar -xf - -C "$stage"
-    if [ -f dvc.lock ]; then
-        for _ in 1 2 3 4 5 6 7 8 9 10; do
-            cp dvc.lock "$stage/dvc.lock"
-            python -c 'import sys; from ruamel.yaml import YAML; YAML(typ="safe").load(open(sys.argv[1]))' \
-                "$stage/dvc.lock" 2>/dev/null && break
-            sleep 1
-        done
-    fi
+    mkdir -p "$STATE"
+    python "$TOOLS/dvclock.py" copy . "$stage/dvc.lock" --last-good "$STATE/dvc.lock.good" ||
+        echo "study_box: dvc.lock not copied (the records still come back)" >&2
     rm -f mlflow-store.tar.xz
     if [ -f .selfcal/mlflow.db ]; then
         python -c 'from pathlib import Path; from selfcal.lineage.run_store import write_archive; write_archive(Path("."), live=True)'
