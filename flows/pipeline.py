@@ -134,16 +134,18 @@ def remote_sync(action: str, root: str, execution_id: str, timeout: float | None
 
 def _prepare(root: Path, profile: str | None, logger):
     """Install the profile, validate params, clear a killed run's scratch; returns the params."""
-    if profile:
-        changed = apply_profile(root, profile)
+    checked = None
+    if profile:  # checked whole (`selfcal check`) before it replaces params.yaml
+        changed, checked = apply_profile(root, profile)
         logger.info("profile %s: %s", profile, "installed as params.yaml" if changed else "already params.yaml")
     params = load_params(root / DEFAULT_PARAMS)  # one clear line now, not one failed task per item later
     for path in sweep_scratch(params.artifacts_dir):
         logger.info("removed scratch left by an interrupted stage: %s", path)
     # The guard stage's work, done here once under the run's lock: `selfcal check` before any item
-    # (so DVC deletes no output of an item whose params would be refused) and its constant output,
-    # which every other stage depends on. The `guard` item itself is not run (always changed).
-    logger.info("guard: %s", guard(params))
+    # (so DVC deletes no output of an item whose params would be refused; the profile's own check when one
+    # was just installed) and its constant output, which every other stage depends on. The `guard` item
+    # itself is not run (always changed).
+    logger.info("guard: %s", guard(params, checked=checked))
     return params
 
 

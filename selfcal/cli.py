@@ -49,8 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", required=True, type=int, help="one of calibration.seeds")
 
     c = sub.add_parser("compress", help="compress the base model with one calibration set and method")
-    c.add_argument("--source", required=True)
-    c.add_argument("--seed", required=True, type=int)
+    c.add_argument("--source", required=True, help="a key of calibration.sources (its set must be generated)")
+    c.add_argument("--seed", required=True, type=int, help="one of calibration.seeds")
     c.add_argument("--method", required=True, help="one of compression.methods")
 
     e = sub.add_parser("evaluate", help="score 'dense' or a checkpoint name (SOURCE-sSEED-METHOD)")
@@ -224,13 +224,13 @@ def _run(args) -> None:
     from pathlib import Path
 
     from selfcal.errors import ConfigError
-    from selfcal.profiles import read_profile
+    from selfcal.profiles import check_profile
     from selfcal.workspace_lock import workspace_lock
 
     if args.params:  # the flow reads ./params.yaml, as DVC does
         raise ConfigError("run: DVC reads ./params.yaml; choose other params with --profile, not --params")
-    if args.profile:
-        read_profile(Path.cwd(), args.profile)
+    if args.profile:  # all of `selfcal check`, before the flow installs it as params.yaml
+        check_profile(Path.cwd(), args.profile)
     if args.lock_timeout <= 0:
         with workspace_lock(Path.cwd(), label="selfcal run (start-up check)"):
             pass

@@ -31,26 +31,41 @@ def resolve_profile(root: Path, profile: str) -> Path:
     return path
 
 
-def read_profile(root: Path, profile: str) -> str:
-    """The profile's text, once it validates as the params.yaml it would become."""
+def _load(root: Path, profile: str):
     path = resolve_profile(root, profile)
     text = path.read_text()
     data = read_yaml(text, source=path)
     # Relative paths in it resolve from the workspace root, as they will in params.yaml.
-    parse_params(data, source=str(path), root=Path(root).resolve())
+    params = parse_params(data, source=str(path), root=Path(root).resolve())
     dvc_yaml = Path(root) / "dvc.yaml"
     if dvc_yaml.is_file():  # every key the stages read or interpolate, spelt out (DVC knows no defaults)
         from selfcal.pipeline.check import check_dvc_params
 
         check_dvc_params(path, dvc_yaml, data)
-    return text
+    return path, text, params
 
 
-def apply_profile(root: Path, profile: str) -> bool:
-    """Validate the profile, then make it params.yaml. Returns whether params.yaml changed."""
-    text = read_profile(root, profile)
+def read_profile(root: Path, profile: str) -> str:
+    """The profile's text, once it validates as the params.yaml it would become (the schema and the keys
+    dvc.yaml reads: what holds on any machine; ``check_profile`` also checks this one's model and files)."""
+    return _load(root, profile)[1]
+
+
+def check_profile(root: Path, profile: str) -> tuple[str, str]:
+    """The profile's text and ``selfcal check``'s summary of it: everything the guard stage would refuse
+    (a missing model or data file, a context too short...) refused before the profile replaces anything."""
+    from selfcal.pipeline.check import check
+
+    path, text, params = _load(root, profile)
+    return text, check(params, path)
+
+
+def apply_profile(root: Path, profile: str) -> tuple[bool, str]:
+    """Check the profile as ``selfcal check`` would, then make it params.yaml. Returns whether params.yaml
+    changed, and the check's summary."""
+    text, summary = check_profile(root, profile)
     target = Path(root) / DEFAULT_PARAMS
     if target.is_file() and target.read_text() == text:
-        return False
+        return False, summary
     atomic_write_text(target, text)
-    return True
+    return True, summary

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from flows.dvc_items import GUARD_STAGE, stage_items
-from selfcal.errors import ConfigError
+from selfcal.errors import ConfigError, ModelNotFoundError
 from selfcal.profiles import apply_profile
 from selfcal.scratch import find_scratch
 from selfcal.workspace_lock import WorkspaceBusyError, lock_path, read_holder, workspace_lock
@@ -400,12 +400,20 @@ def test_profile_is_validated_before_it_replaces_params(tiny_model, tmp_path):
         apply_profile(tmp_path, "broken")
     with pytest.raises(ConfigError, match=r"profile 'nope': .* not found; known profiles: \['broken'\]"):
         apply_profile(tmp_path, "nope")
+    # what only `selfcal check` sees (a model folder that is not there) is refused before the install too: a
+    # profile that passed the schema used to become params.yaml, then fail at the guard (an audit found it)
+    (tmp_path / "profiles" / "nomodel.yaml").write_text(
+        yaml.safe_dump({**good, "model": {**good["model"], "path": str(tmp_path / "gone")}})
+    )
+    with pytest.raises(ModelNotFoundError, match=r"model.path: local model directory .*gone' does not exist"):
+        apply_profile(tmp_path, "nomodel")
     assert (tmp_path / "params.yaml").read_text() == before
     text = "# a comment survives\n" + yaml.safe_dump({**good, "calibration": {**good["calibration"], "seeds": [3]}})
     (tmp_path / "profiles" / "other.yaml").write_text(text)
-    assert apply_profile(tmp_path, "other") is True
+    changed, summary = apply_profile(tmp_path, "other")
+    assert changed is True and summary.startswith("ok: params valid")
     assert (tmp_path / "params.yaml").read_text() == text  # the file itself, as `cp` would
-    assert apply_profile(tmp_path, "profiles/other.yaml") is False
+    assert apply_profile(tmp_path, "profiles/other.yaml")[0] is False
 
 
 def test_scratch_of_a_killed_writer_is_found_and_ignored_by_dvc(tmp_path):
@@ -542,3 +550,27 @@ def test_run_refuses_a_params_file_dvc_would_not_read(capsys):
     assert capsys.readouterr().err.strip() == (
         "selfcal: error: run: DVC reads ./params.yaml; choose other params with --profile, not --params"
     )
+
+
+def test_run_refuses_a_profile_that_selfcal_check_refuses_in_one_line_before_prefect_and_the_install(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    """`selfcal run --profile` with a model folder that is not there replaced params.yaml, started Prefect's
+    server, then failed (an audit's first finding): the CLI now runs all of `selfcal check` on the profile first."""
+    import sys
+
+    from selfcal.cli import main
+
+    good = small_params(tiny_model, tmp_path)
+    write_params(tmp_path / "params.yaml", good)
+    before = (tmp_path / "params.yaml").read_text()
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "nomodel.yaml").write_text(
+        yaml.safe_dump({**good, "model": {**good["model"], "path": str(tmp_path / "gone")}})
+    )
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("flows.pipeline", None)  # importing the flow is the first step of Prefect's start
+    assert main(["run", "--profile", "nomodel"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("selfcal: error: model.path: local model directory") and "\n" not in err
+    assert (tmp_path / "params.yaml").read_text() == before and "flows.pipeline" not in sys.modules

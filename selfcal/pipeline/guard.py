@@ -55,7 +55,9 @@ def _hold_for_dvc(params: Params, owner: int) -> None:
         raise WorkspaceBusyError(first.replace("dvc repro: ", "", 1) or "could not take the workspace lock")
 
 
-def guard(params: Params) -> str:
+def guard(params: Params, *, checked: str | None = None) -> str:
+    """Take (or prove free) the workspace lock, run ``selfcal check`` unless ``checked`` is its summary for
+    these very params (a profile checked just before it was installed), write the guard's constant output."""
     holder = read_holder(params.root)
     if not (holder is not None and held_by_ancestor(holder)):
         owner = _dvc_ancestor()
@@ -66,7 +68,7 @@ def guard(params: Params) -> str:
             _hold_for_dvc(params, owner)
     # The file these params came from: $SELFCAL_PARAMS, else params.yaml in the params' own folder.
     file = params_path() if os.environ.get(PARAMS_ENV) else params.root / DEFAULT_PARAMS
-    summary = check(params, file)
+    summary = checked if checked is not None else check(params, file)
     # Constant content: the stages that depend on it never re-run because of it.
     atomic_write_text(layout.guard_file(params), '{"checked": true}\n')
     log.info("%s", summary.splitlines()[0] if summary else "params ok")
