@@ -7,6 +7,7 @@ hour later. Errors are flattened to one line that names the offending key.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import re
@@ -54,18 +55,40 @@ class SourceBase(Strict):
         return out
 
 
+#: The smallest temperature a sampler is given. Below it sampling is greedy in all but name, and a tiny one
+#: overflows: logits / 1e-45 are inf in float32, softmax of them NaN, and the inverse CDF then picks the
+#: vocabulary's last id at every step (an audit's set of 1e-45 was token 511 throughout).
+MIN_TEMPERATURE = 1e-3
+
+
+def sampling_temperature(t: float, *, greedy: bool) -> float:
+    if t == 0.0 and greedy:
+        return t
+    if t < MIN_TEMPERATURE:
+        raise ValueError(
+            f"{t:g} is below {MIN_TEMPERATURE:g}: sampling there is greedy in all but name, and as t nears 0 "
+            f"logits / t overflow float32{'; use 0 for greedy' if greedy else ''}"
+        )
+    return t
+
+
 class SelfSourceConfig(SourceBase):
     """The paper's self-calibration: BOS-only prompt, ancestral sampling, linear temperature."""
 
     kind: Literal["self"]
-    t_initial: float = Field(1.0, ge=0.0, le=10.0)
-    t_final: float = Field(1.0, ge=0.0, le=10.0)
+    t_initial: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
+    t_final: float = Field(1.0, ge=0.0, le=10.0, allow_inf_nan=False)
     schedule_steps: int = Field(10, ge=0)
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     # For multilingual models the paper constrains the first generated token to English
     # stop words; list the words here (their first token is allowed), or leave empty.
     first_token_words: list[str] = Field(default_factory=list)
+
+    @field_validator("t_initial", "t_final")
+    @classmethod
+    def _greedy_or_sampled(cls, t: float) -> float:
+        return sampling_temperature(t, greedy=True)
 
 
 class CorpusSourceConfig(SourceBase):
@@ -102,13 +125,18 @@ class JiSourceConfig(SourceBase):
     prompt_path: str  # corpus whose texts give the prompts (Wikipedia in the paper)
     text_field: str = "text"
     prompt_tokens: int = Field(2, ge=1)  # generate_data.py: input_ids[:2]
-    temperature: float = Field(0.6, gt=0.0)
+    temperature: float = Field(0.6, gt=0.0, allow_inf_nan=False)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
     top_k: int = Field(50, ge=1)
     repetition_penalty: float = Field(1.2, ge=1.0)
     max_new_tokens: int = Field(2048, ge=1)  # generate_data.py: max_new_tokens=2048
     pool_size: int = Field(5000, ge=1)  # generations before filtering (their wikipedia_5k.json)
     drop_fraction: float = Field(0.2, ge=0.0, lt=1.0)  # sample_ppl.py: keep ppl < 80th percentile
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampled(cls, t: float) -> float:
+        return sampling_temperature(t, greedy=False)
 
 
 SourceConfig = Annotated[
@@ -235,6 +263,13 @@ class TrackingConfig(Strict):
     # Registry name of each checkpoint; seeds (and re-runs) become its versions.
     registered_model_name: str = "{base}-{method}-{source}"
 
+    @field_validator("experiment")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name.strip():  # MLflow refuses it, but only once a stage opens its run
+            raise ValueError("must not be empty: MLflow files every run under an experiment's name")
+        return name
+
     @field_validator("registered_model_name")
     @classmethod
     def _known_fields(cls, template: str) -> str:
@@ -279,24 +314,59 @@ class Params(Strict):
         return self.resolve(self.paths.state)
 
 
+#: The labels pydantic puts in an error's location for the member of a union that failed (``int | 'auto'``
+#: gives ``constrained-int`` and ``literal['auto']``): no key the user wrote
+_UNION_MEMBER = re.compile(
+    r"^(constrained-)?(int|float|str|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\]|"
+    r"function-(after|before|wrap|plain)\[.*\]|lax-or-strict\[.*\]|json-or-python\[.*\])$"
+)
+
+
 def _error_key(loc: tuple) -> str:
     parts = [str(p) for p in loc]
     # A discriminated union adds the matched tag after the source name
     # (calibration.sources.NAME.self.key); the user never wrote it.
     if len(parts) > 3 and parts[:2] == ["calibration", "sources"]:
         del parts[3]
-    return ".".join(parts)
+    return ".".join(p for p in parts if not _UNION_MEMBER.match(p))
+
+
+def _error_message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    if err["type"] == "union_tag_invalid":  # calibration.sources.NAME.kind
+        ctx = err.get("ctx", {})
+        name = str(ctx.get("discriminator", "kind")).strip("'")
+        return f"unknown {name} {ctx.get('tag')!r}; known: {ctx.get('expected_tags')}"
+    return err["msg"].removeprefix("Value error, ")
 
 
 def _format_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
-    msg = first["msg"].removeprefix("Value error, ")
+    """One line for the whole error: the first problem, with a typo (an unknown key) before the required key it
+    leaves missing, a union's alternatives said together (``int >= 1 or 'auto'``), and how many others."""
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    key = _error_key(first["loc"])
+    if first["type"] == "union_tag_invalid":
+        key += "." + str(first.get("ctx", {}).get("discriminator", "kind")).strip("'")
+    same = [e for e in errors if _error_key(e["loc"]) == _error_key(first["loc"])]
+    if len(same) > 1 and all(e["msg"].startswith("Input should be ") for e in same):
+        msg = "Input should be " + " or ".join(e["msg"].removeprefix("Input should be ") for e in same)
+    else:
+        same = [first]
+        msg = _error_message(first)
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {_error_key(first['loc'])}: {msg}{more}"
+        parent = first["loc"][:-1]
+        missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"][:-1] == parent]
+        close = difflib.get_close_matches(str(first["loc"][-1]), missing, n=1)
+        if close:
+            msg += f" (did you mean {close[0]!r}? it is required and missing)"
+            same = [*same, *(e for e in errors if e["type"] == "missing" and e["loc"] == (*parent, close[0]))]
+    rest = len(errors) - len(same)
+    more = f" (+{rest} more)" if rest > 0 else ""
+    return f"{source}: {key}: {msg}{more}"
 
 
 @functools.cache

@@ -49,7 +49,9 @@ def resolve_model(
             raise ModelNotFoundError(f"{key}: {name!r} is a directory without config.json, not a Hugging Face model")
         check_weights(candidate, key=key)
         return ModelRef(name=name, local_dir=candidate.resolve(), revision=revision)
-    if name.startswith(LOCAL_PREFIXES) or candidate.exists():
+    if candidate.exists():
+        raise ModelNotFoundError(f"{key}: {str(candidate)!r} is a file, not a model directory")
+    if name.startswith(LOCAL_PREFIXES):
         raise ModelNotFoundError(f"{key}: local model directory {str(candidate)!r} does not exist")
     return _resolve_hub(name, revision=revision, key=key)
 

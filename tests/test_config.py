@@ -52,6 +52,10 @@ def test_missing_model_path_names_the_key(tmp_path):
     params = parse_params(small_params(tmp_path / "no-such-model", tmp_path), root=tmp_path)
     with pytest.raises(ModelNotFoundError, match=r"^model.path: local model directory .* does not exist$"):
         base_model(params)
+    (tmp_path / "weights.jsonl").write_text("{}\n")  # a file where a folder belongs: said so, not "does not exist"
+    params = parse_params(small_params(tmp_path / "weights.jsonl", tmp_path), root=tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"^model.path: '.*weights.jsonl' is a file, not a model directory$"):
+        base_model(params)
 
 
 def test_offline_hub_id_fails_fast(tmp_path, monkeypatch):

@@ -53,6 +53,59 @@ def test_seeds_are_non_negative_integers_not_bools(tiny_model, tmp_path, seeds):
     assert msg.startswith("params.yaml: calibration.seeds.")
 
 
+@pytest.mark.parametrize(
+    ("source", "key", "value", "why"),
+    [
+        ({"kind": "self"}, "t_initial", 1e-45, "1e-45 is below 0.001: sampling there is greedy in all but name"),
+        ({"kind": "self"}, "t_final", float("nan"), "Input should be a finite number"),
+        ({"kind": "ji", "prompt_path": "x.jsonl"}, "temperature", 1e-9, "1e-09 is below 0.001"),
+    ],
+)
+def test_a_temperature_that_would_sample_nan_is_refused(tiny_model, tmp_path, source, key, value, why):
+    """An audit's t_initial = t_final = 1e-45 passed check and generate made a set of the vocabulary's last
+    id throughout: logits / t overflowed to inf, softmax to NaN, and the inverse CDF fell to the last index."""
+    data = small_params(tiny_model, tmp_path, **{"calibration.sources.s": {**source, key: value}})
+    msg = _err(data)
+    assert msg.startswith(f"params.yaml: calibration.sources.s.{key}: ") and why in msg, msg
+
+
+def test_temperature_zero_is_greedy_and_allowed_where_it_means_greedy(tiny_model, tmp_path):
+    from selfcal.config import parse_params
+
+    data = small_params(tiny_model, tmp_path, **{"calibration.sources.s": {"kind": "self", "t_initial": 0.0}})
+    assert parse_params(data, source="params.yaml", root=tmp_path).calibration.sources["s"].t_initial == 0.0
+    ji = {"kind": "ji", "prompt_path": "x.jsonl", "temperature": 0.0}
+    assert "Input should be greater than 0" in _err(small_params(tiny_model, tmp_path, **{"calibration.sources.s": ji}))
+
+
+def _misspell_section(d):
+    d["calibraton"] = d.pop("calibration")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (_misspell_section, "params.yaml: calibraton: unknown key (did you mean 'calibration'? it is required and "
+         "missing)"),
+        (lambda d: d["calibration"].update(batch_size=0),
+         "params.yaml: calibration.batch_size: Input should be greater than or equal to 1 or 'auto'"),
+        (lambda d: d["evaluation"].update(batch_size=-1),
+         "params.yaml: evaluation.batch_size: Input should be greater than or equal to 1 or 'auto'"),
+        (lambda d: d["calibration"]["sources"]["self"].update(kind="selff"),
+         "params.yaml: calibration.sources.self.kind: unknown kind 'selff'; known: 'self', 'corpus', 'vocab', 'ji'"),
+        (lambda d: d["calibration"].update(n_sample=3, seq_len=0),
+         "params.yaml: calibration.n_sample: unknown key (+1 more)"),
+    ],
+)  # fmt: skip
+def test_a_schema_error_names_what_the_user_wrote_in_one_line(tiny_model, tmp_path, change, expected):
+    """An audit: a misspelt section was reported as the section it left missing, with the typo behind
+    "(+1 more)"; `int | 'auto'` fields leaked pydantic's union labels (batch_size.constrained-int) and hid
+    'auto'; an unknown source kind came as pydantic's own tag message."""
+    data = small_params(tiny_model, tmp_path)
+    change(data)
+    assert _err(data) == expected
+
+
 def test_evaluation_batch_size_zero_is_refused(tiny_model, tmp_path):
     msg = _err(small_params(tiny_model, tmp_path, **{"evaluation.batch_size": 0}))
     assert msg.startswith("params.yaml: evaluation.batch_size")
@@ -176,6 +229,26 @@ def _check(tmp_path, data, capsys) -> tuple[int, list[str]]:
     return rc, capsys.readouterr().err.strip().splitlines()
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("calibration.sources.c4", "max_documents", 1), ("calibration.sources.c4", "hub_split", "validation"),
+     ("evaluation.perplexity.wikitext2", "hub_config", "en")],
+)  # fmt: skip
+def test_a_hub_only_key_on_a_local_file_is_refused_by_check(tiny_model, tmp_path, capsys, section, key, value):
+    """An audit's `max_documents: 1` on the local C4 file made the same set as without it: the key caps what a
+    hub dataset streams, and a local file is read whole. Set on a local path, it is refused, not ignored."""
+    (tmp_path / "c4.jsonl").write_text("".join(f'{{"text": "document {i} " }}\n' for i in range(50)))
+    data = small_params(tiny_model, tmp_path)
+    data["calibration"]["sources"]["c4"] = {"kind": "corpus", "path": "./c4.jsonl", "allow_overlap": True}
+    node = data
+    for part in section.split("."):
+        node = node[part]
+    node[key] = value
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert f"{section}.{key}: applies to a hub dataset only, and " in err[0] and "read whole: remove the key" in err[0]
+
+
 def test_a_binary_corpus_is_refused_by_check_in_one_line(tiny_model, tmp_path, capsys):
     (tmp_path / "blob.txt").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 50)
     data = small_params(tiny_model, tmp_path)
@@ -266,6 +339,60 @@ def test_an_artifacts_path_that_is_a_file_is_refused_before_anything_runs(tiny_m
     path = write_params(tmp_path / "params.yaml", data)
     assert main(["--params", str(path), "generate", "--source", "self", "--seed", "0"]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("paths.state", "./state-file", "paths.state: "),  # a file: MLflow's sqlite store and the run lock live there
+        ("tracking.experiment", " ", "tracking.experiment: must not be empty"),
+        ("tracking.tracking_uri", "htp://nohost", "tracking.tracking_uri: 'htp://nohost' is no MLflow store URI"),
+    ],
+)
+def test_check_refuses_tracking_settings_a_stage_would_die_on(tiny_model, tmp_path, capsys, key, value, why):
+    """An audit found each passing `selfcal check` and the guard, then every stage dying in MLflow with a
+    traceback (FileExistsError, 'Invalid experiment name', UnsupportedModelRegistryStoreURIException)."""
+    (tmp_path / "state-file").write_text("not a folder")
+    data = small_params(tiny_model, tmp_path, **{key: value})
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and why in err[0], err
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_an_mlflow_tracking_uri_from_the_environment_is_checked_too(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp://nohost")
+    data = small_params(tiny_model, tmp_path, **{"tracking.tracking_uri": None})  # the environment's, then
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and err == [
+        "selfcal: error: $MLFLOW_TRACKING_URI: 'htp://nohost' is no MLflow store URI (sqlite:///FILE, "
+        "postgresql://..., http(s)://HOST, or a folder)"
+    ]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    assert _check(tmp_path, data, capsys)[0] == 0
+
+
+@pytest.mark.parametrize("ignore", [["lm_headd"], ["lm_head", "re:.*gate_projj"]])
+def test_an_ignore_entry_that_matches_no_layer_is_refused_by_check(tiny_model, tmp_path, capsys, ignore):
+    """An audit's `ignore: [lm_headd]` passed check and compress quantized lm_head (tied to the embeddings):
+    the typo matched nothing, so nothing stayed dense."""
+    data = small_params(tiny_model, tmp_path, **{"compression.gptq.ignore": ignore})
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert f"compression.gptq.ignore: {ignore[-1]!r} matches no linear layer of this model (" in err[0]
+    data["compression"]["gptq"]["ignore"] = ["lm_head", "re:.*gate_proj"]  # both name layers: fine
+    assert _check(tmp_path, data, capsys)[0] == 0
+
+
+@pytest.mark.parametrize("stage", [["generate"], ["compress", "--method", "gptq"]])
+def test_a_seed_the_params_do_not_list_is_refused_before_anything_is_written(tiny_model, tmp_path, capsys, stage):
+    """An audit's `selfcal generate --source self --seed 7` (seeds [0, 1]) wrote artifacts/calibration/self-s7,
+    which no DVC item tracks; the help said 'one of calibration.seeds'."""
+    path = write_params(tmp_path / "params.yaml", small_params(tiny_model, tmp_path))
+    assert main(["--params", str(path), stage[0], "--source", "self", "--seed", "7", *stage[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["selfcal: error: calibration.seeds: 7 is not listed ([0]); list it there first, so the set is an "
+                   "item of the pipeline"]  # fmt: skip
+    assert not (tmp_path / "artifacts").exists()
 
 
 # -- leftovers of killed writers -------------------------------------------------------------------------

@@ -54,6 +54,15 @@ def plan(method_name: str, compression_cfg, model_config: dict) -> Plan:
     method = METHODS.get(method_name, key="compression.methods")
     section = getattr(compression_cfg, method.name)
     layers = linear_layers(model_config)
+    for pattern in section.ignore:
+        # a typo ("lm_headd") matched nothing and the layer it meant was compressed (an audit found lm_head,
+        # tied to the embeddings, quantized): an entry that names no layer is refused, not ignored
+        if not any(matches(name, [pattern]) for name in layers):
+            raise ConfigError(
+                f"compression.{method.name}.ignore: {pattern!r} matches no linear layer of this model "
+                f"({', '.join(list(layers)[:3])}, ... {len(layers)} in all); a layer meant to stay dense "
+                "would be compressed"
+            )
     skipped = method.skipped_layers(section, layers)
     arch = (model_config.get("architectures") or [None])[0]
     ignored = tuple(n for n in layers if matches(n, list(section.ignore)))

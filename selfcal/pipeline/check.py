@@ -113,6 +113,10 @@ def check_tokenizer_settings(params: Params, tokenizer) -> None:
                 )
 
 
+#: Keys of a corpus or perplexity section that only a hub dataset reads (textdata._read_hub)
+HUB_ONLY = ("hub_config", "hub_split", "max_documents")
+
+
 def check_local_files(params: Params) -> None:
     """Every local text file the stages will read exists and reads as text (corpus and Ji sources,
     the diagnostics reference, the perplexity sets): read now, not after an hour of generation."""
@@ -120,19 +124,29 @@ def check_local_files(params: Params) -> None:
     from selfcal.paths import LOCAL_PREFIXES
 
     wanted: list[tuple[str, str, str]] = []
+    hub_only: dict[str, list[str]] = {}  # path key -> the hub-only keys its section sets
     for name, spec in params.calibration.sources.items():
         for attr in ("path", "prompt_path"):
             if getattr(spec, attr, None):
                 wanted.append((f"calibration.sources.{name}.{attr}", getattr(spec, attr), spec.text_field))
+                hub_only[wanted[-1][0]] = sorted(set(HUB_ONLY) & spec.model_fields_set)
     diag = params.calibration.diagnostics
     if diag.reference_path:
         wanted.append(("calibration.diagnostics.reference_path", diag.reference_path, diag.reference_text_field))
     for name, ppl in params.evaluation.perplexity.items():
         wanted.append((f"evaluation.perplexity.{name}.path", ppl.path, ppl.text_field))
+        hub_only[wanted[-1][0]] = sorted(set(HUB_ONLY) & ppl.model_fields_set)
     from selfcal.hub import unreachable_reason
 
     for key, value, field in wanted:
         local = params.resolve(value)
+        if hub_only.get(key) and (local.exists() or value.startswith(LOCAL_PREFIXES)):
+            # a hub dataset's config, split and streamed-document cap; a local file is read whole (an audit's
+            # max_documents: 1 on the local C4 made the same set as without it)
+            raise ConfigError(
+                f"{key.rsplit('.', 1)[0]}.{hub_only[key][0]}: applies to a hub dataset only, and {value!r} is a "
+                "local file, read whole: remove the key"
+            )
         if local.exists() or value.startswith(LOCAL_PREFIXES):
             textdata.read_documents(value, root=params.root, text_field=field, key=key)
         elif reason := unreachable_reason():
@@ -144,6 +158,33 @@ def check_local_files(params: Params) -> None:
             f"evaluation.data_dir: null reads {', '.join(params.evaluation.tasks)} from the Hugging Face hub, "
             f"which is unreachable ({reason}); point data_dir at local task copies (../shared/data)"
         )
+
+
+def check_tracking_uri(params: Params) -> None:
+    """The store URI the stages will log to is one MLflow has a store for (``htp://`` passed, then every stage
+    died in MLflow with its own exception). The scheme only: whether the server answers is the stage's
+    business (a coordinator may check params on a box that cannot reach the workers' store)."""
+    import os
+
+    if not params.tracking.enabled:
+        return
+    key, uri = "tracking.tracking_uri", params.tracking.tracking_uri
+    if not uri:
+        key, uri = "$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return  # a sqlite file under paths.state
+    # MLflow's own scheme tables (mlflow/tracking/_model_registry/utils.py, _tracking_service/utils.py): the
+    # registry's is the narrower, and every stage registers or reads versions
+    from mlflow.tracking._model_registry.utils import _get_store_registry
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    for registry in (_tracking_store_registry, _get_store_registry()):
+        try:
+            registry.get_store_builder(uri)
+        except Exception:  # noqa: BLE001 - MLflow's exception types differ by store kind
+            raise ConfigError(
+                f"{key}: {uri!r} is no MLflow store URI (sqlite:///FILE, postgresql://..., http(s)://HOST, or a folder)"
+            ) from None
 
 
 def every_item(params: Params) -> int:
@@ -168,6 +209,7 @@ def check(params: Params, params_file: Path) -> str:
     from selfcal.pipeline.common import base_model, check_artifacts_dir
 
     check_artifacts_dir(params)
+    check_tracking_uri(params)
     ref, _ = base_model(params)
     check_local_files(params)
     every_item(params)

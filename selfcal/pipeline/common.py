@@ -49,20 +49,35 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def check_seed(params: Params, seed: int) -> None:
+    """A set's seed is one the params list: a set of another (an audit's `generate --seed 7`) was written where
+    DVC's graph has no item for it, tracked by nothing, as `compress` already refused an unlisted method."""
+    if seed not in params.calibration.seeds:
+        raise ConfigError(
+            f"calibration.seeds: {seed} is not listed ({params.calibration.seeds}); list it there first, so the "
+            "set is an item of the pipeline"
+        )
+
+
 def check_artifacts_dir(params: Params) -> None:
-    """The artifacts folder is a folder this user can write (or can be made): one line otherwise."""
+    """The artifacts and state folders are folders this user can write (or can be made): one line otherwise
+    (a ``paths.state`` that named a file passed ``selfcal check``, then the first stage died in MLflow's set-up)."""
+    _check_writable_dir(params.artifacts_dir, "paths.artifacts")
+    _check_writable_dir(params.state_dir, "paths.state")
+
+
+def _check_writable_dir(path, key: str) -> None:
     import os
 
-    path = params.artifacts_dir
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"paths.artifacts: {path} is a file, not a folder")
+        raise ConfigError(f"{key}: {path} is a file, not a folder")
     probe = path
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"paths.artifacts: {probe} (on the way to {path}) is a file, not a folder")
+        raise ConfigError(f"{key}: {probe} (on the way to {path}) is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"paths.artifacts: {probe} is not writable by this user")
+        raise ConfigError(f"{key}: {probe} is not writable by this user")
 
 
 def sweep_if_sole_writer(params: Params, holder) -> None:

@@ -17,7 +17,7 @@ from selfcal.lineage.registry import base_label, code_digest, log_calibration, r
 from selfcal.lineage.tracking import stage_run
 from selfcal.modelio import ModelRef, fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
-from selfcal.pipeline.common import base_model
+from selfcal.pipeline.common import base_model, check_seed
 from selfcal.records import CalibrationRef, CheckpointManifest
 
 log = logging.getLogger("selfcal.compress")
@@ -35,6 +35,7 @@ def preflight(params: Params, source: str, seed: int, method: str) -> CompressPl
     static layer plan from the config's shapes, and the name the checkpoint will be registered under."""
     if method not in params.compression.methods:
         raise ConfigError(f"compression.methods: {method!r} is not listed ({params.compression.methods})")
+    check_seed(params, seed)
     ref, config = base_model(params)
     the_plan = plan(method, params.compression, config)
     if params.tracking.enabled:  # refused now, not after the compression

@@ -17,7 +17,7 @@ from selfcal.lineage.tracking import stage_run
 from selfcal.modelio import ModelRef, fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.paths import resolve_path
 from selfcal.pipeline import layout
-from selfcal.pipeline.common import base_model, check_context, check_sources
+from selfcal.pipeline.common import base_model, check_context, check_seed, check_sources
 from selfcal.records import CalibrationManifest
 
 log = logging.getLogger("selfcal.generate")
@@ -36,6 +36,7 @@ def preflight(params: Params, source: str, seed: int, *, count_windows: bool = F
     cal = params.calibration
     if source not in cal.sources:
         raise ConfigError(f"calibration.sources: no source named {source!r}; defined: {sorted(cal.sources)}")
+    check_seed(params, seed)
     ref, config = base_model(params)
     check_context(config, cal.seq_len, "calibration.seq_len")
     check_sources(config, params)
