@@ -334,3 +334,37 @@ def test_a_stage_that_opened_its_executions_parent_run_and_failed_ends_both_fail
         ("generate@self-0", "FAILED"),
         ("pipeline dvc-test", "FAILED"),
     ]
+
+
+def test_an_earlier_evaluation_restored_by_dvcs_run_cache_verifies_and_lineage_shows_its_metrics(
+    tiny_model, tmp_path, capsys
+):
+    """An audit: `dvc exp run -S evaluation.limit=100`, then `dvc repro` with the params back: DVC restored the
+    first evaluation record from its run-cache (running no code), the registry's tags still named the
+    experiment's, and `verify` called the file tampered with, `lineage` showed the experiment's numbers. The
+    file is an earlier evaluate run's record, byte for byte: verify says so and passes, lineage shows that
+    run's metrics; a changed byte still fails."""
+    overrides = {"calibration.sources": {"vocab": {"kind": "vocab"}}, "evaluation.tasks": []}
+    params = parse_params(small_params(tiny_model, tmp_path, **overrides), root=tmp_path)
+    generate(params, "vocab", 0, progress=False)
+    compress(params, "vocab", 0, "gptq")
+    first = evaluate(params, "vocab-s0-gptq", progress=False)
+    record = layout.evaluation_file(params, "vocab-s0-gptq")
+    restored = record.read_bytes()
+    other = parse_params(
+        small_params(tiny_model, tmp_path, **overrides, **{"evaluation.perplexity.wikitext2.max_windows": 2}),
+        root=tmp_path,
+    )
+    second = evaluate(other, "vocab-s0-gptq", progress=False)
+    assert second.perplexity["wikitext2"].perplexity != first.perplexity["wikitext2"].perplexity
+    record.write_bytes(restored)  # what DVC's run-cache puts back
+    code, out, err = _cli(capsys, params, "verify", _name("vocab"))
+    assert code == 0, err
+    assert "record, restored by DVC's run-cache; the newest is run " in out
+    code, out, _ = _cli(capsys, params, "lineage", _name("vocab"), "--json")
+    met = json.loads(out)["metrics"]
+    assert met["values"]["ppl.wikitext2"] == pytest.approx(first.perplexity["wikitext2"].perplexity)
+    assert "restored by DVC's run-cache" in met["note"]
+    with flipped(record, offset=10):
+        code, _, err = _cli(capsys, params, "verify", _name("vocab"))
+        assert code == 2 and f"verify: {record}: sha256 mismatch" in err

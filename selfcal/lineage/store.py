@@ -109,23 +109,52 @@ def generate_run(client, digest: str):
     return runs[0] if runs else None
 
 
-def run_artifact_json(client, run_id: str, path: str) -> dict | None:
-    """A JSON artifact as the run recorded it (the copy in the tracking store, not the file on disk)."""
+def run_artifact_bytes(client, run_id: str, path: str) -> bytes | None:
+    """An artifact's bytes as the run recorded it (the copy in the tracking store, not the file on disk)."""
     quiet = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     before = os.environ.get(quiet)
     os.environ[quiet] = "false"  # a progress bar per manifest would bury the report
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = client.download_artifacts(run_id, path, tmp)
-            return json.loads(Path(local).read_text())
+            return Path(local).read_bytes()
     except Exception:  # a missing artifact raises store-specific types; all mean "not recorded"
         moved = moved_artifact(client, run_id, path)
-        return json.loads(moved.read_text()) if moved is not None else None
+        return moved.read_bytes() if moved is not None else None
     finally:
         if before is None:
             os.environ.pop(quiet, None)
         else:
             os.environ[quiet] = before
+
+
+def run_artifact_json(client, run_id: str, path: str) -> dict | None:
+    """A JSON artifact as the run recorded it (the copy in the tracking store, not the file on disk)."""
+    data = run_artifact_bytes(client, run_id, path)
+    return json.loads(data) if data is not None else None
+
+
+def evaluate_runs(client, model_id: str | None, tags: dict) -> list[str]:
+    """Every evaluate run linked to a version, newest first: the runs that logged metrics on its LoggedModel
+    (one per evaluation of the checkpoint), and the one its tags name."""
+    newest: dict[str, int] = {}
+    if model_id:
+        for m in client.get_logged_model(model_id).metrics or []:
+            newest[m.run_id] = max(newest.get(m.run_id, 0), m.timestamp or 0)
+    if tags.get(T.EVALUATE_RUN):
+        newest.setdefault(tags[T.EVALUATE_RUN], 0)
+    return sorted(newest, key=lambda r: -newest[r])
+
+
+def evaluate_run_of_file(client, model_id: str | None, tags: dict, path: Path) -> str | None:
+    """Which evaluate run of this version wrote the evaluation record ``path`` holds, byte for byte (None: no
+    run did). The registry's tags name the newest evaluation; DVC may have restored an earlier one from its
+    run-cache (``dvc repro`` after ``dvc exp run -S evaluation.limit=...``), which ran no code to say so."""
+    data = path.read_bytes()
+    for run_id in evaluate_runs(client, model_id, tags):
+        if run_artifact_bytes(client, run_id, f"{T.EVALUATION_ARTIFACTS}/{path.name}") == data:
+            return run_id
+    return None
 
 
 def moved_artifact(client, run_id: str, path: str) -> Path | None:

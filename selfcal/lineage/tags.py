@@ -46,6 +46,8 @@ DVC_LOCK_SHA = "selfcal.dvc_lock_sha256"
 EVALUATE_RUN = "selfcal.evaluate_run_id"
 METRICS_URI = "selfcal.metrics_uri"
 METRICS_SHA = "selfcal.metrics_sha256"
+#: The artifact folder each evaluate run logs its record under: what ``verify`` compares a restored file with
+EVALUATION_ARTIFACTS = "evaluation"
 METRICS_MD5 = "selfcal.metrics_md5"
 
 UNKNOWN = "unknown"

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 
 from selfcal.artifacts import MANIFEST, read_manifest
 from selfcal.errors import DataError
+from selfcal.hashing import sha256_file
 from selfcal.lineage import store
 from selfcal.lineage import tags as T
 from selfcal.lineage.tracking import model_id_of
@@ -85,7 +86,8 @@ def _calibration(client, tags: dict, compress_run, missing: list[str]) -> dict |
 
 
 def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
-    """The evaluation linked to the version: its LoggedModel's metrics from the newest evaluate run."""
+    """The evaluation linked to the version: its LoggedModel's metrics from the newest evaluate run, or, when the
+    record on disk is an earlier evaluate run's (restored by DVC's run-cache), that run's, said in ``note``."""
     by_run: dict[str, dict] = {}
     if model_id:
         for m in client.get_logged_model(model_id).metrics or []:
@@ -93,6 +95,13 @@ def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
     run_id = tags.get(T.EVALUATE_RUN)
     if run_id not in by_run and by_run:
         run_id = max(by_run, key=lambda r: max(ts for _, ts in by_run[r].values()))
+    note = None
+    path = store.local_path(tags.get(T.METRICS_URI))
+    if path is not None and path.is_file() and sha256_file(path) != tags.get(T.METRICS_SHA):
+        earlier = store.evaluate_run_of_file(client, model_id, tags, path)
+        if earlier is not None and earlier != run_id:
+            note = f"the record on disk is evaluate run {earlier}'s (restored by DVC's run-cache); newest: {run_id}"
+            run_id = earlier
     if run_id in by_run:
         values = {k: v for k, (v, _) in sorted(by_run[run_id].items())}
     else:
@@ -100,11 +109,14 @@ def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
         if run is None:
             return None
         values = dict(sorted(run.data.metrics.items()))
-    return {
+    out = {
         "evaluate_run_id": run_id,
         "values": values,
         "file": str(store.local_path(tags.get(T.METRICS_URI)) or "") or None,
     }
+    if note:
+        out["note"] = note
+    return out
 
 
 def trace(client, version) -> dict:
@@ -221,6 +233,8 @@ def format_text(lineage: dict) -> str:
         lines.append("metrics      none linked (no evaluate run recorded for this version)")
     else:
         lines.append(f"metrics      evaluate run {met['evaluate_run_id']}  {store.show(met['file']) or ''}".rstrip())
+        if met.get("note"):
+            lines.append(f"  note       {met['note']}")
         width = max((len(k) for k in met["values"]), default=0)
         lines += [f"  {k:<{width}}  {v:.6g}" for k, v in met["values"].items()]
     lines += [f"MISSING      {why}" for why in lineage["missing"]]

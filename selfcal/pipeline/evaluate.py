@@ -15,6 +15,7 @@ from selfcal.evaluation.harness import run_tasks, run_tasks_fast
 from selfcal.evaluation.perplexity import perplexity_of_text, read_perplexity_text
 from selfcal.evaluation.tasks import missing_task_files, resolve_tasks
 from selfcal.lineage.registry import link_evaluation
+from selfcal.lineage.tags import EVALUATION_ARTIFACTS
 from selfcal.lineage.tracking import stage_run
 from selfcal.modelio import ModelRef, context_window, fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.pipeline import layout
@@ -151,7 +152,7 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> EvaluationR
         version = link_evaluation(run, record.checkpoint_digest, out) if record.checkpoint_digest else None
         run.metrics(metrics, model_id=version.model_id if version else None)
         run.tags({k: v for k, v in ident.items() if k.endswith("digest") or k == "method"})
-        run.artifact(out, "evaluation")
+        run.artifact(out, EVALUATION_ARTIFACTS)
     return record
 
 
