@@ -260,7 +260,7 @@ collect() {
     [ -z "$files" ] || { tar -cf - --exclude='.*.tmp-*' --ignore-failed-read --warning=no-file-changed \
         --warning=no-file-removed $files || [ $? -eq 1 ]; } | tar -xf - -C "$stage"
     mkdir -p "$STATE"
-    python "$TOOLS/dvclock.py" copy . "$stage/dvc.lock" --last-good "$STATE/dvc.lock.good" ||
+    python "$TOOLS/dvclock.py" copy . "$stage/dvc.lock" --wait 20 --last-good "$STATE/dvc.lock.good" ||
         echo "study_box: dvc.lock not copied (the records still come back)" >&2
     rm -f mlflow-store.tar.xz
     if [ -f .selfcal/mlflow.db ]; then
