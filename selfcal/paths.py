@@ -12,15 +12,45 @@ from pathlib import Path
 LOCAL_PREFIXES = ("/", "./", "../", "~")
 
 
+#: Where DVC runs a queued (``dvc exp run --queue``) or ``--temp`` experiment: a copy of the workspace's
+#: tracked files under ``<workspace>/.dvc/tmp/exps/`` (dvc/repo/experiments/executor/local.py, TempDirExecutor)
+_EXPERIMENT_COPIES = (".dvc", "tmp", "exps")
+
+
+def experiment_origin(root: Path) -> Path | None:
+    """The workspace a DVC experiment copy at ``root`` was made from; None when ``root`` is no such copy."""
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == _EXPERIMENT_COPIES:
+            return Path(*parts[:i])
+    return None
+
+
+def _base(path: Path, root: Path) -> Path:
+    """The folder a path outside the workspace is taken from: the workspace itself, or, in a DVC experiment's
+    copy (which holds the tracked files only), the workspace it was copied from: ``../shared`` is beside that
+    one (an audit's queued experiments looked for ``.dvc/tmp/exps/shared`` and failed at the guard)."""
+    origin = experiment_origin(root)
+    inside = path == root or root in path.parents
+    return origin if origin is not None and not inside else root
+
+
 def shown_path(path: Path, root: Path | None) -> str:
     """``path`` as a record or report should name it: relative to the project ``root`` (``../shared/...``
-    for a sibling folder), so committed files carry no machine's absolute paths."""
+    for a sibling folder), so committed files carry no machine's absolute paths; the same from a DVC
+    experiment's copy of the workspace."""
     if root is None:
         return str(path)
-    return os.path.relpath(Path(path).resolve(), Path(root).resolve())
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return os.path.relpath(path, _base(path, root))
 
 
 def resolve_path(value: str | os.PathLike[str], root: Path) -> Path:
-    """``value`` as an absolute path: ``~`` expanded, a relative one taken from ``root``."""
+    """``value`` as an absolute path: ``~`` expanded, a relative one taken from ``root`` (from the original
+    workspace when it leads out of a DVC experiment's copy of it)."""
     p = Path(os.path.expanduser(os.fspath(value)))
-    return (p if p.is_absolute() else Path(root) / p).resolve()
+    if p.is_absolute():
+        return p.resolve()
+    root = Path(root).resolve()
+    full = (root / p).resolve()
+    return (_base(full, root) / p).resolve()

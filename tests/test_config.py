@@ -238,3 +238,37 @@ def test_clip_search_translates_to_the_observer_grid_of_modelopts_clip_ratios():
     total = int(kw["maxshrink"] * kw["grid"])  # llm-compressor's mse_quant._grid_search_mse
     ratios = [round(1 - i / kw["grid"], 6) for i in range(total)]
     assert ratios == [round(1 - 0.05 * i, 6) for i in range(11)]  # 1.0, 0.95, ..., 0.5
+
+
+def test_a_dvc_experiment_copy_reads_paths_outside_the_workspace_from_the_original_and_logs_to_its_store(
+    tmp_path, capsys, monkeypatch
+):
+    """An audit: `dvc exp run --queue` / `--temp` run in a copy of the workspace's tracked files under
+    .dvc/tmp/exps/, where the README's own queued sweep failed at the guard (`../shared` resolved to
+    .dvc/tmp/exps/shared), and, with absolute paths, registered its models in a sqlite store inside the copy,
+    deleted with it. Paths leading out of the copy are taken from the original workspace; paths inside stay in
+    the copy (DVC collects the outputs there); the default store is the original workspace's."""
+    import shutil
+
+    from selfcal.cli import main
+    from selfcal.lineage.tracking import tracking_uri
+    from selfcal.paths import experiment_origin, resolve_path, shown_path
+    from tests.helpers import REPO, SHARED
+
+    ws = tmp_path / "ws"
+    (tmp_path / "shared").symlink_to(SHARED)
+    copy = ws / ".dvc" / "tmp" / "exps" / "standalone" / "tmpa1b2c3"
+    copy.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, copy / name)
+    assert experiment_origin(copy) == ws.resolve() and experiment_origin(ws) is None
+    assert resolve_path("../shared/models", copy) == (SHARED / "models").resolve()
+    assert resolve_path("artifacts", copy) == (copy / "artifacts").resolve()
+    beside = tmp_path / "beside" / "x.txt"  # as records name it, from the copy as from the workspace
+    assert shown_path(beside, copy) == shown_path(beside, ws) == "../beside/x.txt"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params(copy / "params.yaml")
+    assert params.tracking.tracking_uri is None
+    assert tracking_uri(params) == f"sqlite:///{(ws / '.selfcal' / 'mlflow.db').resolve()}"
+    assert main(["--params", str(copy / "params.yaml"), "check"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("ok: params valid; model ../shared/models/stories260K")

@@ -147,3 +147,45 @@ def test_only_sources_differing_in_size_alone_make_a_line_and_labels_stay_apart(
     assert len(got) == 4 and len({label for label, _ in got}) == 2 and len(set(got)) == 4
     # two sources of one size and the same params: no line (which would be the point?)
     assert points({"s1": {"kind": "self", "n_samples": 2}, "s2": {"kind": "self", "n_samples": 2}}) == []
+
+
+def _exp(name, *, n=4, seeds=(0,), limit=200, state="success", metrics=0.3):
+    params = {"calibration": {"n_samples": n, "seeds": list(seeds)}, "evaluation": {"limit": limit}}
+    report = {"artifacts/report/metrics.json": {"data": {"gptq": {"self": {"mean_acc": metrics}}}}}
+    rev = {"rev": name * 4, "name": name, "data": {"params": {"params.yaml": {"data": params}}, "metrics": report}}
+    return {"revs": [rev], "executor": {"state": state} if state != "success" else None, "name": name}
+
+
+def test_the_experiments_route_takes_only_finished_experiments_that_change_the_set_size_alone():
+    """An audit: `study-report --experiments` keyed each experiment on n_samples alone, so an experiment of
+    another GPTQ group size, one of another evaluation limit and a failed queued one (carrying the baseline's
+    metrics) became 'sets' of the baseline's n, with a mean ± std over them. Only experiments that differ from
+    their baseline in the size (and seeds) are points; the others are named with why."""
+    from selfcal.pipeline.study_report import _sweep_n, sweep_experiments
+
+    base = _exp("base")["revs"][0]
+    shown = [
+        {
+            **base,
+            "experiments": [
+                _exp("n8", n=8, metrics=0.31),
+                _exp("n8b", n=8, seeds=(1, 2), metrics=0.33),
+                _exp("lim", limit=10),
+                _exp("q1", n=16, state="failed"),
+            ],
+        }
+    ]
+    kept, left_out = sweep_experiments(shown)
+    assert [name for name, _ in kept] == ["n8", "n8b"]
+    assert left_out == [
+        "lim: differs from its baseline in evaluation.limit, not only n",
+        "q1: failed, not a finished experiment",
+    ]
+    rows = [
+        {"experiment": name, "n": 8, "sets": len(d["params"]["params.yaml"]["data"]["calibration"]["seeds"]),
+         "label": "gptq / self", "mean_acc": m}
+        for (name, d), m in zip(kept, (0.31, 0.33), strict=True)
+    ]  # fmt: skip
+    (point,) = _sweep_n(rows)
+    assert point["experiments"] == 2 and point["sets"] == 3 and point["mean_acc"] == pytest.approx(0.32)
+    assert point["mean_acc.std"] == pytest.approx(0.0141421, rel=1e-4)

@@ -71,7 +71,7 @@ def test_the_older_version_verifies_from_the_dvc_cache(superseded, capsys):
     code, out, err = _cli(capsys, params, "verify", f"{NAME}:1")
     assert code == 0, err
     assert "from the DVC cache" in out and "checkpoint" in out and "calibration" in out
-    assert "now holds a later checkpoint" in err and f"selfcal restore {NAME}:1 DEST" in err
+    assert "now holds another run's checkpoint" in err and f"selfcal restore {NAME}:1 DEST" in err
     code, out, err = _cli(capsys, params, "verify", f"{NAME}:2")
     assert code == 0 and "DVC cache" not in out, err  # the newest version is the one in place
 
@@ -123,10 +123,10 @@ def test_without_the_cache_verify_says_superseded_in_one_line(superseded, capsys
     lines = [line for line in err.splitlines() if line.startswith("verify: ")]
     assert code == 2
     assert any(
-        "self-s0-gptq: superseded: a later run wrote another checkpoint there" in line and "dvc pull" in line
+        "self-s0-gptq: superseded: another run wrote another checkpoint there" in line and "dvc pull" in line
         for line in lines
     ), err
-    assert any("self-s0: superseded: a later run wrote another calibration set there" in line for line in lines)
+    assert any("self-s0: superseded: another run wrote another calibration set there" in line for line in lines)
     assert "Traceback" not in err
 
 

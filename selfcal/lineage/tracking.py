@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 from selfcal.config import Params
 from selfcal.errors import ConfigError
 from selfcal.lineage import tags as T
+from selfcal.paths import experiment_origin
 
 log = logging.getLogger(__name__)
 EXECUTION_ENV = "SELFCAL_EXECUTION_ID"
@@ -65,8 +66,21 @@ def tracking_uri(params: Params) -> str:
         return params.tracking.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    params.state_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(params.state_dir / 'mlflow.db').resolve()}"
+    store = store_dir(params)
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(store / 'mlflow.db').resolve()}"
+
+
+def store_dir(params: Params) -> Path:
+    """The folder of the default sqlite store and its artifacts: ``paths.state``, or, in a DVC experiment's copy
+    of the workspace (``dvc exp run --queue`` / ``--temp``), the original workspace's: the copy is deleted when
+    the experiment ends, and an audit's temporary experiment registered its models in a store that went with
+    it."""
+    origin = experiment_origin(params.root)
+    state, root = params.state_dir, Path(params.root).resolve()
+    if origin is not None and root in state.parents:
+        return origin / state.relative_to(root)
+    return state
 
 
 def open_client(uri: str):
@@ -115,7 +129,7 @@ def _experiment_id(mlflow, params: Params) -> str:
         # A tracking server owns its artifact root (shared by every worker); a workspace's local
         # folder would pin every later worker's artifacts to this machine's disk.
         return mlflow.create_experiment(name)
-    artifacts = (params.state_dir / "mlartifacts").resolve()
+    artifacts = (store_dir(params) / "mlartifacts").resolve()
     return mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
 
 

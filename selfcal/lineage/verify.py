@@ -127,7 +127,7 @@ def locate(
         f"`git checkout {commit[:12]}`" if commit != T.UNKNOWN else "the code it was made with (no git commit recorded)"
     )
     return None, (
-        f"{show(directory)}: superseded: a later run wrote another {what} there ({other[:16]}), and this "
+        f"{show(directory)}: superseded: another run wrote another {what} there ({other[:16]}), and this "
         f"version's files are gone from the workspace: {why}; bring them back into the DVC cache from the "
         f"remote (at {at}: `dvc pull`, or recompute with `dvc repro`), then `selfcal verify {{ref}}` finds them "
         f"and `selfcal restore {{ref}} DEST` copies them out"
@@ -176,7 +176,11 @@ def _where(found: FileSet) -> str:
 def _note_superseded(found: FileSet, what: str, report: Report) -> None:
     if found.where == IN_PLACE:
         return
-    why = f"now holds a later {what}" if found.directory.exists() else "is not on this machine (another workspace's)"
+    why = (
+        f"now holds another run's {what}"
+        if found.directory.exists()
+        else "is not on this machine (another workspace's)"
+    )
     report.notes.append(
         f"{show(found.directory)} {why}; this version's files were verified in the {found.where} "
         f"(`selfcal restore {report.ref} DEST` copies them out)"

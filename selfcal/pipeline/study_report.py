@@ -212,10 +212,55 @@ def set_size_points(params: Params, table: list[dict], metrics: list[str]) -> li
     return sorted(points, key=lambda p: (p["label"], p["n"]))
 
 
-def experiment_rows(root: Path, metric: str = "mean_acc") -> list[dict]:
+#: The params a set-size experiment may change against its baseline: the size, and which sets (seeds)
+SWEEP_KEYS = frozenset({"calibration.n_samples", "calibration.seeds"})
+
+
+def _params_of(data: dict) -> dict:
+    return ((data.get("params") or {}).get("params.yaml", {}).get("data")) or {}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def sweep_experiments(shown: list[dict]) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The experiments of ``dvc exp show --json`` that are set-size sweep points: finished, with their report's
+    metrics, and with params that differ from their baseline's in ``SWEEP_KEYS`` only. Returns (name, data)
+    of those, and one line per experiment left out, saying why (an audit's sweep counted an experiment of
+    another GPTQ group size, one of another evaluation limit and a failed one as sets of the same n)."""
+    kept, left_out = [], []
+    for baseline in shown:
+        base = _flat(_params_of(baseline.get("data") or {}))
+        for exp in baseline.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state") or "success"
+            for rev in exp.get("revs") or []:
+                name = rev.get("name") or exp.get("name") or rev.get("rev", "")[:7]
+                data = rev.get("data") or {}
+                if state != "success" or rev.get("error") or not data:
+                    left_out.append(f"{name}: {state if state != 'success' else 'failed'}, not a finished experiment")
+                    continue
+                params = _flat(_params_of(data))
+                differ = sorted(k for k in base.keys() | params.keys() if base.get(k) != params.get(k))
+                other = [k for k in differ if k not in SWEEP_KEYS]
+                if other:
+                    left_out.append(f"{name}: differs from its baseline in {', '.join(other[:3])}, not only n")
+                    continue
+                kept.append((name, data))
+    return kept, left_out
+
+
+def experiment_rows(root: Path, metric: str = "mean_acc") -> tuple[list[dict], list[str]]:
     """The set-size sweep as DVC experiments (``dvc exp run --queue -S calibration.n_samples=...``): per
-    experiment, n and ``metric`` per method x source, read from ``dvc exp show --json`` (DVC's own record of
-    each experiment's params and declared metrics)."""
+    experiment, n, its number of sets (seeds) and ``metric`` per method x source (the mean over those sets, as
+    the aggregate's report/metrics.json holds it), read from ``dvc exp show --json`` (DVC's own record of each
+    experiment's params and declared metrics). Also the experiments left out, with why."""
     import subprocess
     import sys
 
@@ -224,25 +269,24 @@ def experiment_rows(root: Path, metric: str = "mean_acc") -> list[dict]:
     )
     if proc.returncode != 0:
         raise DataError(f"dvc exp show failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    kept, left_out = sweep_experiments(json.loads(proc.stdout or "[]"))
     rows = []
-    for baseline in json.loads(proc.stdout or "[]"):
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                data = rev.get("data") or {}
-                n = ((data.get("params") or {}).get("params.yaml", {}).get("data") or {}).get("calibration", {})
-                report = (data.get("metrics") or {}).get(f"{params_artifacts(data)}/report/metrics.json", {})
-                for method, by_source in (report.get("data") or {}).items():
-                    for source, values in by_source.items():
-                        if method != "none" and values.get(metric) is not None:
-                            rows.append(
-                                {
-                                    "experiment": rev.get("name") or exp.get("name"),
-                                    "n": n.get("n_samples"),
-                                    "label": f"{method} / {source}",
-                                    metric: values[metric],
-                                }
-                            )
-    return rows
+    for name, data in kept:
+        cal = _params_of(data).get("calibration", {})
+        report = (data.get("metrics") or {}).get(f"{params_artifacts(data)}/report/metrics.json", {})
+        for method, by_source in (report.get("data") or {}).items():
+            for source, values in by_source.items():
+                if method != "none" and values.get(metric) is not None:
+                    rows.append(
+                        {
+                            "experiment": name,
+                            "n": cal.get("n_samples"),
+                            "sets": len(cal.get("seeds") or []) or 1,
+                            "label": f"{method} / {source}",
+                            metric: values[metric],
+                        }
+                    )
+    return rows, left_out
 
 
 def params_artifacts(data: dict) -> str:
@@ -251,19 +295,21 @@ def params_artifacts(data: dict) -> str:
 
 
 def _sweep_n(rows: list[dict], metric: str = "mean_acc") -> list[dict]:
-    """Mean and std over experiments (calibration sets) per (label, n)."""
+    """Per (label, n): the mean over the experiments of that n (each already a mean over its sets), the std
+    over those experiments (0 with one: DVC's metrics hold no per-set values), the experiments and the sets."""
     import statistics
 
-    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["label"], r["n"])].append(r[metric])
+        groups[(r["label"], r["n"])].append(r)
     return [
         {
             "label": label,
             "n": n,
-            metric: statistics.fmean(v),
-            metric + ".std": statistics.stdev(v) if len(v) > 1 else 0.0,
-            "sets": len(v),
+            metric: statistics.fmean(r[metric] for r in v),
+            metric + ".std": statistics.stdev(r[metric] for r in v) if len(v) > 1 else 0.0,
+            "experiments": len(v),
+            "sets": sum(r.get("sets", 1) for r in v),
         }
         for (label, n), v in sorted(groups.items())
     ]
@@ -668,11 +714,20 @@ def study_report(
             sweeps.append(f"![set-size sweep, {m}]({png})")
         sweeps.append("(`sweep_n.csv`: mean ± std over each point's calibration sets)")
     if experiments:
-        points = _sweep_n(experiment_rows(params.root))
+        exp_rows, left_out = experiment_rows(params.root)
+        for why in left_out:
+            log.warning("set-size sweep: experiment %s", why)
+        points = _sweep_n(exp_rows)
         if points:
             atomic_write_text(out / "sweep_n.csv", _csv(points))
             plots.accuracy_vs_n(points, out / "sweep_n.png", title="mean_acc against calibration set size")
-            sweeps.append("![set-size sweep](sweep_n.png) (`sweep_n.csv`: mean ± std over experiments per point)")
+            sweeps.append(
+                "![set-size sweep](sweep_n.png) (`sweep_n.csv`: per n, the mean over its experiments, each the mean "
+                "over its sets (seeds); ± std over experiments where an n has several)"
+                + (f"; left out: {'; '.join(left_out)}" if left_out else "")
+            )
+        elif left_out:
+            sweeps.append(f"No set-size experiments: left out {'; '.join(left_out)}")
     checkpoints = sum(1 for r in rows if r.checkpoint_digest)
     parts = [
         f"# {title}",
