@@ -368,3 +368,16 @@ def test_an_earlier_evaluation_restored_by_dvcs_run_cache_verifies_and_lineage_s
     with flipped(record, offset=10):
         code, _, err = _cli(capsys, params, "verify", _name("vocab"))
         assert code == 2 and f"verify: {record}: sha256 mismatch" in err
+
+
+def test_lineage_shows_the_evaluation_settings_beside_the_metrics(audited, capsys):
+    """An audit: after `dvc exp run -S evaluation.limit=10`, `lineage` showed 10-item accuracies where it had
+    shown 40-item ones, with nothing to tell them apart. The evaluate run logs its evaluation params; lineage
+    prints the ones that change what a number means, and --json has them all."""
+    code, out, _ = _cli(capsys, audited, "lineage", _name("self"))
+    assert code == 0
+    (line,) = [x for x in out.splitlines() if x.startswith("  settings")]
+    assert "tasks=[]" in line and "limit=20" in line and "engine=fast" in line
+    code, out, _ = _cli(capsys, audited, "lineage", _name("self"), "--json")
+    settings = json.loads(out)["metrics"]["settings"]
+    assert settings["limit"] == "20" and settings["perplexity.wikitext2.max_windows"] == "4"

@@ -85,6 +85,10 @@ def _calibration(client, tags: dict, compress_run, missing: list[str]) -> dict |
     }
 
 
+#: The evaluation settings the text form of ``lineage`` prints beside the metrics (``--json`` has them all)
+LINEAGE_SETTINGS = ("tasks", "limit", "data_dir", "engine")
+
+
 def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
     """The evaluation linked to the version: its LoggedModel's metrics from the newest evaluate run, or, when the
     record on disk is an earlier evaluate run's (restored by DVC's run-cache), that run's, said in ``note``."""
@@ -102,18 +106,22 @@ def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
         if earlier is not None and earlier != run_id:
             note = f"the record on disk is evaluate run {earlier}'s (restored by DVC's run-cache); newest: {run_id}"
             run_id = earlier
+    run = store.get_run(client, run_id)
     if run_id in by_run:
         values = {k: v for k, (v, _) in sorted(by_run[run_id].items())}
     else:
-        run = store.get_run(client, run_id)
         if run is None:
             return None
         values = dict(sorted(run.data.metrics.items()))
+    # the evaluation params the run logged (none before they were logged): what the numbers were measured with
+    settings = {k.removeprefix("evaluation."): v for k, v in (run.data.params if run else {}).items()}
     out = {
         "evaluate_run_id": run_id,
         "values": values,
         "file": str(store.local_path(tags.get(T.METRICS_URI)) or "") or None,
     }
+    if settings:
+        out["settings"] = dict(sorted(settings.items()))
     if note:
         out["note"] = note
     return out
@@ -235,6 +243,9 @@ def format_text(lineage: dict) -> str:
         lines.append(f"metrics      evaluate run {met['evaluate_run_id']}  {store.show(met['file']) or ''}".rstrip())
         if met.get("note"):
             lines.append(f"  note       {met['note']}")
+        shown = {k: v for k, v in (met.get("settings") or {}).items() if k in LINEAGE_SETTINGS}
+        if shown:
+            lines.append("  settings   " + "  ".join(f"{k}={v}" for k, v in shown.items()))
         width = max((len(k) for k in met["values"]), default=0)
         lines += [f"  {k:<{width}}  {v:.6g}" for k, v in met["values"].items()]
     lines += [f"MISSING      {why}" for why in lineage["missing"]]
