@@ -151,3 +151,37 @@ def test_a_version_registered_by_another_workspace_verifies_from_this_projects_c
         shutil.move(hidden, work / "artifacts")
     assert code == 0, err
     assert "from the DVC cache" in out and "is not on this machine" in err
+
+
+def test_the_same_content_under_another_runs_manifest_verifies_from_the_dvc_cache(tiny_model, tmp_path, capsys):
+    """An audit's clone: after a code change, `dvc repro` re-ran compress with the same inputs: the same
+    checkpoint digest, registered again (v3 beside v1) under a manifest with another creation time. `verify v1`
+    called v1's manifest tampered with. The folder holds v1's content under another run's self-consistent
+    manifest: v1's files (its manifest too) are verified in the DVC cache instead; a folder whose content is
+    not v1's is still a mismatch."""
+    import json
+
+    from selfcal.hashing import sha256_file
+
+    _dvc(tmp_path, "init", "--no-scm", "-q")
+    params = _params(tiny_model, tmp_path)
+    generate(params, "self", 0, progress=False)
+    compress(params, "self", 0, "gptq")
+    ckpt = layout.checkpoint_dir(params, "self", 0, "gptq")
+    _dvc(tmp_path, "add", "-q", str(ckpt.relative_to(tmp_path)))
+    manifest = ckpt / "manifest.json"
+    original = manifest.read_bytes()
+    rerun = json.loads(original)
+    rerun["created_utc"] = "2030-01-01T00:00:00+00:00"  # what a re-run with the same inputs changes
+    manifest.write_text(json.dumps(rerun, indent=2) + "\n")
+    code, out, err = _cli(capsys, params, "verify", f"{NAME}:1")
+    assert code == 0, err
+    assert "self-s0-gptq (8 files, from the DVC cache)" in out and "now holds another run's checkpoint" in err
+    weights = ckpt / "model.safetensors"  # the same manifest over other content: not a re-run, a mismatch
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    rerun["files"]["model.safetensors"] = sha256_file(weights)
+    manifest.write_text(json.dumps(rerun, indent=2) + "\n")
+    code, _, err = _cli(capsys, params, "verify", f"{NAME}:1")
+    assert code == 2 and f"verify: {manifest}: sha256 mismatch (registered " in err

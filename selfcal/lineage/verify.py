@@ -13,7 +13,7 @@ from pathlib import Path
 
 from selfcal.artifacts import MANIFEST, RUN_FACTS
 from selfcal.errors import DataError
-from selfcal.hashing import sha256_file, tree_digest
+from selfcal.hashing import md5_file, sha256_file, tree_digest
 from selfcal.lineage import store
 from selfcal.lineage import tags as T
 from selfcal.lineage.files import (
@@ -90,20 +90,48 @@ def check_tree(
     return check_files(in_place(directory), manifest_sha, record)
 
 
-def _replaced_by(directory: Path, record: type[ArtifactManifest], registered: str) -> str | None:
-    """The content digest of the *other* complete artifact now in ``directory``, if a later run replaced
-    this version's one there: a folder consistent with its own manifest, holding another digest. A folder
-    whose files no longer match its manifest is tampering or damage, not a replacement."""
+def _replaced_by(
+    directory: Path,
+    record: type[ArtifactManifest],
+    registered: str,
+    manifest_sha: str | None = None,
+    md5s: dict[str, str] | None = None,
+) -> str | None:
+    """The content digest of the *other* complete artifact now in ``directory``, if another run replaced this
+    version's one there: a folder consistent with its own manifest, holding another digest, or the same
+    content under another run's manifest (a stage re-run with the same inputs, after a code change: the same
+    digest, another creation time; an audit's older version then failed verify on its manifest's sha256). A
+    folder whose files no longer match its manifest, or whose content is not this version's, is tampering or
+    damage, not a replacement."""
     if not directory.is_dir():
         return None
     manifest, _, problems = check_tree(directory, None, record)
-    if manifest is None or problems or manifest.content_digest == registered:
+    if manifest is None or problems:
         return None
-    return manifest.content_digest
+    if manifest.content_digest != registered:
+        return manifest.content_digest
+    if manifest_sha and md5s and sha256_file(directory / MANIFEST) != manifest_sha and _same_content(directory, md5s):
+        return manifest.content_digest
+    return None
+
+
+def _same_content(directory: Path, md5s: dict[str, str]) -> bool:
+    """Every file this version registered, but its manifest and run facts, is in ``directory`` unchanged."""
+    content = {rel: md5 for rel, md5 in md5s.items() if rel not in (MANIFEST, RUN_FACTS)}
+    return bool(content) and all(
+        (directory / rel).is_file() and md5_file(directory / rel) == md5 for rel, md5 in content.items()
+    )
 
 
 def locate(
-    directory: Path, tags: dict, *, digest_tag: str, md5_tag: str, record: type[ArtifactManifest], what: str
+    directory: Path,
+    tags: dict,
+    *,
+    digest_tag: str,
+    md5_tag: str,
+    record: type[ArtifactManifest],
+    what: str,
+    manifest_tag: str | None = None,
 ) -> tuple[FileSet | None, str | None]:
     """Where this version's files of one artifact are: its folder when that still holds them, else the DVC
     cache when a later run replaced the folder; or None and the one line that says where they went."""
@@ -116,7 +144,7 @@ def locate(
             cached, _ = from_dvc_cache(directory, md5s, workspace=project)
             if cached is not None:
                 return cached, None
-    other = _replaced_by(directory, record, registered)
+    other = _replaced_by(directory, record, registered, tags.get(manifest_tag or ""), md5s)
     if other is None:
         return in_place(directory), None
     cached, why = from_dvc_cache(directory, md5s) if md5s else (None, f"no file md5s were registered ({md5_tag})")
@@ -146,6 +174,7 @@ def _checkpoint(tags: dict, report: Report) -> FileSet | None:
         md5_tag=T.CHECKPOINT_FILES_MD5,
         record=CheckpointManifest,
         what="checkpoint",
+        manifest_tag=T.CHECKPOINT_MANIFEST_SHA,
     )
     if found is None:
         report.problems.append(gone.replace("{ref}", report.ref))
@@ -205,6 +234,7 @@ def _calibration(client, version, tags: dict, report: Report) -> FileSet | None:
         md5_tag=T.CALIBRATION_FILES_MD5,
         record=CalibrationManifest,
         what="calibration set",
+        manifest_tag=T.CALIBRATION_MANIFEST_SHA,
     )
     if found is None:
         manifest, on_disk, problems = None, {}, [gone.replace("{ref}", report.ref)]
@@ -254,17 +284,19 @@ def _metrics(client, version, tags: dict, report: Report) -> None:
             if cached is not None:
                 path, where = cached.files[path.name], f", from the {DVC_CACHE}"
                 break
-    elif path.is_file() and sha256_file(path) != tags.get(T.METRICS_SHA) and _rescored(path, tags):
-        # A later evaluation (of a later checkpoint) rewrote the file: this version's one is in the DVC cache.
+    elif path.is_file() and sha256_file(path) != tags.get(T.METRICS_SHA) and _is_record(path):
+        # Another evaluation rewrote the file: of a later checkpoint, or of the same checkpoint registered again
+        # (a compress re-run with the same inputs after a code change): this version's record is in the DVC cache
         md5 = tags.get(T.METRICS_MD5)
         cached, why = from_dvc_cache(path, {path.name: md5}) if md5 else (None, f"no md5 registered ({T.METRICS_MD5})")
-        if cached is None:
+        if cached is not None:
+            path, where = cached.files[path.name], f", from the {DVC_CACHE}"
+        elif _rescored(path, tags):
             report.problems.append(
                 f"{show(path)}: superseded: a later evaluation rewrote it, and this version's file is gone "
                 f"from the workspace: {why}"
             )
             return
-        path, where = cached.files[path.name], f", from the {DVC_CACHE}"
     if not path.is_file():
         report.problems.append(f"{show(path)}: metrics file missing")
         return
@@ -290,6 +322,14 @@ def _metrics(client, version, tags: dict, report: Report) -> None:
             f"{show(path)}: scores checkpoint {recorded}, registered {tags.get(T.CHECKPOINT_DIGEST)}"
         )
     report.checked.append(f"metrics {show(store.local_path(tags.get(T.METRICS_URI)))}{where}")
+
+
+def _is_record(path: Path) -> bool:
+    try:
+        read_evaluation(path)
+    except DataError:
+        return False
+    return True
 
 
 def _rescored(path: Path, tags: dict) -> bool:
