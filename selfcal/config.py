@@ -331,6 +331,11 @@ def _error_key(loc: tuple) -> str:
     return ".".join(p for p in parts if not _UNION_MEMBER.match(p))
 
 
+def _discriminator(err: dict) -> str:
+    """The tag key of a union_tag_invalid error (``kind``), as the user wrote it (pydantic quotes it)."""
+    return str(err.get("ctx", {}).get("discriminator", "kind")).strip("'")
+
+
 def _error_message(err: dict) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key"
@@ -338,8 +343,7 @@ def _error_message(err: dict) -> str:
         return "required key is missing"
     if err["type"] == "union_tag_invalid":  # calibration.sources.NAME.kind
         ctx = err.get("ctx", {})
-        name = str(ctx.get("discriminator", "kind")).strip("'")
-        return f"unknown {name} {ctx.get('tag')!r}; known: {ctx.get('expected_tags')}"
+        return f"unknown {_discriminator(err)} {ctx.get('tag')!r}; known: {ctx.get('expected_tags')}"
     return err["msg"].removeprefix("Value error, ")
 
 
@@ -350,8 +354,8 @@ def _format_error(err: ValidationError, source: str) -> str:
     first = errors[0]
     key = _error_key(first["loc"])
     if first["type"] == "union_tag_invalid":
-        key += "." + str(first.get("ctx", {}).get("discriminator", "kind")).strip("'")
-    same = [e for e in errors if _error_key(e["loc"]) == _error_key(first["loc"])]
+        key += "." + _discriminator(first)
+    same = [e for e in errors if _error_key(e["loc"]) == key]
     if len(same) > 1 and all(e["msg"].startswith("Input should be ") for e in same):
         msg = "Input should be " + " or ".join(e["msg"].removeprefix("Input should be ") for e in same)
     else:

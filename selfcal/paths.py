@@ -30,9 +30,9 @@ def _base(path: Path, root: Path) -> Path:
     """The folder a path outside the workspace is taken from: the workspace itself, or, in a DVC experiment's
     copy (which holds the tracked files only), the workspace it was copied from: ``../shared`` is beside that
     one (an audit's queued experiments looked for ``.dvc/tmp/exps/shared`` and failed at the guard)."""
-    origin = experiment_origin(root)
-    inside = path == root or root in path.parents
-    return origin if origin is not None and not inside else root
+    if path == root or root in path.parents:
+        return root
+    return experiment_origin(root) or root
 
 
 def shown_path(path: Path, root: Path | None) -> str:

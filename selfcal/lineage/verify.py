@@ -284,14 +284,14 @@ def _metrics(client, version, tags: dict, report: Report) -> None:
             if cached is not None:
                 path, where = cached.files[path.name], f", from the {DVC_CACHE}"
                 break
-    elif path.is_file() and sha256_file(path) != tags.get(T.METRICS_SHA) and _is_record(path):
+    elif path.is_file() and sha256_file(path) != tags.get(T.METRICS_SHA) and (other := _record_of(path)) is not None:
         # Another evaluation rewrote the file: of a later checkpoint, or of the same checkpoint registered again
         # (a compress re-run with the same inputs after a code change): this version's record is in the DVC cache
         md5 = tags.get(T.METRICS_MD5)
         cached, why = from_dvc_cache(path, {path.name: md5}) if md5 else (None, f"no md5 registered ({T.METRICS_MD5})")
         if cached is not None:
             path, where = cached.files[path.name], f", from the {DVC_CACHE}"
-        elif _rescored(path, tags):
+        elif other.checkpoint_digest != tags.get(T.CHECKPOINT_DIGEST):  # a later checkpoint's evaluation
             report.problems.append(
                 f"{show(path)}: superseded: a later evaluation rewrote it, and this version's file is gone "
                 f"from the workspace: {why}"
@@ -324,20 +324,12 @@ def _metrics(client, version, tags: dict, report: Report) -> None:
     report.checked.append(f"metrics {show(store.local_path(tags.get(T.METRICS_URI)))}{where}")
 
 
-def _is_record(path: Path) -> bool:
+def _record_of(path: Path):
+    """The evaluation record the file holds, or None when it holds none."""
     try:
-        read_evaluation(path)
+        return read_evaluation(path)
     except DataError:
-        return False
-    return True
-
-
-def _rescored(path: Path, tags: dict) -> bool:
-    """The metrics file is a valid evaluation record of another checkpoint (a later evaluation wrote it)."""
-    try:
-        return read_evaluation(path).checkpoint_digest != tags.get(T.CHECKPOINT_DIGEST)
-    except DataError:
-        return False
+        return None
 
 
 def verify(client, version) -> Report:

@@ -139,15 +139,15 @@ def check_local_files(params: Params) -> None:
     from selfcal.hub import unreachable_reason
 
     for key, value, field in wanted:
-        local = params.resolve(value)
-        if hub_only.get(key) and (local.exists() or value.startswith(LOCAL_PREFIXES)):
+        is_local = params.resolve(value).exists() or value.startswith(LOCAL_PREFIXES)
+        if hub_only.get(key) and is_local:
             # a hub dataset's config, split and streamed-document cap; a local file is read whole (an audit's
             # max_documents: 1 on the local C4 made the same set as without it)
             raise ConfigError(
                 f"{key.rsplit('.', 1)[0]}.{hub_only[key][0]}: applies to a hub dataset only, and {value!r} is a "
                 "local file, read whole: remove the key"
             )
-        if local.exists() or value.startswith(LOCAL_PREFIXES):
+        if is_local:
             textdata.read_documents(value, root=params.root, text_field=field, key=key)
         elif reason := unreachable_reason():
             raise ConfigError(

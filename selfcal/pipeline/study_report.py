@@ -21,6 +21,7 @@ from selfcal.config import Params
 from selfcal.errors import DataError
 from selfcal.lineage import run_store
 from selfcal.lineage import tags as T
+from selfcal.lineage.tracking import flatten
 from selfcal.pipeline import layout
 from selfcal.pipeline.aggregate import (
     by_source_markdown,
@@ -220,16 +221,6 @@ def _params_of(data: dict) -> dict:
     return ((data.get("params") or {}).get("params.yaml", {}).get("data")) or {}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def sweep_experiments(shown: list[dict]) -> tuple[list[tuple[str, dict]], list[str]]:
     """The experiments of ``dvc exp show --json`` that are set-size sweep points: finished, with their report's
     metrics, and with params that differ from their baseline's in ``SWEEP_KEYS`` only. Returns (name, data)
@@ -237,7 +228,7 @@ def sweep_experiments(shown: list[dict]) -> tuple[list[tuple[str, dict]], list[s
     another GPTQ group size, one of another evaluation limit and a failed one as sets of the same n)."""
     kept, left_out = [], []
     for baseline in shown:
-        base = _flat(_params_of(baseline.get("data") or {}))
+        base = flatten(_params_of(baseline.get("data") or {}))
         for exp in baseline.get("experiments") or []:
             state = (exp.get("executor") or {}).get("state") or "success"
             for rev in exp.get("revs") or []:
@@ -246,7 +237,7 @@ def sweep_experiments(shown: list[dict]) -> tuple[list[tuple[str, dict]], list[s
                 if state != "success" or rev.get("error") or not data:
                     left_out.append(f"{name}: {state if state != 'success' else 'failed'}, not a finished experiment")
                     continue
-                params = _flat(_params_of(data))
+                params = flatten(_params_of(data))
                 differ = sorted(k for k in base.keys() | params.keys() if base.get(k) != params.get(k))
                 other = [k for k in differ if k not in SWEEP_KEYS]
                 if other:
@@ -290,8 +281,7 @@ def experiment_rows(root: Path, metric: str = "mean_acc") -> tuple[list[dict], l
 
 
 def params_artifacts(data: dict) -> str:
-    paths = ((data.get("params") or {}).get("params.yaml", {}).get("data") or {}).get("paths") or {}
-    return paths.get("artifacts", "artifacts")
+    return (_params_of(data).get("paths") or {}).get("artifacts", "artifacts")
 
 
 def _sweep_n(rows: list[dict], metric: str = "mean_acc") -> list[dict]:
