@@ -7,38 +7,91 @@ perplexity filter all score text the same way: each sequence predicts its tokens
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-
-@torch.inference_mode()
-def window_nll(
-    model, windows: torch.Tensor, *, batch_size: int = 8, progress: bool = False, desc: str = "scoring"
-) -> torch.Tensor:
-    """Summed NLL of tokens 2..T of each equal-length window: a float64 tensor of shape (n,).
-
-    The per-window sums keep both aggregations exact: pooled perplexity
-    exp(sum / tokens) and the mean of per-window perplexities.
-    """
-    device = next(model.parameters()).device
-    out = []
-    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
-        out.append(nll.double().sum(dim=1).cpu())
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+_WARM: weakref.WeakSet = weakref.WeakSet()
 
 
-#: Float32 logit elements one batch of ``sequence_mean_nll`` may hold (1 GiB). A batch's logits are
+def output_head(model):
+    """The final projection to logits, with the soft-capping some architectures apply after it."""
+    head = model.get_output_embeddings()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if not cap:
+        return head
+
+    def capped(h):
+        return torch.tanh(head(h) / cap) * cap
+
+    return capped
+
+
+def decoder_and_head(model):
+    """The model's decoder (embeddings, layers, final norm) and its head, to be called apart, so logits are
+    made only where they are needed and never for a whole batch at once.
+
+    One token goes through the whole model first, once per model: a compressed-tensors checkpoint
+    decompresses its weights in a hook on the top-level model's first forward, which calling the decoder
+    alone would skip ('Linear' object has no attribute 'weight'). The models already warmed are held weakly
+    (an ``id`` could be reused by a later model)."""
+    if model not in _WARM:
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            model(input_ids=torch.ones((1, 1), dtype=torch.long, device=device), use_cache=False)
+        _WARM.add(model)
+    return model.get_decoder(), output_head(model)
+
+
+#: Float32 logit elements one batch of ``window_nll`` or ``sequence_mean_nll`` may hold (1 GiB). A batch's logits are
 #: rows x width x vocabulary: with SmolLM2's 49,152 tokens, 128 texts of up to 2,048 tokens asked for
 #: 36.75 GiB in one allocation and Ji's filter died of it on the shared H200 (lease 7), after a pool
 #: of 1000 generations (~5 minutes) that the retry then made again. A constant, not the free memory:
 #: the batch's composition may change a row's float results, and the filter must keep the same texts
 #: on every box.
 LOGIT_BUDGET = 2**28
+
+
+@torch.inference_mode()
+def window_nll(
+    model,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "scoring",
+    budget: int = LOGIT_BUDGET,
+) -> torch.Tensor:
+    """Summed NLL of tokens 2..T of each equal-length window: a float64 tensor of shape (n,).
+
+    The per-window sums keep both aggregations exact: pooled perplexity
+    exp(sum / tokens) and the mean of per-window perplexities.
+
+    The decoder runs on ``batch_size`` windows at a time; the head and the cross-entropy then run on as
+    many of those rows as ``budget`` float logits allow (one row at least). A whole batch's logits were
+    the largest allocation of the inspect and evaluate stages: 8 x 2048 positions of SmolLM2's 49,152-token
+    vocabulary are 1.5 GiB in bf16, 3 GiB as float and 3 GiB more of log-softmax, held by the caching
+    allocator afterwards in each of the eight processes sharing the H200 (lease 11: one ran out of
+    memory). In rows of 2 (the default budget) the same scores take about 2 GiB.
+    """
+    device = next(model.parameters()).device
+    n, width = windows.shape
+    decoder, head = decoder_and_head(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = max(1, budget // (max(width - 1, 1) * vocab))
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
+        batch = windows[start : start + batch_size].to(device)
+        hidden = decoder(input_ids=batch, use_cache=False).last_hidden_state
+        for r in range(0, batch.shape[0], rows):
+            logits = head(hidden[r : r + rows, :-1]).float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[r : r + rows, 1:], reduction="none")
+            out.append(nll.double().sum(dim=1).cpu())
+            del logits, nll
+        del hidden
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def sequence_batches(lengths: Sequence[int], *, batch_size: int, vocab_size: int, budget: int = LOGIT_BUDGET):

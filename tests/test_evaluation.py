@@ -17,13 +17,25 @@ from tests.helpers import DATA, small_params
 
 
 class UniformLM(torch.nn.Module):
+    """Equal logits for every token: a decoder of zero hidden states and a head of zero weights."""
+
     def __init__(self, vocab: int):
         super().__init__()
-        self.vocab = vocab
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(vocab_size=vocab)
+        self.head = torch.nn.Linear(4, vocab, bias=False)
+        torch.nn.init.zeros_(self.head.weight)
 
-    def forward(self, input_ids):
-        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
+    def decoder(self, input_ids, **_):
+        return SimpleNamespace(last_hidden_state=torch.zeros(*input_ids.shape, 4))
+
+    def get_decoder(self):
+        return self.decoder
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, **_):
+        return SimpleNamespace(logits=self.head(self.decoder(input_ids).last_hidden_state))
 
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():

@@ -189,3 +189,20 @@ def test_fast_path_gives_lm_evals_numbers_on_a_checkpoint_of_each_method(checkpo
         np.testing.assert_allclose(ll, expected, rtol=1e-4, atol=1e-4)
         assert list(greedy) == [bool(r[0][1]) for s in samples for r in s["resps"]]
         assert fast.aggregate(task, ll, greedy)["acc"] == plain["acc,none"], (method, name)
+
+
+def test_window_scores_of_a_fresh_quantized_checkpoint_equal_the_whole_models(checkpoints):
+    """``window_nll`` calls the decoder and the head apart, on a model straight from disk: a packed GPTQ checkpoint
+    must have made its first forward through the whole model by then (its weights are decompressed there)."""
+    import torch
+
+    from selfcal.modelio import ModelRef, load_model
+    from selfcal.scoring import window_nll
+
+    model = load_model(ModelRef(name="gptq", local_dir=checkpoints["gptq"]), dtype="float32", device="cpu")
+    windows = torch.randint(3, 500, (3, 16), generator=torch.Generator().manual_seed(1))
+    got = window_nll(model, windows, batch_size=2, budget=1)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, :-1].float()
+    whole = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").double().sum(1)
+    torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)

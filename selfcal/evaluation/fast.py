@@ -50,37 +50,6 @@ def max_length(model, tokenizer) -> int:
     return resolve_max_length(model.config, tokenizer)
 
 
-def _head(model):
-    """The final projection to logits, with the soft-capping some architectures apply after it."""
-    head = model.get_output_embeddings()
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if not cap:
-        return head
-
-    def capped(h):
-        import torch
-
-        return torch.tanh(head(h) / cap) * cap
-
-    return capped
-
-
-_WARM: set[int] = set()
-
-
-def _through_the_model_once(model, device) -> None:
-    """One token through the whole model before the decoder is called on its own: a compressed-tensors
-    checkpoint decompresses its weights in a hook on the top-level model's first forward, which calling the
-    decoder alone would skip ('Linear' object has no attribute 'weight')."""
-    import torch
-
-    if id(model) in _WARM:
-        return
-    with torch.inference_mode():
-        model(input_ids=torch.ones((1, 1), dtype=torch.long, device=device), use_cache=False)
-    _WARM.add(id(model))
-
-
 class Requests:
     """A task's requests as model inputs: the unique (truncated) inputs, longest first, and per request which
     input it reads, where its continuation starts in it, and its tokens."""
@@ -120,6 +89,8 @@ def score(model, task: PreparedTask, *, window: int, batch_tokens: int | None = 
     """(log-likelihood, is_greedy) of every request of ``task``, as lm-eval's HFLM computes them."""
     import torch
 
+    from selfcal import scoring
+
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     budget = batch_tokens or (CUDA_BATCH_TOKENS if device.type == "cuda" else CPU_BATCH_TOKENS)
@@ -127,8 +98,7 @@ def score(model, task: PreparedTask, *, window: int, batch_tokens: int | None = 
     by_seq: dict[int, list[int]] = {}
     for i, s in enumerate(reqs.seq_of):
         by_seq.setdefault(int(s), []).append(i)
-    _through_the_model_once(model, device)
-    decoder, head = model.get_decoder(), _head(model)
+    decoder, head = scoring.decoder_and_head(model)
     sums = torch.zeros(task.n_requests, dtype=torch.float32, device=device)
     misses = torch.zeros(task.n_requests, dtype=torch.int32, device=device)
     pending = list(reqs.batches(budget))
