@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -35,6 +36,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
+from flows import mps as gpu_mps
 from flows.dvc_items import GUARD_STAGE, outcome, select_items, stage_graph
 from flows.dvc_process import kill_running, run_dvc
 from flows.item import ItemRunError, parse_item_result
@@ -163,6 +165,7 @@ def pipeline(
     slots_per_gpu: int = 1,
     fan_out: str | None = None,
     only: list[str] | None = None,
+    mps: bool = False,
 ) -> str:
     """generate -> inspect -> compress -> evaluate -> aggregate, one task per stage item.
 
@@ -178,6 +181,8 @@ def pipeline(
       instead of here; artifacts travel through the DVC remote and its run-cache.
     only: shell-style patterns of items to run (``evaluate@self-*``), each with what it reads: one chunk of a
       grid when a lease is shorter than the grid; None runs every item.
+    mps: items sharing a GPU run their kernels side by side through a CUDA MPS daemon of the run's own
+      (``flows/mps.py``); where it cannot start, they take turns as without it, and the log says why.
     """
     logger = get_run_logger()
     root = Path(workdir).resolve()
@@ -199,6 +204,7 @@ def pipeline(
         graph = select_items(graph, only)
         logger.info("%d stage items%s: %s", len(graph), f" (--only {' '.join(only)})" if only else "", ", ".join(graph))
         failed = True
+        daemon = None
         try:
             if fan_out:
                 outcome_of = _fan_out(root, graph, fan_out, execution_id, force, jobs, timeout_seconds, options, logger)
@@ -206,6 +212,7 @@ def pipeline(
                 if sync_remote:
                     remote_sync.with_options(**options)("pull", str(root), execution_id, timeout_seconds)
                 slots = plan_slots(jobs, visible_gpus(), slots_per_gpu)
+                daemon, slots = _gpu_sharing(root, slots, mps, logger)
                 logger.info("%d item(s) at once: %s", len(slots), "; ".join(s.describe() for s in slots))
                 pool = SlotPool(slots)
                 common = {"root": str(root), "execution_id": execution_id, "force": force, "pull": sync_remote}
@@ -221,6 +228,8 @@ def pipeline(
             failed = bool(outcome_of.failed)
         finally:
             kill_running()  # an interrupted flow leaves no dvc (or stage) of its own running
+            if daemon is not None:
+                gpu_mps.stop(daemon.pipe)
             close_pipeline_run(params, parent, failed=failed)
     summary = run_summary(outcome_of.results, layout.results_markdown(params), profile, outcome_of.not_run())
     create_markdown_artifact(
@@ -229,6 +238,24 @@ def pipeline(
     if outcome_of.failed:
         raise ItemRunError(outcome_of.failure_line())
     return summary
+
+
+def _gpu_sharing(root: Path, slots, use_mps: bool, logger):
+    """The MPS daemon the run started (None without) and the slots that hand it to their items; where items
+    share a GPU, the log says how they take it."""
+    gpus = {s.gpu for s in slots if s.gpu is not None}
+    daemon = None
+    if use_mps and not gpus:
+        logger.warning("--mps: no GPU here, so nothing to share: ignored")
+    elif use_mps:
+        try:
+            daemon = gpu_mps.start(root)
+            slots = [replace(s, extra=tuple(daemon.env().items())) if s.gpu is not None else s for s in slots]
+        except gpu_mps.MpsUnavailable as e:
+            logger.warning("--mps: %s: items that share a GPU take turns on it (time-slicing)", e)
+    if len(slots) > len(gpus) > 0:
+        logger.info("items sharing a GPU take it by %s", daemon.describe() if daemon else gpu_mps.sharing())
+    return daemon, slots
 
 
 def _fan_out(root: Path, graph, deployment: str, execution_id: str, force: bool, jobs: int, timeout, options, logger):

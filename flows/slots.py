@@ -27,6 +27,7 @@ class Slot:
     gpu: str | None  # a CUDA device id as the box names it; None on a CPU-only box
     threads: int
     share: int  # items that may share this GPU at once (slots_per_gpu)
+    extra: tuple[tuple[str, str], ...] = ()  # more variables for a GPU slot's items (an MPS daemon's directories)
 
     def env(self) -> dict[str, str]:
         out = {var: str(self.threads) for var in THREAD_VARS}
@@ -44,6 +45,7 @@ class Slot:
             if order is not None:
                 out["CUDA_DEVICE_ORDER"] = order
             out[GPU_SHARE_ENV] = str(self.share)
+            out.update(self.extra)
         return out
 
     def describe(self) -> str:

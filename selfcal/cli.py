@@ -187,6 +187,13 @@ def _parser() -> argparse.ArgumentParser:
         help="items that may share one GPU (default 1; small models fit several)",
     )
     r.add_argument(
+        "--mps",
+        action="store_true",
+        help="items sharing a GPU (--slots-per-gpu > 1) run their kernels side by side through a CUDA MPS "
+        "daemon the run starts and quits (nvidia-cuda-mps-control); where it cannot start, they take turns "
+        "on the GPU as without it, and the log says why",
+    )
+    r.add_argument(
         "--fan-out",
         metavar="DEPLOYMENT",
         help="run each item as a flow run of this selfcal-item deployment (e.g. selfcal-item/items) on the work "
@@ -239,6 +246,13 @@ def _run(args) -> None:
             "run --fan-out: the items go to the workers of a Prefect server's work pool; set PREFECT_API_URL "
             "(a temporary local API has no workers)"
         )
+    if args.mps and args.fan_out:
+        raise ConfigError("run --mps: with --fan-out the items run on the workers; MPS is their boxes' to set up")
+    if args.mps:
+        from flows.slots import visible_gpus
+
+        if not visible_gpus():
+            raise ConfigError("run --mps: no GPU is visible here (CUDA_VISIBLE_DEVICES, torch), so nothing to share")
     # A temporary local server has nobody to report usage to (and no network on many GPU boxes).
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Prefect waits 20 s for its temporary server; a fresh Prefect home (database migrations) on a
@@ -262,6 +276,7 @@ def _run(args) -> None:
         slots_per_gpu=args.slots_per_gpu,
         fan_out=args.fan_out,
         only=args.only,
+        mps=args.mps,
     )
     print(summary)
 

@@ -24,7 +24,8 @@
 #   tools/study_box.sh stop               ends the run (its whole session: flow, dvc, stages) and the sampler, by
 #                                         the pids `start` saved (`pkill -f nvidia-smi` inside a device call matched
 #                                         the call's own shell and killed it before collect), holding DVC's repo
-#                                         lock meanwhile (no dvc is killed halfway through writing dvc.lock)
+#                                         lock meanwhile (no dvc is killed halfway through writing dvc.lock), and
+#                                         quits the MPS daemon of a run started with --mps (flows/mps.py)
 #   tools/study_box.sh bench SCRIPT ARGS  a benchmark of the commit (benchmarks/*.py) in WORK with the run's
 #                                         environment, e.g. beside a started run: benchmarks/gen_determinism.py
 #   tools/study_box.sh collect OUT NAME   what comes back (no checkpoints): the run's records, manifests,
@@ -211,6 +212,10 @@ stop() {
         _stop_run
     fi
     stop_pids "$SAMPLER"
+    # a run started with --mps quits its MPS daemon as it ends; one killed here may not have: quit it
+    if [ -f "$WORK/flows/mps.py" ]; then
+        (eval "$(env_lines)" && cd "$WORK" && python3 -m flows.mps stop --workspace "$WORK") || true
+    fi
     echo "study_box: stopped ($(items Completed) items completed)"
 }
 

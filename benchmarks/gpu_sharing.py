@@ -1,0 +1,164 @@
+"""Items sharing one GPU: K processes at once taking turns on it (CUDA's default) against running side by side
+through MPS (``selfcal run --mps``), with one process alone as the bound, in one run.
+
+Each process does what a generate item does on the GPU: it loads the model and generates n x L self-calibration
+tokens with the lockstep generator (seed = its index, temperature 1.0), then prints its times and a digest of
+the tokens. The configurations, one after the other:
+
+- alone: one process (K processes side by side can at best finish in this time, until the GPU is full)
+- time-slicing: K processes at once, no MPS daemon
+- mps: K processes at once through a daemon started as ``selfcal run --mps`` starts it (``flows/mps.py``);
+  where it cannot start, the row says why and nothing runs
+
+Each process gets the environment a stage item on a slot gets (``flows/slots.py``: the one GPU, shared by K;
+on a CPU, its share of the cores, where this only checks the harness). Reported per configuration: wall time
+from the first start to the last exit, each process's generation seconds and tokens/s, the sum of tokens/s
+(the GPU's throughput), and whether each seed's tokens are bit-identical to the time-slicing run's (MPS runs
+the same kernels; a difference would be a finding). The last line is a verdict: ``mps`` when MPS made the same
+tokens at 1.1x time-slicing's throughput or more, else ``time-slicing``.
+
+    python benchmarks/gpu_sharing.py --model ~/.cache/selfcal-models/SmolLM2-135M-Instruct --copies 6 \\
+        --n 128 --seq-len 512 --out benchmarks/results/gpu-sharing-h200-smollm2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def worker(args) -> None:
+    import torch
+
+    from benchmarks.generate import SCHEDULE, load
+    from selfcal.calibration.generator import generate_self_calibration
+
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, bos, eos = load(args.model, args.dtype if device == "cuda" else "float32", device)
+    loaded = time.perf_counter() - t0
+    tokens, stats = generate_self_calibration(
+        model,
+        n=args.n,
+        seq_len=args.seq_len,
+        bos_id=bos,
+        eos_id=eos,
+        schedule=SCHEDULE,
+        seed=args.worker,
+        batch_size=args.n,
+        progress=False,
+    )
+    print(
+        json.dumps(
+            {
+                "seed": args.worker,
+                "device": device,
+                "load_seconds": round(loaded, 2),
+                "generation_seconds": round(stats.seconds, 2),
+                "tokens_per_s": round(stats.tokens / stats.seconds, 1),
+                "cuda_graphs": stats.cuda_graphs,
+                "digest": hashlib.sha256(tokens.tobytes()).hexdigest()[:16],
+            }
+        )
+    )
+
+
+def run_copies(args, copies: int, env: dict[str, str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker"]
+    common = ["--model", args.model, "--dtype", args.dtype, "--n", str(args.n), "--seq-len", str(args.seq_len)]
+    from flows.slots import plan_slots, visible_gpus
+
+    # each copy gets what a stage item on a slot gets: one GPU shared by `copies`, or its share of the cores
+    slots = plan_slots(copies, visible_gpus()[:1], copies)
+    start = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(i), *common],
+            env={**env, **slot.env()},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, slot in enumerate(slots)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate()
+        if p.returncode != 0:
+            raise SystemExit(f"a copy failed ({p.returncode}): {err.strip().splitlines()[-1:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    wall = time.perf_counter() - start
+    return {
+        "copies": copies,
+        "wall_seconds": round(wall, 2),
+        "throughput_tokens_per_s": round(sum(r["tokens_per_s"] for r in results), 1),
+        "processes": results,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a causal LM folder (safetensors)")
+    ap.add_argument("--dtype", default="bfloat16", help="on CUDA (the CPU uses float32)")
+    ap.add_argument("--copies", type=int, default=6, help="processes at once (K)")
+    ap.add_argument("--n", type=int, default=128, help="sequences per process")
+    ap.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help="JSON of every configuration")
+    args = ap.parse_args()
+    if args.worker is not None:
+        return worker(args)
+
+    from flows import mps
+
+    env = {k: v for k, v in os.environ.items() if k not in (mps.PIPE_ENV, mps.LOG_ENV)}
+    rows = {"alone": run_copies(args, 1, env), "time-slicing": run_copies(args, args.copies, env)}
+    with tempfile.TemporaryDirectory() as root:
+        try:
+            daemon = mps.start(Path(root))
+        except mps.MpsUnavailable as e:
+            rows["mps"] = {"copies": args.copies, "unavailable": str(e)}
+        else:
+            try:
+                rows["mps"] = {**run_copies(args, args.copies, {**env, **daemon.env()}), "daemon": daemon.describe()}
+            finally:
+                mps.stop(daemon.pipe)
+    reference = {p["seed"]: p["digest"] for p in rows["time-slicing"]["processes"]}
+    for row in rows.values():
+        for p in row.get("processes", []):
+            p["same_tokens_as_time_slicing"] = reference.get(p["seed"]) == p["digest"]
+    result = {"model": args.model, "n": args.n, "seq_len": args.seq_len, "configurations": rows}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    for name, row in rows.items():
+        if "unavailable" in row:
+            print(f"{name}: unavailable: {row['unavailable']}")
+            continue
+        same = all(p["same_tokens_as_time_slicing"] for p in row["processes"])
+        print(
+            f"{name}: {row['copies']} process(es), wall {row['wall_seconds']} s, "
+            f"{row['throughput_tokens_per_s']:,.0f} tokens/s in all, tokens same as time-slicing: {same}"
+        )
+    print(f"verdict: {verdict(rows)}")
+
+
+def verdict(rows: dict) -> str:
+    """``mps`` when it ran, made every seed's tokens bit-identical and gave 1.1x time-slicing's throughput or
+    more; else ``time-slicing`` (the last line, for a script to pick ``--mps`` by)."""
+    m, t = rows["mps"], rows["time-slicing"]
+    ok = "processes" in m and all(p["same_tokens_as_time_slicing"] for p in m["processes"])
+    return "mps" if ok and m["throughput_tokens_per_s"] >= 1.1 * t["throughput_tokens_per_s"] else "time-slicing"
+
+
+if __name__ == "__main__":
+    main()

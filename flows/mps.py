@@ -1,0 +1,155 @@
+"""CUDA MPS for the stage items that share a GPU (``selfcal run --mps``).
+
+Without MPS, processes on one GPU take turns: the GPU runs one process's kernels at a time. Items whose
+kernels each fill a small part of an H200 (the lockstep generator's 128-row decoding steps, SparseGPT's
+column loops over 576-wide layers) then keep it "busy" while most of its SMs idle: lease 11 ran six items at
+once on one H200 at 85% busy, and a set that takes 12 s alone took 70-129 s there. Under NVIDIA's
+Multi-Process Service one server holds the GPU's context for every client process, and the clients'
+kernels run side by side.
+
+``selfcal run --mps`` starts a control daemon of the run's own (``nvidia-cuda-mps-control -d``; its pipe
+and log directories under /tmp, one per workspace, since a unix socket's path must stay short), checks with
+a one-process CUDA probe that a server answered for it, hands both directories to every item
+(``CUDA_MPS_PIPE_DIRECTORY``, ``CUDA_MPS_LOG_DIRECTORY``) and quits it when the run ends. If any of that
+fails, the items share the GPU by time-slicing as they would without ``--mps``, and the log says why: a
+nightly run is not lost to it. It changes no setting of the GPU (the compute mode is the box owner's) and
+limits no client's share of the SMs (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` unset), so each item's kernels
+are chosen as without MPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+CONTROL = "nvidia-cuda-mps-control"
+PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
+LOG_ENV = "CUDA_MPS_LOG_DIRECTORY"
+DEFAULT_PIPE = Path("/tmp/nvidia-mps")  # where clients look when PIPE_ENV is unset (a box's own daemon)
+PROBE = [sys.executable, "-c", "import torch; torch.ones(1, device='cuda').add_(1); torch.cuda.synchronize()"]
+PROBE_TIMEOUT = 60.0  # seconds: importing torch on a busy box takes some, a probe that hangs takes a lease
+
+
+class MpsUnavailable(RuntimeError):
+    """MPS could not be started or did not serve the probe (the run goes on by time-slicing)."""
+
+
+@dataclass(frozen=True)
+class Mps:
+    pipe: Path
+    log: Path
+    servers: tuple[str, ...]  # the server pids the daemon listed after the probe
+
+    def env(self) -> dict[str, str]:
+        return {PIPE_ENV: str(self.pipe), LOG_ENV: str(self.log)}
+
+    def describe(self) -> str:
+        return f"MPS (daemon at {self.pipe}, server pid {', '.join(self.servers)})"
+
+
+def home(root: Path) -> Path:
+    """The run's MPS directory for the workspace at ``root``: short and the same for every run of it."""
+    digest = hashlib.sha1(str(Path(root).resolve()).encode()).hexdigest()[:10]
+    return Path("/tmp") / f"selfcal-mps-{digest}"
+
+
+def _env(pipe: Path, log: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, PIPE_ENV: str(pipe)}
+    if log is not None:
+        env[LOG_ENV] = str(log)
+    return env
+
+
+def server_list(pipe: Path, timeout: float = 10.0) -> list[str] | None:
+    """The server pids of the daemon whose pipe directory is ``pipe``; None when no daemon answers there."""
+    if shutil.which(CONTROL) is None:
+        return None
+    try:
+        done = subprocess.run(
+            [CONTROL], input="get_server_list\n", env=_env(pipe), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.split()
+
+
+def stop(pipe: Path, timeout: float = 30.0) -> bool:
+    """Quit the daemon at ``pipe`` (its servers end with it); whether one answered."""
+    if server_list(pipe) is None:
+        return False
+    try:
+        done = subprocess.run(
+            [CONTROL], input="quit\n", env=_env(pipe), capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+def start(root: Path, *, probe: list[str] | None = None, probe_timeout: float = PROBE_TIMEOUT) -> Mps:
+    """A daemon for the run in the workspace ``root`` (one left by a killed run is taken over), serving a probe."""
+    if shutil.which(CONTROL) is None:
+        raise MpsUnavailable(f"no {CONTROL} on PATH")
+    base = home(root)
+    pipe, log = base / "pipe", base / "log"
+    pipe.mkdir(parents=True, exist_ok=True)
+    log.mkdir(parents=True, exist_ok=True)
+    env = _env(pipe, log)
+    if server_list(pipe) is None:
+        done = subprocess.run([CONTROL, "-d"], env=env, capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise MpsUnavailable(f"{CONTROL} -d exited {done.returncode}: {_last_line(done.stderr or done.stdout)}")
+    try:
+        try:
+            done = subprocess.run(probe or PROBE, env=env, capture_output=True, text=True, timeout=probe_timeout)
+        except subprocess.TimeoutExpired:
+            raise MpsUnavailable(f"a one-process CUDA probe under MPS hung for {probe_timeout:g} s") from None
+        if done.returncode != 0:
+            raise MpsUnavailable(f"a one-process CUDA probe under MPS failed: {_last_line(done.stderr)}")
+        servers = server_list(pipe)
+        if not servers:
+            raise MpsUnavailable(f"the probe ran, but the daemon started no server for it (see {log}/control.log)")
+    except MpsUnavailable:
+        stop(pipe)
+        raise
+    return Mps(pipe=pipe, log=log, servers=tuple(servers))
+
+
+def sharing(environ: dict[str, str] | None = None) -> str:
+    """How items sharing a GPU take it, as far as this process can tell: through whose MPS daemon, or in turns."""
+    env = os.environ if environ is None else environ
+    pipe = Path(env[PIPE_ENV]) if env.get(PIPE_ENV) else DEFAULT_PIPE
+    if server_list(pipe) is not None:
+        return f"MPS (a daemon answers at {pipe})"
+    return "time-slicing (no MPS daemon answers)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="The MPS daemon a `selfcal run --mps` in a workspace starts.")
+    ap.add_argument("command", choices=["stop", "status"], help="stop: quit it (a killed run's); status: say if up")
+    ap.add_argument("--workspace", type=Path, default=Path("."), help="the workspace the run ran in (default .)")
+    args = ap.parse_args(argv)
+    pipe = home(args.workspace) / "pipe"
+    if args.command == "stop":
+        print(f"mps: {'quit the daemon at' if stop(pipe) else 'no daemon answers at'} {pipe}")
+        return 0
+    servers = server_list(pipe)
+    print(f"mps: {'no daemon' if servers is None else 'daemon, servers ' + (' '.join(servers) or 'none')} at {pipe}")
+    return 0 if servers is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
