@@ -73,23 +73,28 @@ def worker(args) -> None:
     )
 
 
-def run_copies(args, copies: int, env: dict[str, str]) -> dict:
-    cmd = [sys.executable, __file__, "--worker"]
-    common = ["--model", args.model, "--dtype", args.dtype, "--n", str(args.n), "--seq-len", str(args.seq_len)]
+def slots(copies: int):
+    """What a stage item on a slot gets (``flows/slots.py``): the first GPU, shared by ``copies``, or a share of
+    the cores."""
     from flows.slots import plan_slots, visible_gpus
 
-    # each copy gets what a stage item on a slot gets: one GPU shared by `copies`, or its share of the cores
-    slots = plan_slots(copies, visible_gpus()[:1], copies)
+    return plan_slots(copies, visible_gpus()[:1], copies)
+
+
+def run_copies(args, copies: int, env: dict[str, str], over: dict[str, str] | None = None) -> dict:
+    """``copies`` workers at once, each with a slot's environment (then ``over``: a daemon's, as the flow adds)."""
+    cmd = [sys.executable, __file__, "--worker"]
+    common = ["--model", args.model, "--dtype", args.dtype, "--n", str(args.n), "--seq-len", str(args.seq_len)]
     start = time.perf_counter()
     procs = [
         subprocess.Popen(
             [*cmd, str(i), *common],
-            env={**env, **slot.env()},
+            env={**env, **slot.env(), **(over or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for i, slot in enumerate(slots)
+        for i, slot in enumerate(slots(copies))
     ]
     results = []
     for p in procs:
@@ -125,12 +130,17 @@ def main() -> None:
     rows = {"alone": run_copies(args, 1, env), "time-slicing": run_copies(args, args.copies, env)}
     with tempfile.TemporaryDirectory() as root:
         try:
-            daemon = mps.start(Path(root))
+            slot = slots(args.copies)[0]
+            if slot.gpu is None:
+                raise mps.MpsUnavailable("no GPU here")
+            daemon = mps.start(Path(root), device_order=slot.env().get("CUDA_DEVICE_ORDER"))
         except mps.MpsUnavailable as e:
             rows["mps"] = {"copies": args.copies, "unavailable": str(e)}
         else:
             try:
-                rows["mps"] = {**run_copies(args, args.copies, {**env, **daemon.env()}), "daemon": daemon.describe()}
+                # as the flow hands it to its items: the daemon's directories, the GPU as the server numbers it
+                over = {**daemon.env(), "CUDA_VISIBLE_DEVICES": mps.client_devices([slot.gpu])[slot.gpu]}
+                rows["mps"] = {**run_copies(args, args.copies, env, over), "daemon": daemon.describe()}
             finally:
                 mps.stop(daemon.pipe)
     reference = {p["seed"]: p["digest"] for p in rows["time-slicing"]["processes"]}

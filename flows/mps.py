@@ -99,8 +99,21 @@ def _last_line(text: str) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
-def start(root: Path, *, probe: list[str] | None = None, probe_timeout: float = PROBE_TIMEOUT) -> Mps:
-    """A daemon for the run in the workspace ``root`` (one left by a killed run is taken over), serving a probe."""
+def client_devices(gpus: list[str]) -> dict[str, str]:
+    """The ``CUDA_VISIBLE_DEVICES`` an item on each of ``gpus`` (the box's ids, as the flow hands them out) gives
+    under the daemon: the MPS server numbers the devices it was started with from 0, in their order, and a client
+    naming the box's id instead fails (NVIDIA's MPS guide, "CUDA_VISIBLE_DEVICES")."""
+    return {gpu: str(i) for i, gpu in enumerate(gpus)}
+
+
+def start(
+    root: Path, *, device_order: str | None = None, probe: list[str] | None = None, probe_timeout: float = PROBE_TIMEOUT
+) -> Mps:
+    """A daemon for the run in the workspace ``root`` (one left by a killed run is taken over), serving a probe.
+
+    The daemon sees the GPUs this process sees (``CUDA_VISIBLE_DEVICES`` as the flow was given it), numbered in
+    ``device_order`` (the slots' ``CUDA_DEVICE_ORDER``), so ``client_devices`` names each item's GPU as the
+    server numbers it. The probe, a client, names none: it sees them all."""
     if shutil.which(CONTROL) is None:
         raise MpsUnavailable(f"no {CONTROL} on PATH")
     base = home(root)
@@ -108,13 +121,16 @@ def start(root: Path, *, probe: list[str] | None = None, probe_timeout: float = 
     pipe.mkdir(parents=True, exist_ok=True)
     log.mkdir(parents=True, exist_ok=True)
     env = _env(pipe, log)
+    if device_order:
+        env["CUDA_DEVICE_ORDER"] = device_order
     if server_list(pipe) is None:
         done = subprocess.run([CONTROL, "-d"], env=env, capture_output=True, text=True, timeout=30)
         if done.returncode != 0:
             raise MpsUnavailable(f"{CONTROL} -d exited {done.returncode}: {_last_line(done.stderr or done.stdout)}")
+    client = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
     try:
         try:
-            done = subprocess.run(probe or PROBE, env=env, capture_output=True, text=True, timeout=probe_timeout)
+            done = subprocess.run(probe or PROBE, env=client, capture_output=True, text=True, timeout=probe_timeout)
         except subprocess.TimeoutExpired:
             raise MpsUnavailable(f"a one-process CUDA probe under MPS hung for {probe_timeout:g} s") from None
         if done.returncode != 0:

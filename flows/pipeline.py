@@ -249,8 +249,15 @@ def _gpu_sharing(root: Path, slots, use_mps: bool, logger):
         logger.warning("--mps: no GPU here, so nothing to share: ignored")
     elif use_mps:
         try:
-            daemon = gpu_mps.start(root)
-            slots = [replace(s, extra=tuple(daemon.env().items())) if s.gpu is not None else s for s in slots]
+            first = next(s for s in slots if s.gpu is not None)
+            daemon = gpu_mps.start(root, device_order=first.env().get("CUDA_DEVICE_ORDER"))
+            index = gpu_mps.client_devices(list(dict.fromkeys(s.gpu for s in slots if s.gpu is not None)))
+            slots = [
+                replace(s, extra=(*daemon.env().items(), ("CUDA_VISIBLE_DEVICES", index[s.gpu])))
+                if s.gpu is not None
+                else s
+                for s in slots
+            ]
         except gpu_mps.MpsUnavailable as e:
             logger.warning("--mps: %s: items that share a GPU take turns on it (time-slicing)", e)
     if len(slots) > len(gpus) > 0:

@@ -19,7 +19,8 @@ dir=$CUDA_MPS_PIPE_DIRECTORY
 [ -n "$dir" ] || dir=/nonexistent-default-pipe
 if [ "$1" = "-d" ]; then
     [ -z "$FAKE_MPS_REFUSE" ] || { echo "An instance of this daemon is already running" >&2; exit 1; }
-    echo up > "$dir/control"; echo "$*" >> "$dir/calls"; exit 0
+    echo up > "$dir/control"; echo "$*" >> "$dir/calls"
+    echo "order=$CUDA_DEVICE_ORDER visible=$CUDA_VISIBLE_DEVICES" > "$dir/daemon-env"; exit 0
 fi
 [ -f "$dir/control" ] || { echo "Cannot find MPS control daemon process" >&2; exit 1; }
 while read -r cmd; do
@@ -161,3 +162,30 @@ def test_the_benchmarks_verdict_takes_mps_only_for_the_same_tokens_faster():
     assert verdict({"time-slicing": row(100), "mps": {"unavailable": "no nvidia-cuda-mps-control on PATH"}}) == (
         "time-slicing"
     )
+
+
+def test_under_the_daemon_an_item_names_its_gpu_as_the_server_numbers_it(fake_control, monkeypatch):
+    """The MPS server numbers the GPUs it was started with from 0; a client naming the box's id fails (NVIDIA's
+    MPS guide): the flow given GPUs 2 and 3 hands its items 0 and 1, and its log keeps the box's ids."""
+    from flows.pipeline import _gpu_sharing
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    probe = [sys.executable, "-c", SERVE[2] + "; open('seen', 'w').write(os.environ.get('CUDA_VISIBLE_DEVICES', '-'))"]
+    monkeypatch.setattr(mps, "PROBE", probe)
+    monkeypatch.chdir(fake_control)
+    daemon, slots = _gpu_sharing(fake_control, plan_slots(4, ["2", "3"], 2), True, _Log())
+    assert [s.env()["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1", "0", "1"]
+    assert [s.describe().split(",")[0] for s in slots] == [
+        "slot 0 (GPU 2",
+        "slot 1 (GPU 3",
+        "slot 2 (GPU 2",
+        "slot 3 (GPU 3",
+    ]
+    assert (daemon.pipe / "daemon-env").read_text().split() == ["order=", "visible=2,3"]  # the box's order: given
+    assert (fake_control / "seen").read_text() == "-"  # the probe, a client, names no GPU: it sees the server's
+    mps.stop(daemon.pipe)
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    daemon, slots = _gpu_sharing(fake_control, plan_slots(2, ["0", "1", "2"], 1), True, _Log())
+    assert [s.env()["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1"]
+    assert (daemon.pipe / "daemon-env").read_text().split() == ["order=PCI_BUS_ID", "visible="]  # as the slots number
