@@ -27,9 +27,9 @@ import argparse
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -97,11 +97,17 @@ def run_copies(args, copies: int, env: dict[str, str], over: dict[str, str] | No
         for i, slot in enumerate(slots(copies))
     ]
     results = []
-    for p in procs:
-        out, err = p.communicate()
-        if p.returncode != 0:
-            raise SystemExit(f"a copy failed ({p.returncode}): {err.strip().splitlines()[-1:]}")
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    try:
+        for p in procs:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                raise SystemExit(f"a copy failed ({p.returncode}): {err.strip().splitlines()[-1:]}")
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:  # a failed copy or a TERM: no copy is left running (an MPS daemon's quit waits for its clients)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     wall = time.perf_counter() - start
     return {
         "copies": copies,
@@ -128,21 +134,24 @@ def main() -> None:
 
     env = {k: v for k, v in os.environ.items() if k not in (mps.PIPE_ENV, mps.LOG_ENV)}
     rows = {"alone": run_copies(args, 1, env), "time-slicing": run_copies(args, args.copies, env)}
-    with tempfile.TemporaryDirectory() as root:
+    # the daemon's directory is the workspace's, as `selfcal run --mps` there makes it: `study_box.sh stop` (and
+    # the next run) end one a TERM left; a TERM (the lease plan's `timeout`) ends this benchmark through its
+    # `finally`, so the daemon goes with it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        slot = slots(args.copies)[0]
+        if slot.gpu is None:
+            raise mps.MpsUnavailable("no GPU here")
+        daemon = mps.start(Path.cwd(), device_order=slot.env().get("CUDA_DEVICE_ORDER"))
+    except mps.MpsUnavailable as e:
+        rows["mps"] = {"copies": args.copies, "unavailable": str(e)}
+    else:
         try:
-            slot = slots(args.copies)[0]
-            if slot.gpu is None:
-                raise mps.MpsUnavailable("no GPU here")
-            daemon = mps.start(Path(root), device_order=slot.env().get("CUDA_DEVICE_ORDER"))
-        except mps.MpsUnavailable as e:
-            rows["mps"] = {"copies": args.copies, "unavailable": str(e)}
-        else:
-            try:
-                # as the flow hands it to its items: the daemon's directories, the GPU as the server numbers it
-                over = {**daemon.env(), "CUDA_VISIBLE_DEVICES": mps.client_devices([slot.gpu])[slot.gpu]}
-                rows["mps"] = {**run_copies(args, args.copies, env, over), "daemon": daemon.describe()}
-            finally:
-                mps.stop(daemon.pipe)
+            # as the flow hands it to its items: the daemon's directories, the GPU as the server numbers it
+            over = {**daemon.env(), "CUDA_VISIBLE_DEVICES": mps.client_devices([slot.gpu])[slot.gpu]}
+            rows["mps"] = {**run_copies(args, args.copies, env, over), "daemon": daemon.describe()}
+        finally:
+            mps.stop(daemon.pipe)
     reference = {p["seed"]: p["digest"] for p in rows["time-slicing"]["processes"]}
     for row in rows.values():
         for p in row.get("processes", []):

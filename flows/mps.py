@@ -7,14 +7,14 @@ once on one H200 at 85% busy, and a set that takes 12 s alone took 70-129 s ther
 Multi-Process Service one server holds the GPU's context for every client process, and the clients'
 kernels run side by side.
 
-``selfcal run --mps`` starts a control daemon of the run's own (``nvidia-cuda-mps-control -d``; its pipe
-and log directories under /tmp, one per workspace, since a unix socket's path must stay short), checks with
-a one-process CUDA probe that a server answered for it, hands both directories to every item
-(``CUDA_MPS_PIPE_DIRECTORY``, ``CUDA_MPS_LOG_DIRECTORY``) and quits it when the run ends. If any of that
-fails, the items share the GPU by time-slicing as they would without ``--mps``, and the log says why: a
-nightly run is not lost to it. It changes no setting of the GPU (the compute mode is the box owner's) and
-limits no client's share of the SMs (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` unset), so each item's kernels
-are chosen as without MPS.
+``selfcal run --mps`` starts a control daemon of the run's own (``nvidia-cuda-mps-control -f``, a process of
+its own session; its pipe and log directories under /tmp, one per workspace, since a unix socket's path must
+stay short), checks with a one-process CUDA probe that a server answered for it, hands both directories to
+every item (``CUDA_MPS_PIPE_DIRECTORY``, ``CUDA_MPS_LOG_DIRECTORY``) and, once its items are ended, quits it
+(or, if it does not quit, ends its process). If starting fails in any way, the items share the GPU by
+time-slicing as they would without ``--mps``, and the log says why: a nightly run is not lost to it.
+It changes no setting of the GPU (the compute mode is the box owner's) and limits no client's share of the
+SMs (``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` unset), so each item's kernels are chosen as without MPS.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import argparse
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +34,10 @@ CONTROL = "nvidia-cuda-mps-control"
 PIPE_ENV = "CUDA_MPS_PIPE_DIRECTORY"
 LOG_ENV = "CUDA_MPS_LOG_DIRECTORY"
 DEFAULT_PIPE = Path("/tmp/nvidia-mps")  # where clients look when PIPE_ENV is unset (a box's own daemon)
+PID_FILE = "daemon.pid"  # beside pipe/ and log/: the daemon this module started, for a later stop to end
 PROBE = [sys.executable, "-c", "import torch; torch.ones(1, device='cuda').add_(1); torch.cuda.synchronize()"]
 PROBE_TIMEOUT = 60.0  # seconds: importing torch on a busy box takes some, a probe that hangs takes a lease
+ANSWER_TIMEOUT = 10.0  # seconds for a new daemon to answer, and for one query to it
 
 
 class MpsUnavailable(RuntimeError):
@@ -44,13 +48,14 @@ class MpsUnavailable(RuntimeError):
 class Mps:
     pipe: Path
     log: Path
+    pid: int  # the control daemon's
     servers: tuple[str, ...]  # the server pids the daemon listed after the probe
 
     def env(self) -> dict[str, str]:
         return {PIPE_ENV: str(self.pipe), LOG_ENV: str(self.log)}
 
     def describe(self) -> str:
-        return f"MPS (daemon at {self.pipe}, server pid {', '.join(self.servers)})"
+        return f"MPS (daemon {self.pid} at {self.pipe}, server pid {', '.join(self.servers)})"
 
 
 def home(root: Path) -> Path:
@@ -66,32 +71,82 @@ def _env(pipe: Path, log: Path | None = None) -> dict[str, str]:
     return env
 
 
-def server_list(pipe: Path, timeout: float = 10.0) -> list[str] | None:
-    """The server pids of the daemon whose pipe directory is ``pipe``; None when no daemon answers there."""
+def _ask(pipe: Path, command: str, timeout: float) -> subprocess.CompletedProcess | None:
+    """One command to the daemon at ``pipe`` (client mode: the command on stdin); None if it could not be asked."""
     if shutil.which(CONTROL) is None:
         return None
     try:
-        done = subprocess.run(
-            [CONTROL], input="get_server_list\n", env=_env(pipe), capture_output=True, text=True, timeout=timeout
+        return subprocess.run(
+            [CONTROL], input=f"{command}\n", env=_env(pipe), capture_output=True, text=True, timeout=timeout
         )
-    except subprocess.TimeoutExpired:
+    except (subprocess.SubprocessError, OSError):
         return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.split()
 
 
-def stop(pipe: Path, timeout: float = 30.0) -> bool:
-    """Quit the daemon at ``pipe`` (its servers end with it); whether one answered."""
-    if server_list(pipe) is None:
-        return False
+def server_list(pipe: Path, timeout: float = ANSWER_TIMEOUT) -> list[str] | None:
+    """The server pids of the daemon whose pipe directory is ``pipe``; None when no daemon answers there."""
+    done = _ask(pipe, "get_server_list", timeout)
+    return None if done is None or done.returncode != 0 else done.stdout.split()
+
+
+def _daemon_pid(base: Path) -> int | None:
+    """The daemon this module started under ``base``, if that process still runs as a control daemon (a pid
+    file that outlived its process, or a reused pid, names none)."""
     try:
-        done = subprocess.run(
-            [CONTROL], input="quit\n", env=_env(pipe), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
+        pid = int((base / PID_FILE).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return pid if CONTROL.encode() in cmdline else None
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not: one of ours is reaped here)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # not a child of this process
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return done.returncode == 0
+    return state != "Z"
+
+
+def _gone(pipe: Path, pid: int | None, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = pid is not None and _alive(pid)
+        if not alive and server_list(pipe, timeout=2) is None:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+
+
+def stop(pipe: Path, timeout: float = 30.0) -> str:
+    """End the daemon at ``pipe``: ``quit`` (it waits for its clients: stop them first), then, if it is still
+    there after ``timeout``, TERM and KILL to the process this module started. Says what happened: ``none``
+    (no daemon), ``quit``, ``killed`` or ``left`` (it answers still, and no process of ours to end)."""
+    base = pipe.parent
+    pid = _daemon_pid(base)
+    if pid is None and server_list(pipe) is None:
+        (base / PID_FILE).unlink(missing_ok=True)
+        return "none"
+    _ask(pipe, "quit", timeout)
+    outcome = "quit" if _gone(pipe, pid, 5) else "left"
+    if outcome == "left" and pid is not None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+            if _gone(pipe, pid, 5):
+                outcome = "killed"
+                break
+    if outcome != "left":
+        (base / PID_FILE).unlink(missing_ok=True)
+    return outcome
 
 
 def _last_line(text: str) -> str:
@@ -109,26 +164,48 @@ def client_devices(gpus: list[str]) -> dict[str, str]:
 def start(
     root: Path, *, device_order: str | None = None, probe: list[str] | None = None, probe_timeout: float = PROBE_TIMEOUT
 ) -> Mps:
-    """A daemon for the run in the workspace ``root`` (one left by a killed run is taken over), serving a probe.
+    """A daemon for the run in the workspace ``root``, serving a one-process CUDA probe; MpsUnavailable, with no
+    daemon left behind, if not (an interrupt on the way also ends it).
 
-    The daemon sees the GPUs this process sees (``CUDA_VISIBLE_DEVICES`` as the flow was given it), numbered in
-    ``device_order`` (the slots' ``CUDA_DEVICE_ORDER``), so ``client_devices`` names each item's GPU as the
-    server numbers it. The probe, a client, names none: it sees them all."""
+    The daemon runs in the foreground mode (``-f``) as a process of its own session, so its pid is known and a
+    later ``stop`` can end it even when ``quit`` is not answered; one a killed run left is ended first (its
+    devices may not be this run's). It sees the GPUs this process sees (``CUDA_VISIBLE_DEVICES`` as the flow was
+    given it), numbered in ``device_order`` (the slots' ``CUDA_DEVICE_ORDER``), so ``client_devices`` names each
+    item's GPU as the server numbers it. The probe, a client, names none: it sees them all."""
     if shutil.which(CONTROL) is None:
         raise MpsUnavailable(f"no {CONTROL} on PATH")
     base = home(root)
     pipe, log = base / "pipe", base / "log"
-    pipe.mkdir(parents=True, exist_ok=True)
-    log.mkdir(parents=True, exist_ok=True)
+    try:
+        pipe.mkdir(parents=True, exist_ok=True)
+        log.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MpsUnavailable(f"cannot make {base}: {e}") from None
+    if stop(pipe) == "left":
+        raise MpsUnavailable(f"a daemon at {pipe} that this run did not start does not quit")
     env = _env(pipe, log)
     if device_order:
         env["CUDA_DEVICE_ORDER"] = device_order
-    if server_list(pipe) is None:
-        done = subprocess.run([CONTROL, "-d"], env=env, capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            raise MpsUnavailable(f"{CONTROL} -d exited {done.returncode}: {_last_line(done.stderr or done.stdout)}")
     client = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
+    output = log / "control-daemon.txt"
     try:
+        with open(output, "w") as out:
+            daemon = subprocess.Popen(
+                [CONTROL, "-f"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (base / PID_FILE).write_text(f"{daemon.pid}\n")
+        deadline = time.monotonic() + ANSWER_TIMEOUT
+        while server_list(pipe) is None:
+            if daemon.poll() is not None:
+                raise MpsUnavailable(f"{CONTROL} -f exited {daemon.returncode}: {_last_line(output.read_text())}")
+            if time.monotonic() > deadline:
+                raise MpsUnavailable(f"{CONTROL} -f did not answer in {ANSWER_TIMEOUT:g} s")
+            time.sleep(0.2)
         try:
             done = subprocess.run(probe or PROBE, env=client, capture_output=True, text=True, timeout=probe_timeout)
         except subprocess.TimeoutExpired:
@@ -137,11 +214,14 @@ def start(
             raise MpsUnavailable(f"a one-process CUDA probe under MPS failed: {_last_line(done.stderr)}")
         servers = server_list(pipe)
         if not servers:
-            raise MpsUnavailable(f"the probe ran, but the daemon started no server for it (see {log}/control.log)")
-    except MpsUnavailable:
+            raise MpsUnavailable(f"the probe ran, but the daemon started no server for it (see {log})")
+    except (subprocess.SubprocessError, OSError) as e:
+        stop(pipe)
+        raise MpsUnavailable(f"{CONTROL}: {e}") from None
+    except BaseException:  # MpsUnavailable, or an interrupt: no daemon of this run is left behind
         stop(pipe)
         raise
-    return Mps(pipe=pipe, log=log, servers=tuple(servers))
+    return Mps(pipe=pipe, log=log, pid=daemon.pid, servers=tuple(servers))
 
 
 def sharing(environ: dict[str, str] | None = None) -> str:
@@ -160,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     pipe = home(args.workspace) / "pipe"
     if args.command == "stop":
-        print(f"mps: {'quit the daemon at' if stop(pipe) else 'no daemon answers at'} {pipe}")
-        return 0
+        outcome = stop(pipe)
+        print(f"mps: {outcome} ({pipe})")
+        return 1 if outcome == "left" else 0
     servers = server_list(pipe)
     print(f"mps: {'no daemon' if servers is None else 'daemon, servers ' + (' '.join(servers) or 'none')} at {pipe}")
     return 0 if servers is not None else 1

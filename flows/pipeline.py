@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -204,32 +205,28 @@ def pipeline(
         graph = select_items(graph, only)
         logger.info("%d stage items%s: %s", len(graph), f" (--only {' '.join(only)})" if only else "", ", ".join(graph))
         failed = True
-        daemon = None
         try:
             if fan_out:
                 outcome_of = _fan_out(root, graph, fan_out, execution_id, force, jobs, timeout_seconds, options, logger)
             else:
                 if sync_remote:
                     remote_sync.with_options(**options)("pull", str(root), execution_id, timeout_seconds)
-                slots = plan_slots(jobs, visible_gpus(), slots_per_gpu)
-                daemon, slots = _gpu_sharing(root, slots, mps, logger)
-                logger.info("%d item(s) at once: %s", len(slots), "; ".join(s.describe() for s in slots))
-                pool = SlotPool(slots)
-                common = {"root": str(root), "execution_id": execution_id, "force": force, "pull": sync_remote}
-                outcome_of = run_in_order(
-                    graph,
-                    repro_item.with_options(**options),
-                    lambda item: {"item": item, **common, "timeout": timeout_seconds, "slots": pool},
-                    jobs=len(slots),
-                    on_event=logger.warning,
-                )
+                with _gpu_sharing(root, plan_slots(jobs, visible_gpus(), slots_per_gpu), mps, logger) as slots:
+                    logger.info("%d item(s) at once: %s", len(slots), "; ".join(s.describe() for s in slots))
+                    pool = SlotPool(slots)
+                    common = {"root": str(root), "execution_id": execution_id, "force": force, "pull": sync_remote}
+                    outcome_of = run_in_order(
+                        graph,
+                        repro_item.with_options(**options),
+                        lambda item: {"item": item, **common, "timeout": timeout_seconds, "slots": pool},
+                        jobs=len(slots),
+                        on_event=logger.warning,
+                    )
                 if sync_remote and not outcome_of.failed:
                     remote_sync.with_options(**options)("push", str(root), execution_id, timeout_seconds)
             failed = bool(outcome_of.failed)
         finally:
             kill_running()  # an interrupted flow leaves no dvc (or stage) of its own running
-            if daemon is not None:
-                gpu_mps.stop(daemon.pipe)
             close_pipeline_run(params, parent, failed=failed)
     summary = run_summary(outcome_of.results, layout.results_markdown(params), profile, outcome_of.not_run())
     create_markdown_artifact(
@@ -240,29 +237,42 @@ def pipeline(
     return summary
 
 
+@contextmanager
 def _gpu_sharing(root: Path, slots, use_mps: bool, logger):
-    """The MPS daemon the run started (None without) and the slots that hand it to their items; where items
-    share a GPU, the log says how they take it."""
+    """The slots, handing the MPS daemon the run starts to their items (``use_mps``); where items share a GPU,
+    the log says how they take it. On the way out, however it is left, the items' processes are ended, then
+    the daemon (``quit`` waits for its clients)."""
     gpus = {s.gpu for s in slots if s.gpu is not None}
-    daemon = None
-    if use_mps and not gpus:
-        logger.warning("--mps: no GPU here, so nothing to share: ignored")
-    elif use_mps:
-        try:
-            first = next(s for s in slots if s.gpu is not None)
-            daemon = gpu_mps.start(root, device_order=first.env().get("CUDA_DEVICE_ORDER"))
-            index = gpu_mps.client_devices(list(dict.fromkeys(s.gpu for s in slots if s.gpu is not None)))
-            slots = [
-                replace(s, extra=(*daemon.env().items(), ("CUDA_VISIBLE_DEVICES", index[s.gpu])))
-                if s.gpu is not None
-                else s
-                for s in slots
-            ]
-        except gpu_mps.MpsUnavailable as e:
-            logger.warning("--mps: %s: items that share a GPU take turns on it (time-slicing)", e)
-    if len(slots) > len(gpus) > 0:
-        logger.info("items sharing a GPU take it by %s", daemon.describe() if daemon else gpu_mps.sharing())
-    return daemon, slots
+    started = use_mps and bool(gpus)
+    try:
+        daemon = None
+        if use_mps and not gpus:
+            logger.warning("--mps: no GPU here, so nothing to share: ignored")
+        elif use_mps:
+            try:
+                first = next(s for s in slots if s.gpu is not None)
+                daemon = gpu_mps.start(root, device_order=first.env().get("CUDA_DEVICE_ORDER"))
+                # the slots use a prefix of the visible GPUs, in their order: the server's numbering of them
+                index = gpu_mps.client_devices(list(dict.fromkeys(s.gpu for s in slots if s.gpu is not None)))
+                slots = [
+                    replace(s, extra=(*daemon.env().items(), ("CUDA_VISIBLE_DEVICES", index[s.gpu])))
+                    if s.gpu is not None
+                    else s
+                    for s in slots
+                ]
+            except gpu_mps.MpsUnavailable as e:
+                logger.warning("--mps: %s: items that share a GPU take turns on it (time-slicing)", e)
+        if len(slots) > len(gpus) > 0:
+            logger.info("items sharing a GPU take it by %s", daemon.describe() if daemon else gpu_mps.sharing())
+        yield slots
+    finally:
+        if started:
+            kill_running()
+            outcome = gpu_mps.stop(gpu_mps.home(root) / "pipe")
+            if outcome == "left":
+                logger.warning("--mps: the MPS daemon at %s does not quit", gpu_mps.home(root) / "pipe")
+            elif outcome != "none":
+                logger.info("MPS daemon ended (%s)", outcome)
 
 
 def _fan_out(root: Path, graph, deployment: str, execution_id: str, force: bool, jobs: int, timeout, options, logger):

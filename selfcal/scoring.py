@@ -7,13 +7,19 @@ perplexity filter all score text the same way: each sequence predicts its tokens
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
 
-_WARM: weakref.WeakSet = weakref.WeakSet()
+log = logging.getLogger("selfcal.scoring")
+
+#: Per model (held weakly: an ``id`` could be reused by a later model), whether its head may be called apart
+#: from its decoder; filled by its first ``decoder_and_head``.
+_SPLIT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def output_head(model):
@@ -29,20 +35,67 @@ def output_head(model):
     return capped
 
 
+class _WholeModel:
+    """The decoder of a model whose head cannot be called apart: the whole model's logits stand in for the
+    hidden states (the head is then the identity), and its hidden states are its own."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, output_hidden_states: bool = False, use_cache: bool = False):
+        out = self.model(input_ids=input_ids, output_hidden_states=output_hidden_states, use_cache=use_cache)
+        return SimpleNamespace(last_hidden_state=out.logits, hidden_states=out.hidden_states)
+
+
+def _identity(h):
+    return h
+
+
+def _splits(model) -> bool:
+    """Whether ``output_head(model)`` after ``model.get_decoder()`` gives the model's own logits, on four tokens.
+
+    This is also the first forward through the whole model, which a compressed-tensors checkpoint needs before
+    its decoder is called alone (it decompresses its weights in a hook there: 'Linear' object has no attribute
+    'weight'). Some architectures change the logits after the head in their own forward, each its own way
+    (Granite divides them by ``logits_scaling``, HyperCLOVA X multiplies them by it, Cohere by
+    ``logit_scale``); a model without a decoder of the usual shape fails here too."""
+    device = next(model.parameters()).device
+    ids = torch.arange(1, 5, device=device)[None]
+    with torch.inference_mode():
+        whole = model(input_ids=ids, use_cache=False).logits
+        try:
+            parts = output_head(model)(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state)
+        except Exception as e:  # no get_decoder, no output embeddings, another output type
+            log.warning(
+                "%s: its decoder and head cannot be called apart (%s): scoring whole batches", type(model).__name__, e
+            )
+            return False
+    tolerance = 1e-2 * float(whole.float().abs().max()) + 1e-6
+    if parts.shape != whole.shape or not torch.allclose(parts.float(), whole.float(), rtol=1e-2, atol=tolerance):
+        log.warning("%s: its logits are not its head's output: scoring whole batches", type(model).__name__)
+        return False
+    return True
+
+
 def decoder_and_head(model):
     """The model's decoder (embeddings, layers, final norm) and its head, to be called apart, so logits are
     made only where they are needed and never for a whole batch at once.
 
-    One token goes through the whole model first, once per model: a compressed-tensors checkpoint
-    decompresses its weights in a hook on the top-level model's first forward, which calling the decoder
-    alone would skip ('Linear' object has no attribute 'weight'). The models already warmed are held weakly
-    (an ``id`` could be reused by a later model)."""
-    if model not in _WARM:
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            model(input_ids=torch.ones((1, 1), dtype=torch.long, device=device), use_cache=False)
-        _WARM.add(model)
-    return model.get_decoder(), output_head(model)
+    Where the two do not give the model's own logits (``_splits``, checked once per model), the whole model
+    stands in for the decoder and the head is the identity: the same scores, with a whole batch's logits."""
+    split = _SPLIT.get(model)
+    if split is None:
+        split = _SPLIT[model] = _splits(model)
+    if split:
+        return model.get_decoder(), output_head(model)
+    return _WholeModel(model), _identity
+
+
+def vocabulary(model) -> int:
+    """The width of the model's logits: its output layer's, which a resized vocabulary may make differ from
+    the config's."""
+    head = model.get_output_embeddings()
+    return int(getattr(head, "out_features", None) or model.config.get_text_config().vocab_size)
 
 
 #: Float32 logit elements one batch of ``window_nll`` or ``sequence_mean_nll`` may hold (1 GiB). A batch's logits are
@@ -76,11 +129,12 @@ def window_nll(
     allocator afterwards in each of the eight processes sharing the H200 (lease 11: one ran out of
     memory). In rows of 2 (the default budget) the same scores take about 2 GiB.
     """
+    if windows.numel() == 0:
+        return torch.zeros(0, dtype=torch.float64)
     device = next(model.parameters()).device
     n, width = windows.shape
     decoder, head = decoder_and_head(model)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    rows = max(1, budget // (max(width - 1, 1) * vocab))
+    rows = max(1, budget // (max(width - 1, 1) * vocabulary(model)))
     out = []
     for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
         batch = windows[start : start + batch_size].to(device)

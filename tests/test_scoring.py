@@ -56,3 +56,46 @@ def test_the_head_never_sees_more_rows_than_the_budget_allows(model, windows):
 def test_a_budget_smaller_than_one_window_still_scores_a_row_at_a_time(model, windows):
     got = window_nll(model, windows, batch_size=4, budget=1)
     torch.testing.assert_close(got, _whole_model_nll(model, windows), rtol=1e-12, atol=1e-10)
+
+
+def test_a_model_that_changes_its_logits_after_the_head_is_scored_whole_and_right(caplog):
+    """Granite divides its logits by ``logits_scaling`` in its own forward, after the head: the head called
+    apart would be off by that factor (up to 0.27 nats per window on this model), so the whole model scores it."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from selfcal import scoring
+
+    torch.manual_seed(0)
+    config = GraniteConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        logits_scaling=8.0,
+    )
+    model = GraniteForCausalLM(config).double().eval()
+    windows = torch.randint(1, 64, (3, 10), generator=torch.Generator().manual_seed(2))
+    with caplog.at_level("WARNING", logger="selfcal.scoring"):
+        got = window_nll(model, windows, batch_size=2, budget=1)
+    assert "its logits are not its head's output: scoring whole batches" in caplog.text
+    torch.testing.assert_close(got, _whole_model_nll(model, windows), rtol=1e-12, atol=1e-10)
+    decoder, head = scoring.decoder_and_head(model)
+    assert isinstance(decoder, scoring._WholeModel)
+    hidden = decoder(input_ids=windows[:1], output_hidden_states=True).hidden_states
+    assert len(hidden) == config.num_hidden_layers + 1  # layer inputs for inspect's statistics, as the model gives them
+
+
+def test_the_logit_width_is_the_output_layers_and_no_windows_cost_no_forward(model):
+    from selfcal.scoring import vocabulary
+
+    assert vocabulary(model) == model.get_output_embeddings().out_features == model.config.vocab_size
+
+    class Refuses(torch.nn.Module):
+        def forward(self, *a, **k):
+            raise AssertionError("no forward for no windows")
+
+    refuses = Refuses()
+    refuses.p = torch.nn.Parameter(torch.zeros(1))
+    assert window_nll(refuses, torch.zeros((0, 16), dtype=torch.long)).shape == (0,)
