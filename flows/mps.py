@@ -89,28 +89,42 @@ def server_list(pipe: Path, timeout: float = ANSWER_TIMEOUT) -> list[str] | None
     return None if done is None or done.returncode != 0 else done.stdout.split()
 
 
-def _daemon_pid(base: Path) -> int | None:
-    """The daemon this module started under ``base``, if that process still runs as a control daemon (a pid
-    file that outlived its process, or a reused pid, names none)."""
+#: The daemons this process started, by pid: polled, never reaped behind the subprocess module's back.
+_DAEMONS: dict[int, subprocess.Popen] = {}
+
+
+def _stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of ``pid`` from /proc; None if there is no such process."""
     try:
-        pid = int((base / PID_FILE).read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], fields[19]  # stat fields 3 and 22
+
+
+def _pid_line(pid: int) -> str:
+    stat = _stat(pid)
+    return f"{pid} {stat[1] if stat else '?'}\n"
+
+
+def _daemon_pid(base: Path) -> int | None:
+    """The daemon this module started under ``base``, if that process still runs: the pid file holds its pid
+    and start time, so a pid the system has since given to another process names none."""
+    try:
+        pid_text, started = (base / PID_FILE).read_text().split()
+        pid = int(pid_text)
     except (OSError, ValueError):
         return None
-    return pid if CONTROL.encode() in cmdline else None
+    stat = _stat(pid)
+    return pid if stat is not None and stat[1] == started and stat[0] != "Z" else None
 
 
 def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not: one of ours is reaped here)."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:  # not a child of this process
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    """Whether ``pid`` runs: a daemon of this process by its Popen, any other by /proc (a zombie does not)."""
+    if pid in _DAEMONS:
+        return _DAEMONS[pid].poll() is None
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"
 
 
 def _gone(pipe: Path, pid: int | None, seconds: float) -> bool:
@@ -124,28 +138,50 @@ def _gone(pipe: Path, pid: int | None, seconds: float) -> bool:
         time.sleep(0.2)
 
 
-def stop(pipe: Path, timeout: float = 30.0) -> str:
+def _signal(pid: int, servers: list[str], sig: int) -> None:
+    """``sig`` to the daemon's session (it leads it: the servers it spawned, if they stayed in it) and to the
+    servers it listed, if they are still MPS servers."""
+    targets = [lambda: os.killpg(pid, sig)]
+    for server in servers:
+        if server.isdigit() and b"nvidia-cuda-mps-server" in _cmdline(int(server)):
+            targets.append(lambda s=int(server): os.kill(s, sig))
+    for send in targets:
+        try:
+            send()
+        except OSError:  # gone already, or not ours to signal
+            pass
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def stop(pipe: Path, timeout: float = 30.0, *, pid: int | None = None) -> str:
     """End the daemon at ``pipe``: ``quit`` (it waits for its clients: stop them first), then, if it is still
-    there after ``timeout``, TERM and KILL to the process this module started. Says what happened: ``none``
-    (no daemon), ``quit``, ``killed`` or ``left`` (it answers still, and no process of ours to end)."""
+    there, TERM and then KILL to the daemon this module started (``pid``, else the pid file's) and the servers it
+    listed. At most about a minute. Says what happened: ``none`` (no daemon), ``quit``, ``killed`` or ``left``
+    (it answers still, and no process of ours to end)."""
     base = pipe.parent
-    pid = _daemon_pid(base)
-    if pid is None and server_list(pipe) is None:
+    pid = pid or _daemon_pid(base)
+    servers = server_list(pipe)
+    if servers is None and (pid is None or not _alive(pid)):
         (base / PID_FILE).unlink(missing_ok=True)
         return "none"
     _ask(pipe, "quit", timeout)
     outcome = "quit" if _gone(pipe, pid, 5) else "left"
     if outcome == "left" and pid is not None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            _signal(pid, servers or [], sig)
             if _gone(pipe, pid, 5):
                 outcome = "killed"
                 break
     if outcome != "left":
         (base / PID_FILE).unlink(missing_ok=True)
+        if pid is not None:
+            _DAEMONS.pop(pid, None)
     return outcome
 
 
@@ -188,6 +224,7 @@ def start(
         env["CUDA_DEVICE_ORDER"] = device_order
     client = {k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"}
     output = log / "control-daemon.txt"
+    daemon = None
     try:
         with open(output, "w") as out:
             daemon = subprocess.Popen(
@@ -198,7 +235,8 @@ def start(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        (base / PID_FILE).write_text(f"{daemon.pid}\n")
+        _DAEMONS[daemon.pid] = daemon
+        (base / PID_FILE).write_text(_pid_line(daemon.pid))
         deadline = time.monotonic() + ANSWER_TIMEOUT
         while server_list(pipe) is None:
             if daemon.poll() is not None:
@@ -216,10 +254,10 @@ def start(
         if not servers:
             raise MpsUnavailable(f"the probe ran, but the daemon started no server for it (see {log})")
     except (subprocess.SubprocessError, OSError) as e:
-        stop(pipe)
+        stop(pipe, pid=daemon.pid if daemon else None)
         raise MpsUnavailable(f"{CONTROL}: {e}") from None
     except BaseException:  # MpsUnavailable, or an interrupt: no daemon of this run is left behind
-        stop(pipe)
+        stop(pipe, pid=daemon.pid if daemon else None)
         raise
     return Mps(pipe=pipe, log=log, pid=daemon.pid, servers=tuple(servers))
 

@@ -256,3 +256,13 @@ def test_the_benchmarks_verdict_takes_mps_only_for_the_same_tokens_faster():
     assert verdict({"time-slicing": row(100), "mps": row(300, same=False)}) == "time-slicing"
     unavailable = {"unavailable": "no nvidia-cuda-mps-control on PATH"}
     assert verdict({"time-slicing": row(100), "mps": unavailable}) == "time-slicing"
+
+
+def test_a_pid_file_names_its_daemon_only_while_that_process_runs(tmp_path):
+    """The pid and its start time: a pid the system has given to another process since names nothing."""
+    (tmp_path / mps.PID_FILE).write_text(mps._pid_line(os.getpid()))
+    assert mps._daemon_pid(tmp_path) == os.getpid()
+    (tmp_path / mps.PID_FILE).write_text(f"{os.getpid()} 0\n")
+    assert mps._daemon_pid(tmp_path) is None
+    (tmp_path / mps.PID_FILE).write_text("not a pid\n")
+    assert mps._daemon_pid(tmp_path) is None

@@ -99,3 +99,22 @@ def test_the_logit_width_is_the_output_layers_and_no_windows_cost_no_forward(mod
     refuses = Refuses()
     refuses.p = torch.nn.Parameter(torch.zeros(1))
     assert window_nll(refuses, torch.zeros((0, 16), dtype=torch.long)).shape == (0,)
+
+
+@pytest.mark.parametrize(("scale", "splits"), [(1.0, True), (1.01, False), (0.99, False), (16.0, False)])
+def test_the_check_tells_a_plain_head_from_one_scaled_by_a_percent(scale, splits):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from selfcal import scoring
+
+    torch.manual_seed(0)
+    config = GraniteConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        logits_scaling=scale,
+    )
+    assert scoring._splits(GraniteForCausalLM(config).eval()) is splits
