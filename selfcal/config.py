@@ -11,11 +11,12 @@ import difflib
 import functools
 import os
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator
 
 from selfcal.compression.methods import METHODS
 from selfcal.errors import ConfigError
@@ -347,7 +348,41 @@ def _error_message(err: dict) -> str:
     return err["msg"].removeprefix("Value error, ")
 
 
-def _format_error(err: ValidationError, source: str) -> str:
+def _members(annotation) -> list:
+    """The types an annotation may hold: the members of a union, the type inside ``Annotated``."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for a in get_args(annotation) for m in _members(a)]
+    return [annotation]
+
+
+def _tag(model: type) -> str | None:
+    """A tagged union member's tag (``kind: Literal['self']`` gives ``self``), as pydantic puts it in a location."""
+    field = model.model_fields.get("kind")
+    args = get_args(field.annotation) if field is not None else ()
+    return str(args[0]) if len(args) == 1 else None
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the schema allows at ``loc`` (an error's location without its last key), to suggest the one a
+    typo meant; [] where that cannot be told (a dict's free keys, a type that is no model)."""
+    here: list = [model]
+    for part in loc:
+        models = [m for a in here for m in _members(a) if isinstance(m, type) and issubclass(m, BaseModel)]
+        tagged = [m for m in models if _tag(m) == str(part)]
+        if tagged:  # a union member's tag: the key stays the member's
+            here = tagged
+            continue
+        nxt = [m.model_fields[str(part)].annotation for m in models if str(part) in m.model_fields]
+        nxt += [get_args(m)[1] for a in here for m in _members(a) if get_origin(m) is dict]  # a free key's value
+        here = nxt
+    models = [m for a in here for m in _members(a) if isinstance(m, type) and issubclass(m, BaseModel)]
+    return sorted({k for m in models for k in m.model_fields} - {"root"})
+
+
+def _format_error(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
     """One line for the whole error: the first problem, with a typo (an unknown key) before the required key it
     leaves missing, a union's alternatives said together (``int >= 1 or 'auto'``), and how many others."""
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
@@ -368,6 +403,13 @@ def _format_error(err: ValidationError, source: str) -> str:
         if close:
             msg += f" (did you mean {close[0]!r}? it is required and missing)"
             same = [*same, *(e for e in errors if e["type"] == "missing" and e["loc"] == (*parent, close[0]))]
+        elif model is not None:
+            known = _known_keys(model, parent)
+            close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
+            if close:
+                msg += f" (did you mean {close[0]!r}?)"
+            elif known:
+                msg += f"; known: {', '.join(known)}"
     rest = len(errors) - len(same)
     more = f" (+{rest} more)" if rest > 0 else ""
     return f"{source}: {key}: {msg}{more}"
@@ -383,10 +425,11 @@ def parse_params(data: object, *, source: str = "params", root: Path = Path(".")
     """Validate a params mapping against the schema of the methods registered now."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    model = _params_model(tuple(METHODS.names()))
     try:
-        params = _params_model(tuple(METHODS.names())).model_validate({**data, "root": root})
+        params = model.model_validate({**data, "root": root})
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(_format_error(err, source, model)) from None
     return params
 
 

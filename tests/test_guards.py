@@ -94,13 +94,22 @@ def _misspell_section(d):
         (lambda d: d["calibration"]["sources"]["self"].update(kind="selff"),
          "params.yaml: calibration.sources.self.kind: unknown kind 'selff'; known: 'self', 'corpus', 'vocab', 'ji'"),
         (lambda d: d["calibration"].update(n_sample=3, seq_len=0),
-         "params.yaml: calibration.n_sample: unknown key (+1 more)"),
+         "params.yaml: calibration.n_sample: unknown key (did you mean 'n_samples'?) (+1 more)"),
+        (lambda d: d["calibration"]["sources"].update(hot={"kind": "self", "t_initail": 2.0}),
+         "params.yaml: calibration.sources.hot.t_initail: unknown key (did you mean 't_initial'?)"),
+        (lambda d: d["calibration"]["sources"].update(web={"kind": "corpus", "path": "x.jsonl", "text_feild": "t"}),
+         "params.yaml: calibration.sources.web.text_feild: unknown key (did you mean 'text_field'?)"),
+        (lambda d: d["compression"].update(wanda={"sparsty": 0.5}),
+         "params.yaml: compression.wanda.sparsty: unknown key (did you mean 'sparsity'?)"),
+        (lambda d: d.setdefault("tracking", {}).update(zzz=1),
+         "params.yaml: tracking.zzz: unknown key; known: enabled, experiment, registered_model_name, tracking_uri"),
     ],
 )  # fmt: skip
 def test_a_schema_error_names_what_the_user_wrote_in_one_line(tiny_model, tmp_path, change, expected):
     """An audit: a misspelt section was reported as the section it left missing, with the typo behind
     "(+1 more)"; `int | 'auto'` fields leaked pydantic's union labels (batch_size.constrained-int) and hid
-    'auto'; an unknown source kind came as pydantic's own tag message."""
+    'auto'; an unknown source kind came as pydantic's own tag message. A misspelt optional key names the key
+    it meant (inside a source of any name and kind too), or, with none close, the keys that are known."""
     data = small_params(tiny_model, tmp_path)
     change(data)
     assert _err(data) == expected
