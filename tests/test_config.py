@@ -22,7 +22,7 @@ def test_valid_params_parse(tiny_model, tmp_path):
 def test_unknown_key_is_named(tiny_model, tmp_path):
     data = small_params(tiny_model, tmp_path)
     data["calibration"]["n_sample"] = 3
-    assert _err(data) == "params.yaml: calibration.n_sample: unknown key"
+    assert _err(data) == "params.yaml: calibration.n_sample: unknown key (did you mean 'n_samples'?)"
 
 
 def test_unknown_key_inside_a_source_is_named(tiny_model, tmp_path):
