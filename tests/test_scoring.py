@@ -58,24 +58,21 @@ def test_a_budget_smaller_than_one_window_still_scores_a_row_at_a_time(model, wi
     torch.testing.assert_close(got, _whole_model_nll(model, windows), rtol=1e-12, atol=1e-10)
 
 
+def _granite(logits_scaling: float):
+    """A tiny Granite: its forward divides the head's logits by ``logits_scaling``."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2}
+    return GraniteForCausalLM(GraniteConfig(vocab_size=64, num_hidden_layers=2, logits_scaling=logits_scaling, **sizes))
+
+
 def test_a_model_that_changes_its_logits_after_the_head_is_scored_whole_and_right(caplog):
     """Granite divides its logits by ``logits_scaling`` in its own forward, after the head: the head called
     apart would be off by that factor (up to 0.27 nats per window on this model), so the whole model scores it."""
-    from transformers import GraniteConfig, GraniteForCausalLM
-
     from selfcal import scoring
 
-    torch.manual_seed(0)
-    config = GraniteConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        logits_scaling=8.0,
-    )
-    model = GraniteForCausalLM(config).double().eval()
+    model = _granite(8.0).double().eval()
     windows = torch.randint(1, 64, (3, 10), generator=torch.Generator().manual_seed(2))
     with caplog.at_level("WARNING", logger="selfcal.scoring"):
         got = window_nll(model, windows, batch_size=2, budget=1)
@@ -84,7 +81,9 @@ def test_a_model_that_changes_its_logits_after_the_head_is_scored_whole_and_righ
     decoder, head = scoring.decoder_and_head(model)
     assert isinstance(decoder, scoring._WholeModel)
     hidden = decoder(input_ids=windows[:1], output_hidden_states=True).hidden_states
-    assert len(hidden) == config.num_hidden_layers + 1  # layer inputs for inspect's statistics, as the model gives them
+    assert (
+        len(hidden) == model.config.num_hidden_layers + 1
+    )  # layer inputs for inspect's statistics, as the model gives them
 
 
 def test_the_logit_width_is_the_output_layers_and_no_windows_cost_no_forward(model):
@@ -103,18 +102,6 @@ def test_the_logit_width_is_the_output_layers_and_no_windows_cost_no_forward(mod
 
 @pytest.mark.parametrize(("scale", "splits"), [(1.0, True), (1.01, False), (0.99, False), (16.0, False)])
 def test_the_check_tells_a_plain_head_from_one_scaled_by_a_percent(scale, splits):
-    from transformers import GraniteConfig, GraniteForCausalLM
-
     from selfcal import scoring
 
-    torch.manual_seed(0)
-    config = GraniteConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        logits_scaling=scale,
-    )
-    assert scoring._splits(GraniteForCausalLM(config).eval()) is splits
+    assert scoring._splits(_granite(scale).eval()) is splits
