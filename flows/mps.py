@@ -253,11 +253,10 @@ def start(
         servers = server_list(pipe)
         if not servers:
             raise MpsUnavailable(f"the probe ran, but the daemon started no server for it (see {log})")
-    except (subprocess.SubprocessError, OSError) as e:
+    except BaseException as e:  # any failure, an interrupt too: no daemon of this run is left behind
         stop(pipe, pid=daemon.pid if daemon else None)
-        raise MpsUnavailable(f"{CONTROL}: {e}") from None
-    except BaseException:  # MpsUnavailable, or an interrupt: no daemon of this run is left behind
-        stop(pipe, pid=daemon.pid if daemon else None)
+        if isinstance(e, (subprocess.SubprocessError, OSError)):
+            raise MpsUnavailable(f"{CONTROL}: {e}") from None
         raise
     return Mps(pipe=pipe, log=log, pid=daemon.pid, servers=tuple(servers))
 

@@ -242,7 +242,7 @@ def _gpu_sharing(root: Path, slots, use_mps: bool, logger):
     """The slots, handing the MPS daemon the run starts to their items (``use_mps``); where items share a GPU,
     the log says how they take it. On the way out, however it is left, the items' processes are ended, then
     the daemon (``quit`` waits for its clients)."""
-    gpus = {s.gpu for s in slots if s.gpu is not None}
+    gpus = list(dict.fromkeys(s.gpu for s in slots if s.gpu is not None))  # plan_slots: all GPU slots, or none
     started = use_mps and bool(gpus)
     try:
         daemon = None
@@ -250,10 +250,9 @@ def _gpu_sharing(root: Path, slots, use_mps: bool, logger):
             logger.warning("--mps: no GPU here, so nothing to share: ignored")
         elif use_mps:
             try:
-                first = next(s for s in slots if s.gpu is not None)
-                daemon = gpu_mps.start(root, device_order=first.env().get("CUDA_DEVICE_ORDER"))
+                daemon = gpu_mps.start(root, device_order=slots[0].env().get("CUDA_DEVICE_ORDER"))
                 # the slots use a prefix of the visible GPUs, in their order: the server's numbering of them
-                index = gpu_mps.client_devices(list(dict.fromkeys(s.gpu for s in slots if s.gpu is not None)))
+                index = gpu_mps.client_devices(gpus)
                 slots = [
                     replace(s, extra=(*daemon.env().items(), ("CUDA_VISIBLE_DEVICES", index[s.gpu])))
                     if s.gpu is not None

@@ -365,12 +365,17 @@ def _tag(model: type) -> str | None:
     return str(args[0]) if len(args) == 1 else None
 
 
+def _models(annotations: list) -> list[type[BaseModel]]:
+    """The schema models among the types ``annotations`` may hold."""
+    return [m for a in annotations for m in _members(a) if isinstance(m, type) and issubclass(m, BaseModel)]
+
+
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """The keys the schema allows at ``loc`` (an error's location without its last key), to suggest the one a
     typo meant; [] where that cannot be told (a dict's free keys, a type that is no model)."""
     here: list = [model]
     for part in loc:
-        models = [m for a in here for m in _members(a) if isinstance(m, type) and issubclass(m, BaseModel)]
+        models = _models(here)
         tagged = [m for m in models if _tag(m) == str(part)]
         if tagged:  # a union member's tag: the key stays the member's
             here = tagged
@@ -378,8 +383,7 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         nxt = [m.model_fields[str(part)].annotation for m in models if str(part) in m.model_fields]
         nxt += [get_args(m)[1] for a in here for m in _members(a) if get_origin(m) is dict]  # a free key's value
         here = nxt
-    models = [m for a in here for m in _members(a) if isinstance(m, type) and issubclass(m, BaseModel)]
-    return sorted({k for m in models for k in m.model_fields} - {"root"})
+    return sorted({k for m in _models(here) for k in m.model_fields} - {"root"})
 
 
 def _format_error(err: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:

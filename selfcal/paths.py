@@ -53,4 +53,5 @@ def resolve_path(value: str | os.PathLike[str], root: Path) -> Path:
         return p.resolve()
     root = Path(root).resolve()
     full = (root / p).resolve()
-    return (_base(full, root) / p).resolve()
+    base = _base(full, root)
+    return full if base == root else (base / p).resolve()

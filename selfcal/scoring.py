@@ -146,7 +146,7 @@ def window_nll(
             out.append(nll.double().sum(dim=1).cpu())
             del logits, nll
         del hidden
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(out)
 
 
 def sequence_batches(lengths: Sequence[int], *, batch_size: int, vocab_size: int, budget: int = LOGIT_BUDGET):
