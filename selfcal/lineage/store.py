@@ -134,13 +134,20 @@ def run_artifact_json(client, run_id: str, path: str) -> dict | None:
     return json.loads(data) if data is not None else None
 
 
-def evaluate_runs(client, model_id: str | None, tags: dict) -> list[str]:
-    """Every evaluate run linked to a version, newest first: the runs that logged metrics on its LoggedModel
-    (one per evaluation of the checkpoint), and the one its tags name."""
-    newest: dict[str, int] = {}
+def logged_metrics(client, model_id: str | None) -> dict[str, dict[str, tuple[float, int]]]:
+    """A version's LoggedModel metrics by the evaluate run that logged them: run id -> key -> (value, timestamp)."""
+    by_run: dict[str, dict[str, tuple[float, int]]] = {}
     if model_id:
         for m in client.get_logged_model(model_id).metrics or []:
-            newest[m.run_id] = max(newest.get(m.run_id, 0), m.timestamp or 0)
+            by_run.setdefault(m.run_id, {})[m.key] = (m.value, m.timestamp or 0)
+    return by_run
+
+
+def evaluate_runs(client, model_id: str | None, tags: dict, by_run: dict | None = None) -> list[str]:
+    """Every evaluate run linked to a version, newest first: the runs that logged metrics on its LoggedModel
+    (one per evaluation of the checkpoint; ``by_run`` when already read), and the one its tags name."""
+    by_run = logged_metrics(client, model_id) if by_run is None else by_run
+    newest = {run_id: max(ts for _, ts in keys.values()) for run_id, keys in by_run.items()}
     if tags.get(T.EVALUATE_RUN):
         newest.setdefault(tags[T.EVALUATE_RUN], 0)
     return sorted(newest, key=lambda r: -newest[r])

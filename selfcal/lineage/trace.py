@@ -92,13 +92,10 @@ LINEAGE_SETTINGS = ("tasks", "limit", "data_dir", "engine")
 def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
     """The evaluation linked to the version: its LoggedModel's metrics from the newest evaluate run, or, when the
     record on disk is an earlier evaluate run's (restored by DVC's run-cache), that run's, said in ``note``."""
-    by_run: dict[str, dict] = {}
-    if model_id:
-        for m in client.get_logged_model(model_id).metrics or []:
-            by_run.setdefault(m.run_id, {})[m.key] = (m.value, m.timestamp)
+    by_run = store.logged_metrics(client, model_id)
     run_id = tags.get(T.EVALUATE_RUN)
     if run_id not in by_run and by_run:
-        run_id = max(by_run, key=lambda r: max(ts for _, ts in by_run[r].values()))
+        run_id = store.evaluate_runs(client, model_id, {}, by_run)[0]
     note = None
     path = store.local_path(tags.get(T.METRICS_URI))
     if path is not None and path.is_file() and sha256_file(path) != tags.get(T.METRICS_SHA):
