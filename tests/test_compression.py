@@ -199,6 +199,56 @@ def test_verification_rejects_broken_patterns_and_grids():
         verify.check_round_trip({"layer": w}, {"layer": w + 1e-7})
 
 
+def test_verification_accepts_exactly_n_of_m_the_requested_sparsity_and_2_to_the_bits_values():
+    w = torch.tensor([[1.0, 0.0, 0.0, 2.0, 0.0, 3.0, 4.0, 0.0]])  # two of each four kept: sparsity 0.5
+    assert verify.check_pruning({"layer": w}, 0.5, (2, 4)) == {"layer": {"sparsity": 0.5, "nm_compliance": 1.0}}
+    with pytest.raises(VerificationError, match="^layer: sparsity 0.5000 below the requested 0.6"):
+        verify.check_pruning({"layer": w}, 0.6, (2, 4))
+    with pytest.raises(VerificationError, match="^layer: input width 6 is not a multiple of 4"):
+        verify.check_pruning({"layer": torch.ones(1, 6)}, 0.0, (2, 4))
+    sixteen = torch.arange(32, dtype=torch.float32).reshape(2, 16)  # 16 values a group: 4 bits' worth exactly
+    exact = verify.check_quantization({"layer": sixteen}, {"layer": sixteen}, 4, 16)
+    assert exact["layer"]["max_values_per_group"] == 16
+    # ||[3, 4] - [0, 4]|| / ||[0, 4]|| = 3 / 4
+    one = verify.check_quantization({"l": torch.tensor([[3.0, 4.0]])}, {"l": torch.tensor([[0.0, 4.0]])}, 4, None)
+    assert one["l"] == {"bits": 4, "group_size": None, "max_values_per_group": 2, "rel_error": 0.75}
+    # bit-identical, not equal: -0.0 is not 0.0, a NaN is itself
+    assert not verify._same_bits(torch.tensor([0.0]), torch.tensor([-0.0]))
+    assert verify._same_bits(torch.tensor([float("nan")]), torch.tensor([float("nan")]))
+    assert verify._same_bits(torch.tensor([1.5]), torch.tensor([1.5], dtype=torch.bfloat16))
+
+
+def test_untouched_tensors_are_those_of_other_modules_none_missing_none_added(tmp_path):
+    from safetensors.torch import save_file
+
+    base = {
+        "model.embed_tokens.weight": torch.ones(3, 2),
+        "model.layers.0.proj.weight": torch.ones(2, 2),
+        "model.layers.0.proj.bias": torch.zeros(2),
+        "model.norm.weight": torch.ones(2),
+    }
+
+    def folder(name, tensors):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+        return tmp_path / name
+
+    changed = {"model.layers.0.proj"}
+    compressed = {
+        **base,
+        "model.layers.0.proj.weight": 2 * torch.ones(2, 2),
+        "model.layers.0.proj.scale": torch.ones(2),
+    }
+    got = verify.check_untouched(folder("base", base), folder("ok", compressed), changed)
+    assert got == {"tensors_checked": 2, "tensors_changed": 2}  # the embeddings and the norm; the layer's two
+    dropped = {k: v for k, v in compressed.items() if k != "model.norm.weight"}
+    with pytest.raises(VerificationError, match="^model.norm.weight: left untouched by the method, but missing"):
+        verify.check_untouched(tmp_path / "base", folder("dropped", dropped), changed)
+    added = {**compressed, "model.extra.weight": torch.ones(1)}
+    with pytest.raises(VerificationError, match="^model.extra.weight: the saved checkpoint adds a tensor outside"):
+        verify.check_untouched(tmp_path / "base", folder("added", added), changed)
+
+
 def test_awq_drops_mappings_that_would_rescale_a_layer_left_dense():
     from selfcal.compression.methods import RecipeContext
     from selfcal.compression.methods.awq import awq_mappings as _awq_mappings

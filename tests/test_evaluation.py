@@ -47,6 +47,14 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     assert out["tokens"] == 10 * 9  # each window predicts its tokens 2..10
 
 
+def test_windows_are_cut_from_the_start_and_a_trailing_partial_window_is_dropped():
+    ids = torch.arange(11)
+    assert token_windows(ids, 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 8, 9, 10 dropped
+    assert token_windows(ids, 4, max_windows=1).tolist() == [[0, 1, 2, 3]]
+    with pytest.raises(DataError, match="text has 3 tokens, fewer than one window of 4"):
+        token_windows(torch.arange(3), 4)
+
+
 def test_perplexity_matches_a_hand_computed_value(tiny_model):
     from transformers import AutoModelForCausalLM
 
@@ -230,6 +238,26 @@ def test_mean_acc_is_compared_over_the_task_set_every_row_scored():
     assert "`mean_acc` is over the 2 task(s) every row scored: arc_easy, piqa." in to_markdown(
         cols, table, {}, common_tasks(rows)
     )
+
+
+def test_a_metric_one_set_lacks_is_averaged_over_the_sets_that_have_it_not_counted_as_zero():
+    from selfcal.pipeline.aggregate import report_metrics, summarise
+
+    rows = [
+        _record("d", "none", {"arc_easy": 0.5}),
+        _record("a", "gptq", {"arc_easy": 0.6}, ppl=10.0),
+        _record("b", "gptq", {"arc_easy": 0.4}),  # no perplexity
+    ]
+    cols, table = summarise(rows)
+    dense, gptq = table
+    assert gptq["n_sets"] == 2 and gptq["acc.arc_easy"] == pytest.approx(0.5)
+    assert gptq["acc.arc_easy.std"] == pytest.approx(0.1 * 2**0.5)  # sample std: sqrt((0.1² + 0.1²) / 1)
+    assert gptq["ppl.wikitext2"] == 10.0 and gptq["ppl.wikitext2.std"] == 0.0  # one set has it: its value, no spread
+    assert dense["ppl.wikitext2"] is None and dense["ppl.wikitext2.std"] is None
+    assert report_metrics(cols, table) == {
+        "none": {"none": {"acc.arc_easy": 0.5, "mean_acc": 0.5}},
+        "gptq": {"self": {"acc.arc_easy": pytest.approx(0.5), "mean_acc": pytest.approx(0.5), "ppl.wikitext2": 10.0}},
+    }
 
 
 def test_perplexity_sets_read_txt_verbatim_and_jsonl_documents_joined(tmp_path):

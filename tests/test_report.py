@@ -281,6 +281,44 @@ def test_self_against_real_sources_by_welchs_t_over_the_sets_and_the_papers_own_
     assert "| gptq | c4 | 50.00 | 45.00 | +7.91 |" in md and "**beats**" in md
 
 
+def test_welch_with_no_spread_on_a_side_and_a_p_of_exactly_alpha():
+    from selfcal.report.significance import verdict, welch
+
+    # no spread on either side: any difference is certain, none is no difference
+    assert welch(2, 0, 5, 1, 0, 5) == (float("inf"), 0.0)
+    assert welch(1, 0, 5, 2, 0, 5) == (float("-inf"), 0.0)
+    assert welch(1, 0, 5, 1, 0, 5) == (0.0, 1.0)
+    # no spread on one side only is still Welch's t: t = 2 / sqrt(0 + 4/5) = sqrt(5) = 2.2361; df = 0.8² / (0.8²/4)
+    # = 4; with 4 df, P(|T| < t) = sin θ (1 + cos²θ / 2), tan θ = t / 2: sin θ = sqrt(5)/3, cos²θ = 4/9, so
+    # p = 1 - (sqrt(5)/3)(11/9) = 0.08901
+    t, p = welch(10, 0, 5, 8, 2, 5)
+    assert t == pytest.approx(5**0.5) and p == pytest.approx(1 - 5**0.5 / 3 * 11 / 9, abs=1e-9)
+    assert verdict(1.0, 0.05, 0.05) == "matches" and verdict(1.0, 0.0499, 0.05) == "beats"  # significant: p < alpha
+
+
+def test_the_papers_verdicts_are_welchs_over_five_sets_and_tallied_per_method_and_source(tmp_path):
+    from selfcal.report.significance import Comparison, comparison_markdown, paper_comparisons
+
+    reference = tmp_path / "appendix.csv"
+    reference.write_text(
+        "model,method,calib,mean10,mean10_std\n"
+        "M,none,none,11.0,\n"
+        "M,GPTQ,Self,10.0,1.0\n"
+        "M,GPTQ,C4,8.0,2.0\n"  # t = 2 / sqrt(1/5 + 4/5) = 2, df 5.88: p = 0.0934 (0.141 with four sets)
+        "M,GPTQ,WikiText,12.0,1.0\n"  # t = -2 / sqrt(2/5) = -3.16, df 8: p = 0.0133
+        "M,GPTQ,Cosmopedia,9.0,\n"  # no std: no test
+    )
+    paper = paper_comparisons(reference, alpha=0.1)
+    assert paper == [
+        {"model": "M", "method": "GPTQ", "other": "c4", "verdict": "beats"},
+        {"model": "M", "method": "GPTQ", "other": "wikitext", "verdict": "loses"},
+    ]
+    ours = [Comparison("gptq", o, 0.5, 0.4, 3.0, 0.01, 5, 5, "beats") for o in ("c4", "wikitext", "cosmopedia")]
+    lines = comparison_markdown(ours, paper, "mean_acc").splitlines()
+    assert lines[2].endswith("| **beats** | 1 / 0 / 0 |") and lines[3].endswith("| **beats** | 0 / 0 / 1 |")
+    assert lines[4].endswith("| **beats** | - |")
+
+
 def test_gpu_time_from_nvidia_smi_samples_of_either_format(tmp_path):
     """GPU-hours held = sampled span x GPUs; busy = utilization x interval; the lines nvidia-smi writes besides
     samples (errors, a cut last line) are not samples."""

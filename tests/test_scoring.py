@@ -105,3 +105,32 @@ def test_the_check_tells_a_plain_head_from_one_scaled_by_a_percent(scale, splits
     from selfcal import scoring
 
     assert scoring._splits(_granite(scale).eval()) is splits
+
+
+def test_a_budget_one_float_short_of_two_windows_scores_one_at_a_time(model, windows):
+    seen: list[tuple[int, ...]] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    try:
+        budget = 2 * (windows.shape[1] - 1) * model.config.vocab_size - 1
+        got = window_nll(model, windows, batch_size=7, budget=budget)
+    finally:
+        hook.remove()
+    assert [s[0] for s in seen if s[1] == windows.shape[1] - 1] == [1] * 7  # not the 4-token check's passes
+    torch.testing.assert_close(got, _whole_model_nll(model, windows), rtol=1e-12, atol=1e-10)
+
+
+def test_a_soft_capped_head_is_called_apart_and_scores_as_the_whole_model():
+    """Gemma 2 caps its logits (tanh(z / cap) * cap) after the head: ``output_head`` applies the same cap, so its
+    decoder and head are called apart, and score as the whole model does."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from selfcal import scoring
+
+    torch.manual_seed(0)
+    sizes = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2}
+    config = Gemma2Config(vocab_size=64, num_hidden_layers=2, head_dim=8, final_logit_softcapping=2.0, **sizes)
+    model = Gemma2ForCausalLM(config).double().eval()
+    assert scoring._splits(model) is True
+    windows = torch.randint(1, 64, (3, 10), generator=torch.Generator().manual_seed(2))
+    got = window_nll(model, windows, batch_size=2, budget=1)
+    torch.testing.assert_close(got, _whole_model_nll(model, windows), rtol=1e-12, atol=1e-10)

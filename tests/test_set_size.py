@@ -189,3 +189,17 @@ def test_the_experiments_route_takes_only_finished_experiments_that_change_the_s
     (point,) = _sweep_n(rows)
     assert point["experiments"] == 2 and point["sets"] == 3 and point["mean_acc"] == pytest.approx(0.32)
     assert point["mean_acc.std"] == pytest.approx(0.0141421, rel=1e-4)
+
+
+def test_a_sweep_point_is_the_mean_of_its_experiments_and_their_sample_std():
+    from selfcal.pipeline.study_report import _sweep_n
+
+    rows = [{"label": "gptq / self", "n": 8, "sets": 2, "mean_acc": a} for a in (0.30, 0.31, 0.35)]
+    rows.append({"label": "gptq / self", "n": 16, "mean_acc": 0.4})  # its own point; no "sets": one
+    eight, sixteen = _sweep_n(rows)
+    # mean 0.32 (the median would be 0.31); deviations -0.02, -0.01, 0.03: std = sqrt(14e-4 / 2) = 0.0264575
+    assert eight["n"] == 8 and eight["mean_acc"] == pytest.approx(0.32)
+    assert eight["mean_acc.std"] == pytest.approx(0.0264575, rel=1e-5)
+    assert eight["experiments"] == 3 and eight["sets"] == 6
+    assert sixteen == {"label": "gptq / self", "n": 16, "mean_acc": 0.4, "mean_acc.std": 0.0, "experiments": 1,
+                       "sets": 1}  # fmt: skip
