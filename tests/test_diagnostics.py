@@ -18,6 +18,8 @@ def test_seq_rep_counts_repeated_ngrams():
     assert d.seq_rep(np.array([[1, 2, 3, 4, 5, 6]]), 4) == 0.0
     # 4-grams of 1 2 1 2 1 2: (1212), (2121), (1212): 2 unique of 3
     assert d.seq_rep(np.array([[1, 2, 1, 2, 1, 2]]), 4) == pytest.approx(1 - 2 / 3)
+    # The mean over sequences, not the sum.
+    assert d.seq_rep(np.array([[1, 2, 3, 4, 5, 6], [1, 2, 1, 2, 1, 2]]), 4) == pytest.approx((1 - 2 / 3) / 2)
 
 
 def test_repetition_is_the_share_of_tokens_seen_earlier_in_their_sequence():
@@ -83,10 +85,23 @@ def test_zipf_recovers_the_exponent():
     assert d.zipf_coefficient(tokens) == pytest.approx(1.3, abs=0.05)
 
 
+def test_zipf_is_fitted_on_the_5000_most_frequent_tokens():
+    """Not a power law (3 + 10^4 / rank), so the slope depends on the ranks fitted: all of the top
+    5,000, and none of the rarer tokens beyond them."""
+    ranks = np.arange(1, 5001)
+    counts = 3 + np.round(1e4 / ranks).astype(int)
+    expected = -np.polyfit(np.log(ranks), np.log(counts), 1)[0]
+    top = np.repeat(ranks, counts)
+    assert d.zipf_coefficient(top[None, :]) == pytest.approx(expected, rel=1e-9)
+    rare = np.arange(5001, 5601)  # seen once each
+    assert d.zipf_coefficient(np.concatenate([top, rare])[None, :]) == pytest.approx(expected, rel=1e-9)
+
+
 def test_segment_lengths_split_at_the_start_token():
     stats = d.segment_lengths(np.array([[1, 5, 6, 2, 1, 7, 2, 1]]), 1)
     assert stats["segments"] == 3
     assert stats["segment_len_max"] == 4 and stats["segment_len_min"] == 1
+    assert stats["segment_len_median"] == 3 and stats["segment_len_mean"] == pytest.approx(8 / 3)  # 4, 3, 1
 
 
 def test_activation_distance_is_zero_for_identical_and_grows_with_shift():

@@ -232,3 +232,62 @@ def test_a_mismatch_is_measured_against_the_reference_interval():
     assert tie_distance(logits, 1.0, 0.6, 1) == 0.0  # 0.6 lies in token 1's [0.5, 0.75)
     assert abs(tie_distance(logits, 1.0, 0.6, 0) - 0.1) < 1e-9  # 0.1 past token 0's interval
     assert abs(tie_distance(logits, 1.0, 0.6, 2) - 0.15) < 1e-9
+    assert abs(tie_distance(logits, 1.0, 0.3, 1) - 0.2) < 1e-9  # 0.2 below token 1's [0.5, 0.75)
+    gap = torch.log(torch.tensor([[0.5, 0.0, 0.5]]))
+    assert tie_distance(gap, 1.0, 0.5, 1) == float("inf")  # a zero-mass token has no interval to be near
+
+
+def test_the_engines_per_row_temperatures_are_the_schedules(model):
+    """The engine computes the schedule on the device for every row's step since its BOS; it must be
+    ``LinearSchedule`` itself, also when the schedule has no ramp (steps 0: t_final from the first token)."""
+    steps = torch.arange(12)
+    for sched in (LinearSchedule(1.5, 0.5, 5), LinearSchedule(0.0, 2.0, 3), LinearSchedule(0.3, 1.7, 0)):
+        engine = LockstepRows(model, plan_for(bos_id=BOS, eos_id=EOS, schedule=sched), row_uniforms(0, range(1), 4))
+        expected = torch.tensor([sched(int(i)) for i in steps], dtype=torch.float32)
+        torch.testing.assert_close(engine._temperatures(steps), expected, rtol=0, atol=0, msg=str(sched))
+
+
+def test_generation_stats_add_up_over_batches(model):
+    """Several batches: the stats count every batch's generations, forward steps and tokens."""
+    whole, one = gen(model, n=6, seq_len=20, batch_size=6)
+    split, three = gen(model, n=6, seq_len=20, batch_size=2)
+    np.testing.assert_array_equal(whole, split)
+    assert three.generations == one.generations >= 6
+    assert three.forward_steps == 3 * 19 and one.forward_steps == 19
+    assert three.tokens == one.tokens == 6 * 20
+
+
+def test_replay_reports_each_kind_of_fault_and_checks_any_rows(model):
+    """The generator's check must be able to fail: a wrong token, a generation that does not start at
+    BOS, a wrong token in a two-token generation, a log-prob off; and rows other than 0.. replay
+    with their own uniforms. The engine records log-prob 0 at each restart's BOS (nothing was sampled)."""
+    chatty = boosted(model, {EOS: 3.0})
+    sched = LinearSchedule(1.0, 1.0, 10)
+    plan = plan_for(bos_id=BOS, eos_id=EOS, schedule=sched)
+    engine = LockstepRows(chatty, plan, row_uniforms(0, range(4), 32), logprobs=True)
+    engine.run()
+    tokens, lp = engine.out.numpy(), engine.logprobs.numpy()
+    restarts = tokens[:, :-1] == EOS  # position q + 1 is the BOS of a new generation
+    assert restarts.any() and (lp[:, 1:][restarts] == 0).all()
+
+    def check(toks, rows, **kw):
+        return replay(chatty, toks, seed=0, rows=rows, bos_id=BOS, eos_ids=[EOS], schedule=sched, **kw)
+
+    assert check(tokens, range(4), logprobs=lp).identical
+    assert check(tokens[2:], [2, 3]).identical
+    bad = tokens.copy()
+    plain = [(r, q) for r in (1, 3) for q in range(1, 32) if tokens[r, q] not in (BOS, EOS)]
+    (q1, q3) = (next(q for r, q in plain if r == 1), max(q for r, q in plain if r == 3))
+    for r, q in ((1, q1), (3, q3)):
+        bad[r, q] = 3 if tokens[r, q] != 3 else 4
+    report = check(bad, range(4))
+    assert report.mismatches >= 2 and report.first_mismatch == (1, q1) and report.max_tie_distance > 0
+    no_bos = tokens.copy()
+    no_bos[0, 0] = 5
+    report = check(no_bos, range(4))
+    assert not report.identical and report.first_mismatch == (0, 0)
+    empty = np.tile([BOS, EOS], (1, 16))  # sixteen generations of one token each, all EOS
+    assert check(empty, [0]).mismatches > 0
+    off = lp.copy()
+    off[0, 1] += 0.5
+    assert check(tokens, range(4), logprobs=off).max_logprob_diff > 0.4

@@ -54,6 +54,59 @@ def test_processors_are_transformers_own_in_its_order():
     torch.testing.assert_close(ours, hf, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        PoolSampling(repetition_penalty=1.2),
+        PoolSampling(temperature=0.6),
+        PoolSampling(top_k=50),
+        PoolSampling(top_p=0.95),
+        PoolSampling(top_p=0.75),
+    ],
+    ids=["penalty", "temperature", "top_k", "top_p", "top_p_tie"],
+)
+def test_each_processor_alone_is_transformers_own(sampling):
+    """One at a time, so none is hidden behind the others (in the whole chain top-p keeps a few
+    tokens, rarely the penalised ones); ties at the top-p boundary (four equal tokens) included."""
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(4, 300) * 3, torch.zeros(1, 300)])
+    logits[4, 4:] = -30.0  # row 4: four equal tokens hold all the mass
+    ids = torch.cat([torch.topk(logits[:4], 9).indices, torch.tensor([[0, 1, 2, 3, 5, 6, 7, 8, 9]])])
+    seen = torch.zeros(5, 300, dtype=torch.bool).scatter_(1, ids, True)
+    if sampling.repetition_penalty is not None:
+        hf = RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
+    elif sampling.temperature != 1.0:
+        hf = TemperatureLogitsWarper(sampling.temperature)
+    elif sampling.top_k is not None:
+        hf = TopKLogitsWarper(sampling.top_k)
+    else:
+        hf = TopPLogitsWarper(sampling.top_p)
+    expected = hf(ids, logits.clone())
+    assert not torch.equal(expected, logits)
+    torch.testing.assert_close(process_logits(logits, sampling, seen), expected, rtol=0, atol=0)
+
+
+def test_the_default_sampling_leaves_the_logits_alone():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    seen = torch.ones(3, 50, dtype=torch.bool)
+    torch.testing.assert_close(process_logits(logits, PoolSampling(), seen), logits, rtol=0, atol=0)
+
+
+def test_an_eos_inside_the_prompt_does_not_end_the_generation(model):
+    """As ``generate`` stops only on an EOS it generated, a forced prompt token that is EOS goes on."""
+    result = generate_pool(
+        model, [[BOS, EOS], [BOS, EOS]], max_new_tokens=6, eos_ids=[EOS], sampling=JI, seed=0, batch_size=2
+    )
+    assert all(gen[:2] == [BOS, EOS] and len(gen) > 2 for gen in result.generations)
+
+
 def replay_pool(model, ps, result, *, seed, sampling, max_new):
     """Each generation alone, from its prompt, full forward without cache, the same processors."""
     u = row_uniforms(seed, range(len(ps)), len(ps[0]) + max_new)

@@ -29,3 +29,8 @@ def test_paper_main_setting_is_constant():
 def test_rejects_negative(args):
     with pytest.raises(ValueError):
         LinearSchedule(*args)
+
+
+def test_a_negative_step_is_refused():
+    with pytest.raises(ValueError, match="step must be >= 0"):
+        LinearSchedule(1.0, 1.0, 10)(-1)

@@ -118,6 +118,14 @@ def test_vocab_source_is_uniform_over_non_special_tokens(tmp_path, tokenizer):
     assert np.array_equal(same.tokens, r.tokens) and not np.array_equal(other.tokens, r.tokens)
 
 
+def test_vocab_source_draws_every_non_special_token_in_the_requested_shape(tmp_path):
+    tok = type("Tok", (), {"all_special_ids": [0, 1, 2], "__len__": lambda self: 16})()
+    r = sources.get("vocab").build(VocabSourceConfig(kind="vocab"), _req(tmp_path, n=8, seq_len=64), tokenizer=tok)
+    assert r.tokens.shape == (8, 64)
+    assert set(np.unique(r.tokens).tolist()) == set(range(3, 16))  # the last id too
+    assert r.provenance["vocabulary_size"] == 13
+
+
 def _eos_prone(tiny_model, bias: float = 2.5):
     """The tiny model with a bias on EOS (id 2), so sampled generations end early and often."""
     from transformers import AutoModelForCausalLM
@@ -254,6 +262,25 @@ def test_self_source_first_token_restricted_to_stop_words(tmp_path, tokenizer, t
         SelfSourceConfig(kind="self"), _req(tmp_path, n=8, seq_len=24, name="self"), model=model, tokenizer=tokenizer
     )
     assert not set(free.tokens[:, 1]) <= allowed
+
+
+def test_self_source_samples_with_its_schedule_and_the_requests_seed(tmp_path, tokenizer, tiny_model):
+    """The source hands its params to the generator as they are named: t_initial at the first token of a
+    generation, t_final from schedule_steps on, and the request's seed."""
+    from transformers import AutoModelForCausalLM
+
+    from selfcal.calibration.generator import generate_self_calibration
+    from selfcal.calibration.schedule import LinearSchedule
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    spec = SelfSourceConfig(kind="self", t_initial=0.0, t_final=2.0, schedule_steps=8)
+    r = sources.get("self").build(
+        spec, _req(tmp_path, seq_len=24, seed=5, name="self"), model=model, tokenizer=tokenizer
+    )
+    expected, _ = generate_self_calibration(
+        model, n=4, seq_len=24, bos_id=1, eos_id=2, schedule=LinearSchedule(0.0, 2.0, 8), seed=5, progress=False
+    )
+    np.testing.assert_array_equal(r.tokens, expected)
 
 
 def test_first_token_words_use_the_start_of_text_spelling_and_refuse_multi_token_words(tokenizer):
