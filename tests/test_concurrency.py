@@ -54,6 +54,24 @@ def test_visible_gpus_follow_cuda_visible_devices(env, gpus):
     assert visible_gpus(env) == gpus
 
 
+def test_a_gpu_slot_shows_its_item_the_gpu_id_it_was_given_not_the_slots_number():
+    """On a box that lends GPUs 3 and 5, slot 0 is GPU 3: its item must see device 3, never device 0 (another
+    run's GPU); a shared GPU's second slot names the same device as its first."""
+    slots = plan_slots(4, ["3", "5"], slots_per_gpu=2, cpus=16)
+    assert [s.env()["CUDA_VISIBLE_DEVICES"] for s in slots] == ["3", "5", "3", "5"]
+
+
+def test_zero_jobs_or_zero_slots_per_gpu_are_refused_not_planned_as_no_slots():
+    for jobs, per_gpu in [(0, 1), (2, 0)]:
+        with pytest.raises(ValueError, match="at least 1"):
+            plan_slots(jobs, ["0"], slots_per_gpu=per_gpu, cpus=4)
+
+
+def test_cuda_visible_devices_minus_one_hides_every_gpu():
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "-1"}) == []
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": " 0, -1 "}) == ["0"]
+
+
 def test_a_slot_is_never_handed_to_two_items_at_once():
     pool = SlotPool(plan_slots(2, ["0", "1"], cpus=2))
     held, clash = set(), []
@@ -138,6 +156,86 @@ def test_items_run_after_what_they_read_at_most_jobs_at_once_and_a_failure_stops
                 assert times[("end", dep)] <= times[("start", item)], f"{item} started before {dep} ended"
     assert live["peak"] == 2  # a and x at once, then b and c: never more than jobs
     assert out.failure_line().startswith("c: injected failure") and "2 item(s) after it not run" in out.failure_line()
+
+
+def test_the_outcome_names_every_failed_and_every_blocked_item():
+    """What the run's summary table and its one error line are made from."""
+    from flows.schedule import Outcome
+
+    out = Outcome(failed={"c": "c: boom", "g": "out of memory"}, blocked={"e": "c", "f": "c"})
+    assert out.not_run() == {
+        "c": "failed: c: boom",
+        "g": "failed: out of memory",
+        "e": "not run: c failed",
+        "f": "not run: c failed",
+    }
+    assert out.failure_line() == "c: boom (1 more failed); 2 item(s) after it not run"
+    assert Outcome(failed={"g": "out of memory"}).failure_line() == "g: out of memory"
+
+
+def test_what_dvc_did_to_an_item_is_read_from_its_output_and_the_summary_lists_items_not_run(tmp_path):
+    from flows.dvc_items import outcome, ran_items
+    from flows.item import ItemRunError, parse_item_result
+    from flows.summary import run_summary
+
+    item = "compress@self-0-gptq"
+    assert outcome(item, [f"Stage '{item}' is cached - skipping run"]) == "restored from run-cache"
+    assert outcome(item, [f"Running stage '{item}':", "> python ..."]) == "ran"
+    assert outcome(item, ["Stage 'compress@self-0-gptq2' didn't change, skipping"]) == "unknown"
+    assert ran_items(["Running stage 'guard':", "Running stage 'generate@self-0':"]) == ["guard", "generate@self-0"]
+    assert parse_item_result('{"item": "x", "outcome": "ran"}')["item"] == "x"
+    with pytest.raises(ItemRunError, match="unexpected result"):
+        parse_item_result('{"outcome": "ran"}')  # a result that names no item is no item's result
+    done = [{"item": "a", "outcome": "ran", "attempts": 1, "seconds": 2.0, "where": "slot 0 (CPU, 1 CPU thread)"}]
+    md = run_summary(done, tmp_path / "absent.md", None, {"c": "failed: boom", "e": "not run: c failed"})
+    assert "# selfcal run: 3 stage items (1 failed, 1 not run, 1 ran)" in md
+    assert "| c | failed: boom | | | |" in md and "| e | not run: c failed | | | |" in md
+
+
+def test_an_item_reading_two_items_waits_for_both(prefect_home):
+    """c reads a and b; deepest-first would start it as soon as a finished if only one of its inputs counted."""
+    from prefect import flow, task
+
+    from flows.schedule import run_in_order
+
+    started: list[str] = []
+
+    @task
+    def fake(item: str) -> dict:
+        started.append(item)
+        return {"item": item}
+
+    @flow
+    def grid():
+        return run_in_order({"a": [], "b": [], "c": ["a", "b"]}, fake, lambda item: {"item": item}, jobs=1)
+
+    out = grid()
+    assert started == ["a", "b", "c"] and not out.failed and not out.blocked
+
+
+def test_an_item_that_becomes_ready_later_still_goes_before_waiting_shallower_items(prefect_home):
+    """jobs=2: while g1 runs, only one place is free. Were more items than free places handed to the runner,
+    g2 would queue there ahead of h0, which became ready (and is deeper) only after e0 finished."""
+    from prefect import flow, task
+
+    from flows.schedule import run_in_order
+
+    started: list[str] = []
+
+    @task
+    def fake(item: str) -> dict:
+        started.append(item)
+        time.sleep(1.5 if item == "g1" else 0.05)
+        return {"item": item}
+
+    graph = {"g0": [], "g1": [], "g2": [], "g3": [], "e0": ["g0"], "h0": ["e0"]}
+
+    @flow
+    def grid():
+        return run_in_order(graph, fake, lambda item: {"item": item}, jobs=2)
+
+    grid()
+    assert started[:2] == ["g0", "g1"] and started[2:4] == ["e0", "h0"], started
 
 
 # -- fan-out: an item whose worker died is submitted again --------------------------------------------------

@@ -115,6 +115,30 @@ def test_a_schema_error_names_what_the_user_wrote_in_one_line(tiny_model, tmp_pa
     assert _err(data) == expected
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("calibration.seeds", [0, 0], "seeds must be unique"),  # two identical sets, one model registered twice
+        ("calibration.sources.s", {"kind": "self", "top_p": 0.0}, "greater than 0"),  # no token left to sample
+        ("calibration.sources.s", {"kind": "ji", "prompt_path": "x.jsonl", "drop_fraction": 1.0}, "less than 1"),
+    ],
+)
+def test_a_value_no_stage_can_work_with_is_refused_by_the_schema(tiny_model, tmp_path, key, value, why):
+    msg = _err(small_params(tiny_model, tmp_path, **{key: value}))
+    assert msg.startswith(f"params.yaml: {key.removesuffix('.s')}") and why in msg, msg
+
+
+def test_a_tracking_uri_is_not_checked_while_tracking_is_off():
+    from types import SimpleNamespace
+
+    from selfcal.pipeline.check import check_tracking_uri
+
+    off = SimpleNamespace(tracking=SimpleNamespace(enabled=False, tracking_uri="htp://nohost"))
+    assert check_tracking_uri(off) is None  # nothing will be logged there: no reason to refuse the params
+    with pytest.raises(ConfigError, match="'htp://nohost' is no MLflow store URI"):
+        check_tracking_uri(SimpleNamespace(tracking=SimpleNamespace(enabled=True, tracking_uri="htp://nohost")))
+
+
 def test_evaluation_batch_size_zero_is_refused(tiny_model, tmp_path):
     msg = _err(small_params(tiny_model, tmp_path, **{"evaluation.batch_size": 0}))
     assert msg.startswith("params.yaml: evaluation.batch_size")

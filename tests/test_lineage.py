@@ -163,6 +163,26 @@ def test_one_flipped_byte_fails_verify_naming_the_file(audited, capsys, target):
     assert _cli(capsys, audited, "verify", _name("self"))[0] == 0
 
 
+def test_a_missing_file_and_an_unlisted_file_fail_verify_naming_them(audited, capsys):
+    ckpt = layout.checkpoint_dir(audited, "vocab", 0, "gptq")
+    config = ckpt / "config.json"
+    original = config.read_bytes()
+    config.unlink()
+    try:
+        code, _, err = _cli(capsys, audited, "verify", _name("vocab"))
+    finally:
+        config.write_bytes(original)
+    assert code == 2 and f"verify: {config}: missing (listed in the manifest)" in err, err
+    extra = ckpt / "extra.bin"
+    extra.write_bytes(b"not registered")
+    try:
+        code, _, err = _cli(capsys, audited, "verify", _name("vocab"))
+    finally:
+        extra.unlink()
+    assert code == 2 and f"verify: {extra}: not listed in the manifest" in err, err
+    assert _cli(capsys, audited, "verify", _name("vocab"))[0] == 0
+
+
 def test_rewriting_the_manifest_too_is_still_caught(audited, capsys):
     ckpt = layout.checkpoint_dir(audited, "vocab", 0, "gptq")
     manifest_path = ckpt / "manifest.json"
