@@ -4,6 +4,7 @@ from the saved files: targeted layers compressed, every other tensor bit-identic
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -400,3 +401,124 @@ def test_a_calibration_batch_gathers_the_same_statistics_as_one_sample_at_a_time
             assert (a == b).float().mean() > 0.9, name  # packed int32 words: 8 codes each, all equal
             compared += 1
     assert compared >= 7  # every targeted projection of the tiny model
+
+
+def test_ignore_entries_are_whole_dotted_suffixes_or_regexes_matched_from_the_start():
+    """MethodConfig.ignore: a name, a dotted suffix ("down_proj", not "proj") or a "re:" regex with re.match; the
+    group-size check looks only at the layers left targeted, and any remainder makes a layer indivisible."""
+    from selfcal.compression.layers import indivisible_layers, matches
+
+    name = "model.layers.0.mlp.up_proj"
+    assert matches(name, [name]) and matches(name, ["up_proj"]) and matches(name, ["mlp.up_proj"])
+    assert not matches(name, ["proj"]) and not matches(name, ["p_proj"]) and not matches("lm_head", ["head"])
+    assert matches(name, [r"re:model\.layers\.0\."]) and not matches(name, ["re:mlp"])
+    layers = {name: (256, 128), "model.layers.0.mlp.down_proj": (128, 129), "lm_head": (512, 100)}
+    assert indivisible_layers(layers, 128, ["lm_head"]) == ["model.layers.0.mlp.down_proj"]
+
+
+def test_the_plan_leaves_every_ignored_layer_dense_and_refuses_to_ignore_them_all(tiny_model):
+    from selfcal.compression.apply import plan
+    from selfcal.config import CompressionConfig
+
+    config = json.loads((tiny_model / "config.json").read_text())
+    cfg = CompressionConfig(methods=["gptq"], gptq={"group_size": 128, "ignore": ["lm_head", "down_proj"]})
+    ctx = plan("gptq", cfg, config).context
+    down = ("model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj")
+    assert ctx.architecture == "LlamaForCausalLM" and sorted(ctx.dense_layers) == sorted(("lm_head", *down))
+    assert len(ctx.targeted_layers) == 12 and not set(ctx.targeted_layers) & {"lm_head", *down}
+    (gptq,) = plan("gptq", cfg, config).method.recipe(cfg.gptq, ctx)
+    assert gptq.ignore == ctx.dense_patterns and len(gptq.ignore) == 3
+    with pytest.raises(ConfigError, match=r"^compression.gptq.ignore: every linear layer is ignored"):
+        plan("gptq", CompressionConfig(methods=["gptq"], gptq={"ignore": ["re:.*"]}), config)
+
+
+def test_each_recipe_carries_its_sections_settings_and_the_papers_defaults():
+    """What the recipe hands llm-compressor, setting by setting: a setting dropped on the way would fall back to
+    llm-compressor's own default, which for most of these equals ours, so no checkpoint would show it."""
+    from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY, default_mappings
+
+    from selfcal.compression.methods import METHODS, RecipeContext
+    from selfcal.compression.methods.awq import AWQConfig, _default_mappings
+    from selfcal.compression.methods.gptq import GPTQConfig
+    from selfcal.compression.methods.sparsegpt import SparseGPTConfig
+    from selfcal.compression.methods.wanda import WandaConfig
+
+    ctx = RecipeContext("LlamaForCausalLM", ("model.layers.0.mlp.up_proj", "lm_head"), ignored_layers=("lm_head",))
+
+    def weights(modifier):
+        w = modifier.config_groups["group_0"].weights
+        return w.num_bits, w.type, w.symmetric, w.strategy, w.group_size
+
+    (gptq,) = METHODS.get("gptq").recipe(GPTQConfig(), ctx)
+    assert weights(gptq) == (4, "int", True, "group", 128) and gptq.ignore == ["re:^lm_head\\.?$"]
+    assert (gptq.dampening_frac, gptq.block_size, gptq.actorder) == (0.01, 128, "weight")
+    (gptq,) = METHODS.get("gptq").recipe(
+        GPTQConfig(bits=8, group_size=None, dampening_frac=0.05, block_size=64, actorder=None), ctx
+    )
+    assert weights(gptq) == (8, "int", True, "channel", None)
+    assert (gptq.dampening_frac, gptq.block_size, gptq.actorder) == (0.05, 64, None)
+    awq, quant = METHODS.get("awq").recipe(AWQConfig(), ctx)  # the AWQ paper's asymmetric W4 g128
+    assert weights(quant) == (4, "int", False, "group", 128) and quant.ignore == ["re:^lm_head\\.?$"]
+    assert (awq.duo_scaling, awq.n_grid) == (True, 20)
+    awq, quant = METHODS.get("awq").recipe(AWQConfig(symmetric=True, duo_scaling=False, n_grid=5, group_size=64), ctx)
+    assert weights(quant) == (4, "int", True, "group", 64) and (awq.duo_scaling, awq.n_grid) == (False, 5)
+    assert _default_mappings(RecipeContext("Phi3ForCausalLM")) == AWQ_MAPPING_REGISTRY["Phi3ForCausalLM"]
+    assert AWQ_MAPPING_REGISTRY["Phi3ForCausalLM"] != default_mappings  # Phi-3's fused qkv_proj: its own mappings
+    (sgpt,) = METHODS.get("sparsegpt").recipe(SparseGPTConfig(), ctx)
+    assert (sgpt.sparsity, sgpt.mask_structure, sgpt.dampening_frac, sgpt.block_size) == (0.5, "2:4", 0.01, 128)
+    assert sgpt.targets == ["Linear"] and sgpt.ignore == ["re:^lm_head\\.?$"]
+    (sgpt,) = METHODS.get("sparsegpt").recipe(
+        SparseGPTConfig(sparsity=0.6, mask_structure=None, dampening_frac=0.05, block_size=64), ctx
+    )
+    assert (sgpt.sparsity, sgpt.mask_structure, sgpt.dampening_frac, sgpt.block_size) == (0.6, "0:0", 0.05, 64)
+    (wanda,) = METHODS.get("wanda").recipe(WandaConfig(), ctx)
+    assert (wanda.sparsity, wanda.mask_structure, wanda.targets, wanda.ignore) == (
+        0.5,
+        "2:4",
+        ["Linear"],
+        ["re:^lm_head\\.?$"],
+    )
+    (wanda,) = METHODS.get("wanda").recipe(WandaConfig(sparsity=0.75, mask_structure="1:4"), ctx)
+    assert (wanda.sparsity, wanda.mask_structure) == (0.75, "1:4")
+
+
+def test_compress_hands_oneshot_the_calibration_set_as_prepared(tiny_model, monkeypatch):
+    """No shuffling, every sample, its own length, the section's batch size (apply.py's docstring): oneshot's
+    defaults would shuffle, cap at 512 and re-truncate, which a checkpoint of a few samples cannot show."""
+    import llmcompressor
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selfcal.compression.apply import compress as apply_compress
+    from selfcal.compression.apply import plan
+    from selfcal.config import CompressionConfig
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def oneshot(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(llmcompressor, "oneshot", oneshot)
+    cfg = CompressionConfig(methods=["gptq"], gptq={"group_size": 128, "batch_size": 3})
+    the_plan = plan("gptq", cfg, json.loads((tiny_model / "config.json").read_text()))
+    tokens = np.random.default_rng(0).integers(3, 512, size=(5, 7)).astype(np.int32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with pytest.raises(Stop):
+        apply_compress(
+            model,
+            AutoTokenizer.from_pretrained(tiny_model),
+            tokens,
+            the_plan,
+            Path("unused"),
+            base_model=None,
+            calibration=None,
+            device="cpu",
+            base_dir=None,
+        )
+    assert seen["dataset"]["input_ids"] == tokens.tolist() and seen["dataset"]["attention_mask"] == [[1] * 7] * 5
+    assert (seen["num_calibration_samples"], seen["max_seq_length"], seen["batch_size"]) == (5, 7, 3)
+    assert seen["shuffle_calibration_samples"] is False and seen["model"] is model

@@ -269,3 +269,53 @@ def test_perplexity_sets_read_txt_verbatim_and_jsonl_documents_joined(tmp_path):
     assert read_perplexity_text("b.jsonl", root=tmp_path) == "doc one\n\ndoc two"
     with pytest.raises(DataError, match="does not exist"):
         read_perplexity_text("./missing.jsonl", root=tmp_path, key="evaluation.perplexity.c4.path")
+
+
+def test_each_local_task_reads_only_its_own_split_and_on_request_data_is_never_missing(tmp_path):
+    """A split key of lm-eval's YAML left in place (StoryCloze's test_split) would make lm-eval read a split the
+    local file does not have; a task whose data comes on request only is skipped, not reported missing."""
+    from selfcal.evaluation.tasks import TASKS, missing_task_files
+
+    for name, task in TASKS.items():
+        (tmp_path / task.file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / task.file).write_text("{}\n")
+        cfg = local_task_config(name, tmp_path)
+        split = task.split.removesuffix("_split")
+        keys = ("training_split", "validation_split", "test_split", "fewshot_split")
+        assert {k: cfg[k] for k in keys if k in cfg} == {task.split: split}, name
+        assert cfg["dataset_kwargs"] == {"data_files": {split: str((tmp_path / task.file).resolve())}}, name
+    files = missing_task_files(["arc_easy", "storycloze_2016"], tmp_path / "empty")
+    assert files == [("arc_easy", "arc_easy/test.jsonl")]
+
+
+def test_the_harness_runs_lm_eval_zero_shot_and_reports_its_numbers(monkeypatch):
+    import lm_eval
+
+    from selfcal.evaluation import harness
+
+    seen = {}
+
+    def simple_evaluate(**kwargs):
+        seen.update(kwargs)
+        return {
+            "results": {"boolq": {"acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25}},
+            "n-samples": {"boolq": {"effective": 4, "original": 9}},
+        }
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", simple_evaluate)
+    out = harness._one_task(SimpleNamespace(batch_size=8), "boolq", limit=4, seed=7)
+    assert (out["acc"], out["acc_stderr"], out["acc_norm"], out["n"], out["n_total"], out["batch_size"]) == (
+        0.5,
+        0.1,
+        0.25,
+        4,
+        9,
+        8,
+    )
+    assert (seen["tasks"], seen["num_fewshot"], seen["limit"]) == (["boolq"], 0, 4)
+    assert {seen[k] for k in ("random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")} == {7}
+    # "auto" is lm-eval's search on any CUDA device (a model's parameters say "cuda:0"), a fixed batch on the CPU
+    assert (
+        harness.effective_batch_size("auto", "cuda:0") == "auto" and harness.effective_batch_size("auto", "cpu") == 16
+    )
+    assert harness.effective_batch_size("8", "cuda:0") == 8

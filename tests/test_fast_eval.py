@@ -5,6 +5,7 @@ example, on every task; and the prepared requests built once per tokenizer, then
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -206,3 +207,115 @@ def test_window_scores_of_a_fresh_quantized_checkpoint_equal_the_whole_models(ch
         logits = model(input_ids=windows).logits[:, :-1].float()
     whole = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").double().sum(1)
     torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6)
+
+
+def _synthetic(requests, doc_of, choice_of, gold, completion_len, metrics=("acc", "acc_norm")):
+    """A PreparedTask from (context, continuation) token lists."""
+    from selfcal.evaluation.prepared import PreparedTask
+
+    lengths = [len(c) + len(t) for c, t in requests]
+    return PreparedTask(
+        name="synthetic",
+        output_type="multiple_choice",
+        metrics=metrics,
+        doc_of=np.array(doc_of),
+        choice_of=np.array(choice_of),
+        tokens=np.array([t for c, cont in requests for t in (*c, *cont)], dtype=np.int32),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        ctx_len=np.array([len(c) for c, _ in requests]),
+        gold=gold,
+        completion_len=completion_len,
+        n_total=len(gold) + 1,
+        key="k",
+    )
+
+
+def test_aggregate_breaks_ties_to_the_first_choice_and_reports_acc_norm_only_where_lm_eval_does():
+    """numpy's argmax takes the first of equal values; a task without acc_norm in its metrics (BoolQ, WinoGrande)
+    gets none, as lm-eval's results have none."""
+    reqs = [([1], [5])] * 4
+    ll = np.array([-1.0, -1.0, -2.0, -3.0])  # document 0: a tie; document 1: choice 0 by acc, choice 1 per character
+    task = _synthetic(reqs, [0, 0, 1, 1], [0, 1, 0, 1], gold=[1, 0], completion_len=[[1.0, 1.0], [1.0, 2.0]])
+    assert fast.aggregate(task, ll, np.zeros(4, bool)) == {"acc": 0.5, "acc_stderr": 0.5, "acc_norm": 0.0}
+    plain = _synthetic(reqs, [0, 0, 1, 1], [0, 1, 0, 1], [1, 0], [[1.0, 1.0], [1.0, 2.0]], metrics=("acc",))
+    assert fast.aggregate(plain, ll, np.zeros(4, bool)) == {"acc": 0.5, "acc_stderr": 0.5}
+
+
+def test_requests_sharing_an_input_are_scored_alike_and_greedy_continuations_flagged(model_and_tokenizer):
+    """Against the whole model's log-softmax by hand: requests that read one input (single-token continuations
+    of one context) each get their own log-probability, a continuation of the model's argmax tokens is greedy,
+    a continuation as long as the window is scored, one token longer refused (lm-eval: len(cont) <= max_length)."""
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    ctx = [1, 40, 41, 42]
+    with torch.no_grad():
+        g1 = int(model(torch.tensor([ctx])).logits[0, -1].argmax())
+        g2 = int(model(torch.tensor([[*ctx, g1]])).logits[0, -1].argmax())
+    other = [t for t in (7, 8, 9) if t != g1][:2]
+    reqs = [(ctx, [g1, g2]), (ctx, [other[0]]), (ctx, [other[1]]), (ctx, [g1])]
+    task = _synthetic(reqs, [0, 1, 1, 2], [0, 0, 1, 0], gold=[0, 1, 0], completion_len=[[1.0], [1.0, 1.0], [1.0]])
+    expected = []
+    for c, cont in reqs:
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([c + cont])).logits[0], -1)
+        expected.append(sum(float(logp[len(c) - 1 + j, t]) for j, t in enumerate(cont)))
+    ll, greedy = fast.score(model, task, window=128, batch_tokens=5)
+    np.testing.assert_allclose(ll, expected, rtol=1e-5, atol=1e-5)
+    assert list(greedy) == [True, False, False, True]
+    reqs_ = fast.Requests(task, 128)  # two inputs (ctx + g1, and ctx), of 5 and 4 tokens
+    assert list(reqs_.batches(9)) == [[0], [1]] and list(reqs_.batches(10)) == [[0, 1]]
+    fast.score(model, task, window=2)
+    with pytest.raises(fast.ContextTooLong):
+        fast.score(model, task, window=1)
+    out = fast.run_task(model, tokenizer, task)
+    assert (out["n"], out["n_total"], out["requests"]) == (3, 4, 4)
+
+
+def test_gold_indices_past_the_choices_and_unknown_answers_are_minus_100():
+    """``ConfigurableTask.process_results``: an index (or each of a list) must be < len(choices), a string must be
+    one of the choices; anything else is -100, which no prediction matches."""
+    from selfcal.evaluation.prepared import _gold
+
+    def task(target):
+        return SimpleNamespace(multiple_input=False, doc_to_target=lambda doc: target)
+
+    choices = ["a", "b"]
+    assert [_gold(task(t), {}, choices) for t in (0, 1, 2, "b", "c")] == [0, 1, -100, 1, -100]
+    assert _gold(task([1, 2]), {}, choices) == [1, -100]
+
+
+def test_empty_contexts_start_with_bos_and_the_tokenizer_key_sees_the_bos_token(model_and_tokenizer):
+    """lm-eval's HFLM.prefix_token_id (BOS, else EOS) stands in for an empty context; so a tokenizer whose BOS
+    differs makes other requests and another prepared key."""
+    import copy
+
+    from lm_eval.api.instance import Instance
+
+    from selfcal.evaluation.prepared import _token_lm, tokenizer_digest
+
+    _, tokenizer = model_and_tokenizer
+    recorder = _token_lm(tokenizer)
+    recorder.loglikelihood([Instance("loglikelihood", {}, ("", " cat"), 0)], disable_tqdm=True)
+    assert recorder.recorded == [([tokenizer.bos_token_id], tokenizer.encode(" cat", add_special_tokens=False))]
+    changed = copy.deepcopy(tokenizer)
+    changed.bos_token = "<unk>"
+    assert tokenizer_digest(changed) != tokenizer_digest(tokenizer)
+
+
+def test_prepared_counts_and_acc_norm_lengths_are_lm_evals(model_and_tokenizer, tmp_path):
+    """n_total is the split's size, not the limited slice; completion_len is each choice's length as rendered."""
+    import json
+
+    _, tokenizer = model_and_tokenizer
+    docs = [
+        {"question": "Which sat on the mat?", "choices": ["the cat ", " a dog"], "gold": 0},
+        {"question": "What boils?", "choices": ["water", "  salt  "], "gold": 1},
+        {"question": "Who smiled?", "choices": ["he", "she"], "gold": 0},
+    ]
+    (tmp_path / "arc_easy").mkdir()
+    (tmp_path / "arc_easy" / "test.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (spec,), _ = resolve_tasks(["arc_easy"], tmp_path)
+    task, _ = prepared(spec, tokenizer, limit=2, cache_dir=None)
+    assert (task.n_docs, task.n_total, task.gold) == (2, 3, [0, 1])
+    assert task.completion_len == [[8.0, 6.0], [5.0, 8.0]]

@@ -116,6 +116,7 @@ def test_vocab_source_is_uniform_over_non_special_tokens(tmp_path, tokenizer):
     same = build(VocabSourceConfig(kind="vocab"), _req(tmp_path, n=64, seq_len=256, seed=3), tokenizer=tokenizer)
     other = build(VocabSourceConfig(kind="vocab"), _req(tmp_path, n=64, seq_len=256, seed=4), tokenizer=tokenizer)
     assert np.array_equal(same.tokens, r.tokens) and not np.array_equal(other.tokens, r.tokens)
+    assert set(np.unique(r.tokens)) == set(range(len(tokenizer))) - set(tokenizer.all_special_ids)  # to the last id
 
 
 def test_vocab_source_draws_every_non_special_token_in_the_requested_shape(tmp_path):
@@ -296,3 +297,72 @@ def test_first_token_words_use_the_start_of_text_spelling_and_refuse_multi_token
         ConfigError, match=r"^calibration.sources.self.first_token_words: not a single token after BOS .*'xylophonist'"
     ):
         sources.first_tokens_of(["xylophonist"], tokenizer, key="calibration.sources.self.first_token_words")
+
+
+def test_seed_k_is_block_k_of_one_fixed_shuffle_and_overlap_draws_are_distinct_per_seed():
+    """The disjoint blocks of 12 windows in sets of 4 use every window once; exactly n windows is one set;
+    seed 3 is past the last block (refused, or with allow_overlap a draw of its own: n distinct windows)."""
+    from selfcal.calibration import corpus
+
+    windows = np.arange(24).reshape(12, 2)
+
+    def pick(n, seed, overlap=False):
+        return corpus.pick_windows(windows, n, seed, allow_overlap=overlap, name="calibration.sources.c4")
+
+    blocks = [pick(4, k)[0][:, 0].tolist() for k in range(3)]
+    assert sorted(sum(blocks, [])) == list(range(0, 24, 2))
+    assert pick(12, 0)[1] == {"windows_total": 12, "disjoint_sets": 1, "block": 0, "overlap_allowed": False}
+    with pytest.raises(DataError, match=r"enough for 3 disjoint set\(s\) of 4 \(seeds 0..2\); seed 3 would reuse"):
+        pick(4, 3)
+    assert len(pick(4, 3, overlap=True)[0]) == 4  # the first seed past the blocks is a draw, not an empty block
+    drawn, info = pick(10, 3, overlap=True)
+    assert len({tuple(w) for w in drawn}) == 10 and info["block"] is None and info["overlap_allowed"] is True
+    assert np.array_equal(pick(10, 3, overlap=True)[0], drawn) and not np.array_equal(
+        pick(10, 4, overlap=True)[0], drawn
+    )
+
+
+def test_a_window_stride_cuts_the_corpus_windows_every_stride_tokens(tmp_path, tokenizer):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(3, 20)))
+    r = sources.get("corpus").build(_corpus("c.jsonl", window_stride=4), _req(tmp_path, n=3), tokenizer=tokenizer)
+    stream = textdata.token_stream(_docs(3, 20), tokenizer)
+    assert r.provenance["windows_total"] == textdata.window_count(len(stream), 16, 4) > len(stream) // 16
+    for row in r.tokens:
+        starts = [s for s in range(0, len(stream) - 15, 4) if (stream[s : s + 16] == row).all()]
+        assert starts, row
+
+
+def test_the_token_stream_joins_documents_each_followed_by_eos(tokenizer):
+    def enc(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    eos = tokenizer.eos_token_id
+    assert textdata.token_stream(["the cat sat", "a dog ran"], tokenizer).tolist() == [
+        *enc("the cat sat"),
+        eos,
+        *enc("a dog ran"),
+        eos,
+    ]
+
+
+def test_ji_window_starts_span_the_whole_joined_text_as_get_selfgen_draws_them(tokenizer):
+    """``random.randint(0, L - seqlen - 1)``: with L - seqlen = 63 the bound decides every draw."""
+    import random
+
+    texts = _docs(6, words=30)
+    enc = tokenizer(" ".join(texts))["input_ids"]
+    seq_len = len(enc) - 63
+    for seed in range(3):
+        tokens, starts, _ = sources.selfgen_windows(texts, tokenizer, n=6, seq_len=seq_len, seed=seed)
+        random.seed(seed)
+        assert starts == [random.randint(0, len(enc) - seq_len - 1) for _ in range(6)]
+
+
+def test_ji_windows_need_one_token_past_a_window_as_get_selfgen_does(tokenizer):
+    """get_selfgen's ``randint(0, L - seqlen - 1)`` has one start when L = seqlen + 1, none when L = seqlen."""
+    texts = _docs(6, words=30)
+    length = len(tokenizer(" ".join(texts))["input_ids"])
+    tokens, starts, _ = sources.selfgen_windows(texts, tokenizer, n=3, seq_len=length - 1, seed=0)
+    assert starts == [0, 0, 0] and tokens.shape == (3, length - 1)
+    with pytest.raises(DataError, match=f"too few for a window of {length}$"):
+        sources.selfgen_windows(texts, tokenizer, n=3, seq_len=length, seed=0)

@@ -16,9 +16,9 @@ import torch
 def row_seed(seed: int, row: int) -> int:
     """A seed per (set seed, row), from SHA-256: independent streams without a shared generator.
 
-    torch's CPU generator (mt19937) keeps only a seed's low 32 bits, so the streams come from 2^32, not 2^63: two
-    of a set's 128 rows share one with probability about 128^2 / 2^33 = 2e-6 (and would then most likely be the same text).
-    Kept as is: changing it would change every calibration set made so far."""
+    torch's CPU generator (mt19937) keeps only a seed's low 32 bits, so the streams come from 2^32, not 2^63:
+    two of a set's 128 rows share one with probability about 128^2 / 2^33 = 2e-6 (and would then most likely
+    be the same text). Kept as is: changing it would change every calibration set made so far."""
     digest = hashlib.sha256(f"selfcal:{seed}:{row}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 

@@ -287,7 +287,7 @@ def selfgen_windows(
     tokenizer adds them), then ``random.seed(seed)``; n times ``i = random.randint(0, L - seqlen - 1)``
     and the window ``ids[i : i + seqlen]``. Returns (windows, starts, L)."""
     stream = list(tokenizer(" ".join(texts))["input_ids"])
-    if len(stream) <= seq_len + 1:
+    if len(stream) < seq_len + 1:  # randint(0, L - seqlen - 1) needs L >= seqlen + 1
         raise DataError(
             f"{key}: the {len(texts)} kept texts give {len(stream)} tokens, too few for a window of {seq_len}"
         )
