@@ -192,8 +192,9 @@ def test_what_dvc_did_to_an_item_is_read_from_its_output_and_the_summary_lists_i
     assert "| c | failed: boom | | | |" in md and "| e | not run: c failed | | | |" in md
 
 
-def test_an_item_reading_two_items_waits_for_both(prefect_home):
-    """c reads a and b; deepest-first would start it as soon as a finished if only one of its inputs counted."""
+def _started(graph: dict[str, list[str]], jobs: int, seconds=lambda item: 0.05):
+    """The order ``run_in_order`` starts a graph's items in, through a Prefect flow of fake items that each take
+    ``seconds(item)``; and the run's outcome."""
     from prefect import flow, task
 
     from flows.schedule import run_in_order
@@ -203,42 +204,30 @@ def test_an_item_reading_two_items_waits_for_both(prefect_home):
     @task
     def fake(item: str) -> dict:
         started.append(item)
+        time.sleep(seconds(item))
         return {"item": item}
 
     @flow
     def grid():
-        return run_in_order({"a": [], "b": [], "c": ["a", "b"]}, fake, lambda item: {"item": item}, jobs=1)
+        return run_in_order(graph, fake, lambda item: {"item": item}, jobs=jobs)
 
-    out = grid()
+    return started, grid()
+
+
+def test_an_item_reading_two_items_waits_for_both(prefect_home):
+    """c reads a and b; deepest-first would start it as soon as a finished if only one of its inputs counted."""
+    started, out = _started({"a": [], "b": [], "c": ["a", "b"]}, jobs=1)
     assert started == ["a", "b", "c"] and not out.failed and not out.blocked
 
 
 def test_an_item_that_becomes_ready_later_still_goes_before_waiting_shallower_items(prefect_home):
     """jobs=2: while g1 runs, only one place is free. Were more items than free places handed to the runner,
     g2 would queue there ahead of h0, which became ready (and is deeper) only after e0 finished."""
-    from prefect import flow, task
-
-    from flows.schedule import run_in_order
-
-    started: list[str] = []
-
-    @task
-    def fake(item: str) -> dict:
-        started.append(item)
-        time.sleep(1.5 if item == "g1" else 0.05)
-        return {"item": item}
-
     graph = {"g0": [], "g1": [], "g2": [], "g3": [], "e0": ["g0"], "h0": ["e0"]}
-
-    @flow
-    def grid():
-        return run_in_order(graph, fake, lambda item: {"item": item}, jobs=2)
-
-    grid()
+    started, _ = _started(graph, jobs=2, seconds=lambda item: 1.5 if item == "g1" else 0.05)
     assert started[:2] == ["g0", "g1"] and started[2:4] == ["e0", "h0"], started
 
 
-# -- fan-out: an item whose worker died is submitted again --------------------------------------------------
 def test_a_crashed_or_lost_item_run_is_submitted_again_and_a_completed_one_read(prefect_home, monkeypatch):
     import json
     import uuid
@@ -303,10 +292,8 @@ def test_only_patterns_order_the_chunk_so_the_first_patterns_long_items_start_fi
     """Lease 5's chunk: with dvc.yaml's order alone, Ji's pools (minutes each) would start after every vocab
     and Cosmopedia model. The patterns' order is the chunk's order; what an item reads keeps coming first,
     a shared item goes with the earliest pattern, and deepest-first still finishes models end to end."""
-    from prefect import flow, task
 
     from flows.dvc_items import select_items
-    from flows.schedule import run_in_order
 
     graph = {
         "generate@vocab-0": [],
@@ -333,18 +320,7 @@ def test_only_patterns_order_the_chunk_so_the_first_patterns_long_items_start_fi
         select_items(graph, ["evaluate@vocab-*"])
     )
 
-    started: list[str] = []
-
-    @task
-    def fake(item: str) -> dict:
-        started.append(item)
-        return {"item": item}
-
-    @flow
-    def lease():
-        return run_in_order(chunk, fake, lambda item: {"item": item}, jobs=1)
-
-    lease()
+    started, _ = _started(chunk, jobs=1, seconds=lambda item: 0)
     # Ji's pool first; then what became ready deepest first (Ji's model end to end), vocab's set last of the roots.
     assert started[:4] == ["generate@ji-0", "compress@ji-0-gptq", "evaluate@ji-0-gptq", "inspect@ji-0"]
     assert started[4:] == ["generate@vocab-0", "compress@vocab-0-gptq", "evaluate@vocab-0-gptq"]
@@ -353,17 +329,8 @@ def test_only_patterns_order_the_chunk_so_the_first_patterns_long_items_start_fi
 def test_of_the_ready_items_the_deepest_goes_first_so_models_finish_end_to_end(prefect_home):
     """On the H200 every ready item was queued at once: twenty compress items ahead of any evaluation, so a run
     cut short had checkpoints and no scores. Now an evaluation that becomes ready runs before waiting roots."""
-    from prefect import flow, task
 
-    from flows.schedule import depths, run_in_order
-
-    started: list[str] = []
-
-    @task
-    def fake(item: str) -> dict:
-        started.append(item)
-        time.sleep(0.05)
-        return {"item": item}
+    from flows.schedule import depths
 
     graph = {
         "gen-0": [],
@@ -377,10 +344,5 @@ def test_of_the_ready_items_the_deepest_goes_first_so_models_finish_end_to_end(p
         "eval-2": ["comp-2"],
     }
     assert depths(graph)["eval-2"] == 2 and depths(graph)["gen-1"] == 0
-
-    @flow
-    def grid():
-        return run_in_order(graph, fake, lambda item: {"item": item}, jobs=1)
-
-    grid()
+    started, _ = _started(graph, jobs=1)
     assert started == ["gen-0", "comp-0", "eval-0", "gen-1", "comp-1", "eval-1", "gen-2", "comp-2", "eval-2"]
