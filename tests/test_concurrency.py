@@ -225,7 +225,7 @@ def test_an_item_that_becomes_ready_later_still_goes_before_waiting_shallower_it
     g2 would queue there ahead of h0, which became ready (and is deeper) only after e0 finished."""
     graph = {"g0": [], "g1": [], "g2": [], "g3": [], "e0": ["g0"], "h0": ["e0"]}
     started, _ = _started(graph, jobs=2, seconds=lambda item: 1.5 if item == "g1" else 0.05)
-    assert started[:2] == ["g0", "g1"] and started[2:4] == ["e0", "h0"], started
+    assert set(started[:2]) == {"g0", "g1"} and started[2:4] == ["e0", "h0"], started  # g0, g1 start in either order
 
 
 def test_a_crashed_or_lost_item_run_is_submitted_again_and_a_completed_one_read(prefect_home, monkeypatch):
