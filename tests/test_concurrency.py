@@ -224,7 +224,8 @@ def test_an_item_that_becomes_ready_later_still_goes_before_waiting_shallower_it
     """jobs=2: while g1 runs, only one place is free. Were more items than free places handed to the runner,
     g2 would queue there ahead of h0, which became ready (and is deeper) only after e0 finished."""
     graph = {"g0": [], "g1": [], "g2": [], "g3": [], "e0": ["g0"], "h0": ["e0"]}
-    started, _ = _started(graph, jobs=2, seconds=lambda item: 1.5 if item == "g1" else 0.05)
+    # g0 long enough for g1 to have started on a loaded box; g1 long enough for e0 and h0 to run while it does
+    started, _ = _started(graph, jobs=2, seconds=lambda item: {"g0": 0.5, "g1": 3.0}.get(item, 0.05))
     assert set(started[:2]) == {"g0", "g1"} and started[2:4] == ["e0", "h0"], started  # g0, g1 start in either order
 
 
