@@ -7,6 +7,7 @@ test restores the byte it flipped.
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -381,10 +382,22 @@ def test_an_earlier_evaluation_restored_by_dvcs_run_cache_verifies_and_lineage_s
     code, out, err = _cli(capsys, params, "verify", _name("vocab"))
     assert code == 0, err
     assert "record, restored by DVC's run-cache; the newest is run " in out
-    code, out, _ = _cli(capsys, params, "lineage", _name("vocab"), "--json")
+    import mlflow
+
+    reads = collections.Counter()
+    real = mlflow.MlflowClient.get_logged_model
+
+    def counted(client, model_id):
+        reads[model_id] += 1
+        return real(client, model_id)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mlflow.MlflowClient, "get_logged_model", counted)
+        code, out, _ = _cli(capsys, params, "lineage", _name("vocab"), "--json")
     met = json.loads(out)["metrics"]
     assert met["values"]["ppl.wikitext2"] == pytest.approx(first.perplexity["wikitext2"].perplexity)
     assert "restored by DVC's run-cache" in met["note"]
+    assert list(reads.values()) == [1]  # the version's LoggedModel read once, though two runs had to be told apart
     with flipped(record, offset=10):
         code, _, err = _cli(capsys, params, "verify", _name("vocab"))
         assert code == 2 and f"verify: {record}: sha256 mismatch" in err

@@ -7,11 +7,11 @@ import pytest
 from selfcal.report.paper_table import source_method_table
 
 
-def _entry(method, source, acc, std, ppl):
+def _entry(method, source, acc, std, ppl, sets=3):
     return {
         "method": method,
         "source": source,
-        "n_sets": 3,
+        "n_sets": sets,
         "mean_acc": acc,
         "mean_acc.std": std,
         "ppl.wikitext2": ppl,
@@ -20,7 +20,7 @@ def _entry(method, source, acc, std, ppl):
 
 
 TABLE = [
-    _entry("none", "none", 0.50, None, 10.0),
+    _entry("none", "none", 0.50, None, 10.0, sets=1),
     _entry("gptq", "self", 0.48, 0.01, 11.0),
     _entry("gptq", "c4", 0.47, 0.02, 10.5),
     _entry("wanda", "self", 0.40, 0.01, 14.0),
@@ -34,9 +34,27 @@ def test_best_source_per_method_is_bold_and_direction_respected():
     assert lines[0] == "| source | gptq | wanda |"
     assert lines[2] == "| *dense (uncompressed)* | 50.0 | 50.0 |"
     assert lines[3] == "| self | **48.0 ± 1.0** | 40.0 ± 1.0 |"
-    assert lines[4] == "| c4 | 47.0 ± 2.0 | **42.0** |"
+    assert lines[4] == "| c4 | 47.0 ± 2.0 | **42.0 ± 0.0** |"
     ppl = source_method_table(TABLE, "ppl.wikitext2", lower_is_better=True, scale=1.0, digits=2).splitlines()
-    assert ppl[3] == "| self | 11.00 | 14.00 |" and ppl[4] == "| c4 | **10.50** | **13.00** |"
+    assert (
+        ppl[3] == "| self | 11.00 ± 0.00 | 14.00 ± 0.00 |" and ppl[4] == "| c4 | **10.50 ± 0.00** | **13.00 ± 0.00** |"
+    )
+
+
+def test_a_cell_of_identical_sets_shows_its_zero_std_and_a_cell_of_one_set_none():
+    """The temperature grid's 0 -> 0 cell: greedy decoding from BOS ignores the seed, so its two sets are one
+    set and score the same; printed without "± 0.0" it read as a single set."""
+    from selfcal.pipeline.aggregate import _fmt
+
+    table = [
+        _entry("sparsegpt", "t00-00", 0.324, 0.0, 735.0, sets=2),
+        _entry("sparsegpt", "t20-00", 0.345, 0.0, 182.5, sets=1),
+    ]
+    lines = source_method_table(table, "mean_acc").splitlines()
+    assert lines[2:] == ["| t00-00 | 32.4 ± 0.0 |", "| t20-00 | **34.5** |"]
+    assert _fmt(0.324, 0.0, "mean_acc", 2) == "32.4 ± 0.0"
+    assert _fmt(0.345, 0.0, "mean_acc", 1) == "34.5"
+    assert _fmt(None, None, "mean_acc", 2) == "-"
 
 
 def test_ties_at_printed_precision_are_all_marked_and_missing_cells_dash():
@@ -46,8 +64,8 @@ def test_ties_at_printed_precision_are_all_marked_and_missing_cells_dash():
         _entry("wanda", "self", 0.3, 0.0, 1.0),
     ]
     lines = source_method_table(table, "mean_acc").splitlines()
-    assert lines[2] == "| self | **48.0** | **30.0** |"
-    assert lines[3] == "| c4 | **48.0** | - |"
+    assert lines[2] == "| self | **48.0 ± 0.0** | **30.0 ± 0.0** |"
+    assert lines[3] == "| c4 | **48.0 ± 0.0** | - |"
 
 
 def test_sweep_plots_are_png_files(tmp_path):

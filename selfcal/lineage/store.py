@@ -153,12 +153,15 @@ def evaluate_runs(client, model_id: str | None, tags: dict, by_run: dict | None 
     return sorted(newest, key=lambda r: -newest[r])
 
 
-def evaluate_run_of_file(client, model_id: str | None, tags: dict, path: Path) -> str | None:
+def evaluate_run_of_file(
+    client, model_id: str | None, tags: dict, path: Path, by_run: dict | None = None
+) -> str | None:
     """Which evaluate run of this version wrote the evaluation record ``path`` holds, byte for byte (None: no
     run did). The registry's tags name the newest evaluation; DVC may have restored an earlier one from its
-    run-cache (``dvc repro`` after ``dvc exp run -S evaluation.limit=...``), which ran no code to say so."""
+    run-cache (``dvc repro`` after ``dvc exp run -S evaluation.limit=...``), which ran no code to say so.
+    ``by_run``: the version's ``logged_metrics`` when the caller has already read them."""
     data = path.read_bytes()
-    for run_id in evaluate_runs(client, model_id, tags):
+    for run_id in evaluate_runs(client, model_id, tags, by_run):
         if run_artifact_bytes(client, run_id, f"{T.EVALUATION_ARTIFACTS}/{path.name}") == data:
             return run_id
     return None

@@ -99,7 +99,7 @@ def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
     note = None
     path = store.local_path(tags.get(T.METRICS_URI))
     if path is not None and path.is_file() and sha256_file(path) != tags.get(T.METRICS_SHA):
-        earlier = store.evaluate_run_of_file(client, model_id, tags, path)
+        earlier = store.evaluate_run_of_file(client, model_id, tags, path, by_run)
         if earlier is not None and earlier != run_id:
             note = f"the record on disk is evaluate run {earlier}'s (restored by DVC's run-cache); newest: {run_id}"
             run_id = earlier

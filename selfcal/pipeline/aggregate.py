@@ -72,11 +72,14 @@ def report_metrics(cols: list[str], table: list[dict]) -> dict:
     return out
 
 
-def _fmt(mean: float | None, std: float | None, col: str) -> str:
+def _fmt(mean: float | None, std: float | None, col: str, sets: int) -> str:
+    """``mean ± std`` for a cell of several sets, ``± 0.0`` included: sets that score the same (greedy decoding
+    from BOS ignores the seed) must not read as one set. One set: the mean alone."""
     if mean is None:
         return "-"
     k = metric_display.scale(col)
-    return metric_display.number(k * mean, col) + (f" ± {metric_display.number(k * std, col)}" if std else "")
+    spread = f" ± {metric_display.number(k * std, col)}" if sets > 1 and std is not None else ""
+    return metric_display.number(k * mean, col) + spread
 
 
 def unscored_tasks(rows: list[EvaluationRecord]) -> dict[str, str]:
@@ -95,7 +98,7 @@ def to_markdown(
     head = ["method", "source", "sets", *[c.removeprefix("acc.").replace("ppl.", "ppl ") for c in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
-        cells = [e["method"], e["source"], str(e["n_sets"]), *[_fmt(e[c], e[c + ".std"], c) for c in cols]]
+        cells = [e["method"], e["source"], str(e["n_sets"]), *[_fmt(e[c], e[c + ".std"], c, e["n_sets"]) for c in cols]]
         lines.append("| " + " | ".join(cells) + " |")
     note = "Accuracy in % (lm-eval `acc`, zero-shot), mean ± std over calibration seeds; perplexity lower is better."
     if mean_tasks:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 
 def _cell(entry: dict | None, col: str, scale: float, digits: int) -> tuple[str, float | None]:
+    """One cell's text and its rounded mean; several sets show their std even when it is 0 (identical sets)."""
     if entry is None or entry.get(col) is None:
         return "-", None
     mean, std = entry[col], entry.get(col + ".std")
     rounded = round(scale * mean, digits)
-    text = f"{rounded:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std else "")
+    several = entry.get("n_sets", 1) > 1 and std is not None
+    text = f"{rounded:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if several else "")
     return text, rounded
 
 
