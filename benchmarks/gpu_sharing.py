@@ -11,11 +11,16 @@ the tokens. The configurations, one after the other:
   where it cannot start, the row says why and nothing runs
 
 Each process gets the environment a stage item on a slot gets (``flows/slots.py``: the one GPU, shared by K;
-on a CPU, its share of the cores, where this only checks the harness). Reported per configuration: wall time
-from the first start to the last exit, each process's generation seconds and tokens/s, the sum of tokens/s
-(the GPU's throughput), and whether each seed's tokens are bit-identical to the time-slicing run's (MPS runs
-the same kernels; a difference would be a finding). The last line is a verdict: ``mps`` when MPS made the same
-tokens at 1.1x time-slicing's throughput or more, else ``time-slicing``.
+on a CPU, its share of the cores, where this only checks the harness). The K processes load their models, then
+wait at a barrier: the parent releases them together once all K are loaded, so their generations overlap
+from the first step. Loads end at different times (8.8-12.5 s on the H200 in lease 12): without the barrier
+the first processes generate with fewer neighbours, and the sum of their own rates overstated the GPU's
+throughput. Reported per configuration: wall time from the first start to the last exit; the generation
+span, from the release to the last process's end; the **throughput**, all K processes' tokens over that span
+(what the GPU did); the sum of each process's own tokens/s beside it (the measure of lease 12, before the
+barrier); each process's load and generation seconds; and whether each seed's tokens are bit-identical to the
+time-slicing run's (MPS runs the same kernels; a difference would be a finding). The last line is a verdict:
+``mps`` when MPS made the same tokens at 1.1x time-slicing's throughput or more, else ``time-slicing``.
 
     python benchmarks/gpu_sharing.py --model ~/.cache/selfcal-models/SmolLM2-135M-Instruct --copies 6 \\
         --n 128 --seq-len 512 --out benchmarks/results/gpu-sharing-h200-smollm2.json
@@ -30,11 +35,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+#: the barrier's two lines: a copy says READY once loaded, and generates on the parent's GO
+READY, GO = "gpu_sharing: ready", "go"
 
 
 def worker(args) -> None:
@@ -47,6 +56,10 @@ def worker(args) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, bos, eos = load(args.model, args.dtype if device == "cuda" else "float32", device)
     loaded = time.perf_counter() - t0
+    print(READY, flush=True)  # the barrier: generate only once the parent has every copy loaded
+    if sys.stdin.readline().strip() != GO:
+        raise SystemExit("gpu_sharing worker: no go from the parent")
+    started = time.time()
     tokens, stats = generate_self_calibration(
         model,
         n=args.n,
@@ -65,6 +78,9 @@ def worker(args) -> None:
                 "device": device,
                 "load_seconds": round(loaded, 2),
                 "generation_seconds": round(stats.seconds, 2),
+                "generation_start": started,
+                "generation_end": time.time(),
+                "tokens": int(stats.tokens),
                 "tokens_per_s": round(stats.tokens / stats.seconds, 1),
                 "cuda_graphs": stats.cuda_graphs,
                 "digest": hashlib.sha256(tokens.tobytes()).hexdigest()[:16],
@@ -82,39 +98,75 @@ def slots(copies: int):
 
 
 def run_copies(args, copies: int, env: dict[str, str], over: dict[str, str] | None = None) -> dict:
-    """``copies`` workers at once, each with a slot's environment (then ``over``: a daemon's, as the flow adds)."""
+    """``copies`` workers at once, each with a slot's environment (then ``over``: a daemon's, as the flow adds),
+    released together once all have loaded; their tokens over the span from the release to the last end."""
     cmd = [sys.executable, __file__, "--worker"]
     common = ["--model", args.model, "--dtype", args.dtype, "--n", str(args.n), "--seq-len", str(args.seq_len)]
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [*cmd, str(i), *common],
-            env={**env, **slot.env(), **(over or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i, slot in enumerate(slots(copies))
-    ]
-    results = []
-    try:
-        for p in procs:
-            out, err = p.communicate()
-            if p.returncode != 0:
-                raise SystemExit(f"a copy failed ({p.returncode}): {err.strip().splitlines()[-1:]}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:  # a failed copy or a TERM: no copy is left running (an MPS daemon's quit waits for its clients)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    with tempfile.TemporaryDirectory() as logs:
+        # stderr to files, not pipes: a copy that logs while the parent waits at the barrier must not block
+        errs = [open(Path(logs) / f"{i}.err", "w") for i in range(copies)]  # noqa: SIM115 (closed below)
+        procs = [
+            subprocess.Popen(
+                [*cmd, str(i), *common],
+                env={**env, **slot.env(), **(over or {})},
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errs[i],
+                text=True,
+            )
+            for i, slot in enumerate(slots(copies))
+        ]
+        results = []
+        try:
+            for i, p in enumerate(procs):
+                if not _wait_ready(p):
+                    p.wait()
+                    raise SystemExit(f"a copy failed before generating ({p.returncode}): {_last_line(logs, i)}")
+            released = time.time()
+            for p in procs:
+                p.stdin.write(GO + "\n")
+                p.stdin.close()
+            for i, p in enumerate(procs):
+                out = p.stdout.read()
                 p.wait()
+                if p.returncode != 0:
+                    raise SystemExit(f"a copy failed ({p.returncode}): {_last_line(logs, i)}")
+                results.append(json.loads(out.strip().splitlines()[-1]))
+        finally:  # a failed copy or a TERM: no copy is left running (an MPS daemon's quit waits for its clients)
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            for f in errs:
+                f.close()
     wall = time.perf_counter() - start
+    return {"copies": copies, "wall_seconds": round(wall, 2), **throughput(results, released), "processes": results}
+
+
+def throughput(results: list[dict], released: float) -> dict:
+    """What the GPU did: every copy's tokens over the span from the release to the last copy's end. The sum of
+    each copy's own rate is kept beside it; it equals the throughput only when all generations overlap
+    exactly, and overstates it otherwise."""
+    span = max(r["generation_end"] for r in results) - released
     return {
-        "copies": copies,
-        "wall_seconds": round(wall, 2),
-        "throughput_tokens_per_s": round(sum(r["tokens_per_s"] for r in results), 1),
-        "processes": results,
+        "generation_span_seconds": round(span, 2),
+        "throughput_tokens_per_s": round(sum(r["tokens"] for r in results) / span, 1),
+        "sum_of_process_rates": round(sum(r["tokens_per_s"] for r in results), 1),
     }
+
+
+def _wait_ready(p: subprocess.Popen) -> bool:
+    """Until the copy says it has loaded (True), or exits first (False); lines before it are not the barrier's."""
+    for line in p.stdout:
+        if line.strip() == READY:
+            return True
+    return False
+
+
+def _last_line(logs: str, i: int) -> str:
+    lines = (Path(logs) / f"{i}.err").read_text().strip().splitlines()
+    return lines[-1] if lines else "(no stderr)"
 
 
 def main() -> None:
@@ -165,8 +217,9 @@ def main() -> None:
             continue
         same = all(p["same_tokens_as_time_slicing"] for p in row["processes"])
         print(
-            f"{name}: {row['copies']} process(es), wall {row['wall_seconds']} s, "
-            f"{row['throughput_tokens_per_s']:,.0f} tokens/s in all, tokens same as time-slicing: {same}"
+            f"{name}: {row['copies']} process(es), wall {row['wall_seconds']} s, generation span "
+            f"{row['generation_span_seconds']} s, {row['throughput_tokens_per_s']:,.0f} tokens/s in all (sum of the "
+            f"processes' own rates {row['sum_of_process_rates']:,.0f}), tokens same as time-slicing: {same}"
         )
     print(f"verdict: {verdict(rows)}")
 

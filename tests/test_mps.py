@@ -5,10 +5,12 @@ answers clients (``get_server_list``, ``quit`` on stdin) through a file in the p
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -256,6 +258,36 @@ def test_the_benchmarks_verdict_takes_mps_only_for_the_same_tokens_faster():
     assert verdict({"time-slicing": row(100), "mps": row(300, same=False)}) == "time-slicing"
     unavailable = {"unavailable": "no nvidia-cuda-mps-control on PATH"}
     assert verdict({"time-slicing": row(100), "mps": unavailable}) == "time-slicing"
+
+
+def test_the_benchmarks_copies_generate_only_when_released_and_its_throughput_is_tokens_over_the_span(tiny_model):
+    """Lease 12's benchmark summed each copy's own rate: copies whose loads ended at different times generated
+    partly alone, so the sum overstated what the GPU did. Copies now wait at a barrier after loading, and the
+    throughput is all their tokens over the span from the release to the last end."""
+    import argparse
+
+    from benchmarks import gpu_sharing
+
+    cmd = [sys.executable, gpu_sharing.__file__, "--worker", "0", "--model", str(tiny_model), "--n", "2"]
+    p = subprocess.Popen(
+        [*cmd, "--seq-len", "8"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert gpu_sharing._wait_ready(p)
+    time.sleep(1.0)
+    released = time.time()
+    out, _ = p.communicate(gpu_sharing.GO + "\n", timeout=120)
+    alone = json.loads(out.strip().splitlines()[-1])
+    assert alone["generation_start"] >= released and alone["tokens"] > 0
+
+    args = argparse.Namespace(model=str(tiny_model), dtype="float32", n=2, seq_len=8)
+    row = gpu_sharing.run_copies(args, 2, dict(os.environ))
+    procs = row["processes"]
+    assert [q["seed"] for q in procs] == [0, 1] and procs[0]["digest"] == alone["digest"] != procs[1]["digest"]
+    span = max(q["generation_end"] for q in procs) - min(q["generation_start"] for q in procs)
+    assert row["generation_span_seconds"] >= round(span, 2)
+    expected = sum(q["tokens"] for q in procs) / row["generation_span_seconds"]
+    assert row["throughput_tokens_per_s"] == pytest.approx(expected, rel=0.02)
+    assert row["sum_of_process_rates"] == pytest.approx(sum(q["tokens_per_s"] for q in procs), abs=0.2)
 
 
 def test_a_pid_file_names_its_daemon_only_while_that_process_runs(tmp_path):
