@@ -150,7 +150,7 @@ def throughput(results: list[dict], released: float) -> dict:
     exactly, and overstates it otherwise."""
     span = max(r["generation_end"] for r in results) - released
     return {
-        "generation_span_seconds": round(span, 2),
+        "generation_span_seconds": round(span, 3),
         "throughput_tokens_per_s": round(sum(r["tokens"] for r in results) / span, 1),
         "sum_of_process_rates": round(sum(r["tokens_per_s"] for r in results), 1),
     }

@@ -284,9 +284,9 @@ def test_the_benchmarks_copies_generate_only_when_released_and_its_throughput_is
     procs = row["processes"]
     assert [q["seed"] for q in procs] == [0, 1] and procs[0]["digest"] == alone["digest"] != procs[1]["digest"]
     span = max(q["generation_end"] for q in procs) - min(q["generation_start"] for q in procs)
-    assert row["generation_span_seconds"] >= round(span, 2)
-    expected = sum(q["tokens"] for q in procs) / row["generation_span_seconds"]
-    assert row["throughput_tokens_per_s"] == pytest.approx(expected, rel=0.02)
+    assert row["generation_span_seconds"] >= round(span, 3)
+    tokens, rounded = sum(q["tokens"] for q in procs), row["generation_span_seconds"]  # the span to 1 ms
+    assert tokens / (rounded + 0.0006) <= row["throughput_tokens_per_s"] <= tokens / (rounded - 0.0006)
     assert row["sum_of_process_rates"] == pytest.approx(sum(q["tokens_per_s"] for q in procs), abs=0.2)
 
 
