@@ -126,6 +126,27 @@ def test_study_report_from_runs_of_other_machines_reports_what_is_done_and_what_
         study_report(params, tmp_path / "report2", title="chunks", runs=[a, c])
 
 
+def test_a_cell_whose_sets_share_one_calibration_digest_says_how_many_are_distinct(tmp_path):
+    """The temperature grid's 0 -> 0 schedule (greedy throughout) made one set from both seeds: its two
+    models are one, and the completeness table read "2/2" as two sets."""
+    from selfcal.config import parse_params
+    from selfcal.pipeline.study_report import completeness_markdown
+    from tests.helpers import small_params
+    from tests.test_evaluation import _record
+
+    raw = small_params(tmp_path / "model", tmp_path, **{"calibration.seeds": [0, 1], "tracking.enabled": False})
+    params = parse_params(raw, root=tmp_path)
+
+    def rec(seed: int, digest: str):
+        r = _record(f"self-s{seed}-gptq", "gptq", {"arc_easy": 0.45}, ppl=22.0)
+        return r.model_copy(update={"calibration_digest": digest})
+
+    same = completeness_markdown(params, [rec(0, "d" * 64), rec(1, "d" * 64)], [])
+    assert "| self | 2/2 ✓ (1 distinct) |" in same and "(N distinct): sets with one calibration digest" in same
+    other = completeness_markdown(params, [rec(0, "d" * 64), rec(1, "e" * 64)], [])
+    assert "| self | 2/2 ✓ |" in other and "distinct" not in other
+
+
 def test_a_set_two_runs_made_differently_is_reported_and_the_quality_shown_is_the_set_the_models_used(tmp_path):
     """Lease 3 made the five self sets again (a fresh box has no DVC cache) and got other tokens than lease 1
     from the same params and seed, while C4's sets came out identical. The report says which sets differ,

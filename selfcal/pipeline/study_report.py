@@ -513,20 +513,33 @@ def remade_markdown(remade: list[dict], used: dict[str, set[str]]) -> str:
 
 
 def completeness_markdown(params: Params, rows: list[EvaluationRecord], pending: list[str]) -> str:
-    """Sets evaluated per source x method, of the profile's; what is complete and what is still to run."""
+    """Sets evaluated per source x method, of the profile's; what is complete and what is still to run. A cell
+    whose sets share a calibration digest says how many distinct sets it has: seeds of a schedule that ignores
+    them (greedy decoding, t = 0 throughout) make one set, and its std of 0 is no measure of spread."""
     count: dict[tuple[str, str], int] = defaultdict(int)
+    digests: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in rows:
         count[(r.source, r.method)] += 1
+        digests[(r.source, r.method)].add(r.calibration_digest or r.name)
     methods = list(params.compression.methods)
     sets = len(params.calibration.seeds)
+
+    def cell(key: tuple[str, str]) -> str:
+        n, distinct = count[key], len(digests[key])
+        return f"{n}/{sets}" + (" ✓" if n == sets else "") + (f" ({distinct} distinct)" if distinct < n else "")
+
     lines = ["| source | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
     for source in params.calibration.sources:
-        cells = [f"{count[(source, m)]}/{sets}" + (" ✓" if count[(source, m)] == sets else "") for m in methods]
-        lines.append(f"| {source} | " + " | ".join(cells) + " |")
+        lines.append(f"| {source} | " + " | ".join(cell((source, m)) for m in methods) + " |")
     dense = "evaluated" if any(r.method == "none" for r in rows) else "**not yet evaluated**"
     total = len(layout.evaluation_targets(params))
     head = f"{total - len(pending)} of {total} models evaluated (the dense base: {dense}); sets per cell:"
-    return head + "\n\n" + "\n".join(lines) + "\n"
+    repeated = any(len(digests[k]) < n for k, n in count.items())
+    note = (
+        "\n(N distinct): sets with one calibration digest are one set, made again from another seed; the cell's "
+        "std over them is 0 by construction.\n"
+    )
+    return head + "\n\n" + "\n".join(lines) + "\n" + (note if repeated else "")
 
 
 # Accuracy of a uniform guess per task (lambada: an open-vocabulary word, effectively 0).
