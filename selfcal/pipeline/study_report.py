@@ -516,16 +516,14 @@ def completeness_markdown(params: Params, rows: list[EvaluationRecord], pending:
     """Sets evaluated per source x method, of the profile's; what is complete and what is still to run. A cell
     whose sets share a calibration digest says how many distinct sets it has: seeds of a schedule that ignores
     them (greedy decoding, t = 0 throughout) make one set, and its std of 0 is no measure of spread."""
-    count: dict[tuple[str, str], int] = defaultdict(int)
-    digests: dict[tuple[str, str], set[str]] = defaultdict(set)
+    digests: dict[tuple[str, str], list[str]] = defaultdict(list)  # one per evaluated set (its name if none)
     for r in rows:
-        count[(r.source, r.method)] += 1
-        digests[(r.source, r.method)].add(r.calibration_digest or r.name)
+        digests[(r.source, r.method)].append(r.calibration_digest or r.name)
     methods = list(params.compression.methods)
     sets = len(params.calibration.seeds)
 
     def cell(key: tuple[str, str]) -> str:
-        n, distinct = count[key], len(digests[key])
+        n, distinct = len(digests[key]), len(set(digests[key]))
         return f"{n}/{sets}" + (" ✓" if n == sets else "") + (f" ({distinct} distinct)" if distinct < n else "")
 
     lines = ["| source | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
@@ -534,7 +532,7 @@ def completeness_markdown(params: Params, rows: list[EvaluationRecord], pending:
     dense = "evaluated" if any(r.method == "none" for r in rows) else "**not yet evaluated**"
     total = len(layout.evaluation_targets(params))
     head = f"{total - len(pending)} of {total} models evaluated (the dense base: {dense}); sets per cell:"
-    repeated = any(len(digests[k]) < n for k, n in count.items())
+    repeated = any(len(set(d)) < len(d) for d in digests.values())
     note = (
         "\n(N distinct): sets with one calibration digest are one set, made again from another seed; the cell's "
         "std over them is 0 by construction.\n"
