@@ -173,10 +173,10 @@ def test_a_task_lm_eval_cannot_score_fails_alone_with_its_reason(shared_data, ti
     assert out["failed"] == {"piqa": "lm-eval cannot score it: a request exceeds the model's 64-token context"}
 
 
-def _record(name, method, accs, *, failed=None, skipped=None, ppl=None):
+def _record(name, method, accs, *, failed=None, skipped=None, ppl=None, source=None):
     from selfcal.records import EvaluationRecord, PerplexityScore, TaskScore, ZeroShot
 
-    source = "none" if method == "none" else "self"
+    source = source or ("none" if method == "none" else "self")
     tasks = {t: TaskScore(acc=a, seconds=1.0) for t, a in accs.items()}
     perplexity = (
         {
@@ -240,6 +240,20 @@ def test_mean_acc_is_compared_over_the_task_set_every_row_scored():
     )
 
 
+def test_identical_sets_have_a_zero_std_one_set_none_and_the_table_prints_exactly_that():
+    """Greedy decoding from BOS ignores the seed: the temperature grid's 0 -> 0 sets are one set, std 0.0, shown
+    as "± 0.0" so they do not read as one set; one set has no std at all (None, the mean alone)."""
+    from selfcal.pipeline.aggregate import summarise, to_csv, to_markdown
+
+    twins = [_record(f"z{i}", "sparsegpt", {"arc_easy": 0.324}, source="t00-00") for i in range(2)]
+    cols, table = summarise([*twins, _record("o", "sparsegpt", {"arc_easy": 0.345}, source="t20-00")])
+    zero, one = table
+    assert zero["acc.arc_easy.std"] == 0.0 and one["acc.arc_easy.std"] is None
+    rows = to_markdown(cols, table).splitlines()[2:4]
+    assert rows == ["| sparsegpt | t00-00 | 2 | 32.4 ± 0.0 | 32.4 ± 0.0 |", "| sparsegpt | t20-00 | 1 | 34.5 | 34.5 |"]
+    assert to_csv(cols, table).splitlines()[2] == "sparsegpt,t20-00,1,0.345,,0.345,"  # no std: an empty field
+
+
 def test_a_metric_one_set_lacks_is_averaged_over_the_sets_that_have_it_not_counted_as_zero():
     from selfcal.pipeline.aggregate import report_metrics, summarise
 
@@ -252,7 +266,7 @@ def test_a_metric_one_set_lacks_is_averaged_over_the_sets_that_have_it_not_count
     dense, gptq = table
     assert gptq["n_sets"] == 2 and gptq["acc.arc_easy"] == pytest.approx(0.5)
     assert gptq["acc.arc_easy.std"] == pytest.approx(0.1 * 2**0.5)  # sample std: sqrt((0.1² + 0.1²) / 1)
-    assert gptq["ppl.wikitext2"] == 10.0 and gptq["ppl.wikitext2.std"] == 0.0  # one set has it: its value, no spread
+    assert gptq["ppl.wikitext2"] == 10.0 and gptq["ppl.wikitext2.std"] is None  # one set has it: its value, no std
     assert dense["ppl.wikitext2"] is None and dense["ppl.wikitext2.std"] is None
     assert report_metrics(cols, table) == {
         "none": {"none": {"acc.arc_easy": 0.5, "mean_acc": 0.5}},

@@ -43,18 +43,19 @@ def test_best_source_per_method_is_bold_and_direction_respected():
 
 def test_a_cell_of_identical_sets_shows_its_zero_std_and_a_cell_of_one_set_none():
     """The temperature grid's 0 -> 0 cell: greedy decoding from BOS ignores the seed, so its two sets are one
-    set and score the same; printed without "± 0.0" it read as a single set."""
+    set and score the same; printed without "± 0.0" it read as a single set. One set has no std
+    (``summarise`` gives None: tests/test_evaluation.py), printed as the mean alone."""
     from selfcal.pipeline.aggregate import _fmt
 
     table = [
         _entry("sparsegpt", "t00-00", 0.324, 0.0, 735.0, sets=2),
-        _entry("sparsegpt", "t20-00", 0.345, 0.0, 182.5, sets=1),
+        _entry("sparsegpt", "t20-00", 0.345, None, 182.5, sets=1),
     ]
     lines = source_method_table(table, "mean_acc").splitlines()
     assert lines[2:] == ["| t00-00 | 32.4 ± 0.0 |", "| t20-00 | **34.5** |"]
-    assert _fmt(0.324, 0.0, "mean_acc", 2) == "32.4 ± 0.0"
-    assert _fmt(0.345, 0.0, "mean_acc", 1) == "34.5"
-    assert _fmt(None, None, "mean_acc", 2) == "-"
+    assert _fmt(0.324, 0.0, "mean_acc") == "32.4 ± 0.0"
+    assert _fmt(0.345, None, "mean_acc") == "34.5"
+    assert _fmt(None, None, "mean_acc") == "-"
 
 
 def test_ties_at_printed_precision_are_all_marked_and_missing_cells_dash():
@@ -304,9 +305,11 @@ def test_self_against_real_sources_by_welchs_t_over_the_sets_and_the_papers_own_
                 "ppl.wikitext2": ppl, "ppl.wikitext2.std": 0.1}  # fmt: skip
 
     table = [cell("self", 0.50, 0.01, 20.0), cell("c4", 0.45, 0.01, 25.0), cell("wikitext", 0.50, 0.02, 19.0)]
-    table.append(cell("cosmopedia", 0.40, 0.0, 30.0, n=1))
-    acc = {c.other: c.verdict for c in compare_self(table, "mean_acc")}
-    assert acc == {"c4": "beats", "wikitext": "matches", "cosmopedia": "n/a"}
+    table.append(cell("cosmopedia", 0.40, None, 30.0, n=1))
+    table.append(cell("vocab", 0.40, None, 30.0))  # five sets, one of them with the metric: no std, no test
+    others = ("c4", "wikitext", "cosmopedia", "vocab")
+    acc = {c.other: c.verdict for c in compare_self(table, "mean_acc", others=others)}
+    assert acc == {"c4": "beats", "wikitext": "matches", "cosmopedia": "n/a", "vocab": "n/a"}
     ppl = {c.other: c.verdict for c in compare_self(table, "ppl.wikitext2")}
     assert ppl["c4"] == "beats" and ppl["wikitext"] == "loses"  # lower perplexity is better
 

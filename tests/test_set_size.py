@@ -201,5 +201,5 @@ def test_a_sweep_point_is_the_mean_of_its_experiments_and_their_sample_std():
     assert eight["n"] == 8 and eight["mean_acc"] == pytest.approx(0.32)
     assert eight["mean_acc.std"] == pytest.approx(0.0264575, rel=1e-5)
     assert eight["experiments"] == 3 and eight["sets"] == 6
-    assert sixteen == {"label": "gptq / self", "n": 16, "mean_acc": 0.4, "mean_acc.std": 0.0, "experiments": 1,
+    assert sixteen == {"label": "gptq / self", "n": 16, "mean_acc": 0.4, "mean_acc.std": None, "experiments": 1,
                        "sets": 1}  # fmt: skip

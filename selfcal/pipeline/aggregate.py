@@ -46,7 +46,11 @@ def _columns(rows: list[EvaluationRecord], shared: list[str]) -> list[str]:
 
 
 def summarise(rows: list[EvaluationRecord]) -> tuple[list[str], list[dict]]:
-    """Group evaluation records by (method, source); mean, std and count over seeds per metric."""
+    """Group evaluation records by (method, source); mean, std and count over seeds per metric.
+
+    The std is the sample std of the sets that have the metric, and None where fewer than two do: one value
+    has no spread to measure, and a 0.0 there would read as sets that agree (which several identical sets,
+    e.g. greedy decoding from BOS, do show as 0.0). Every table prints ``± std`` exactly where it is not None."""
     shared = common_tasks(rows)
     cols = _columns(rows, shared)
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -58,7 +62,7 @@ def summarise(rows: list[EvaluationRecord]) -> tuple[list[str], list[dict]]:
         for c in cols:
             vals = [m[c] for m in members if m.get(c) is not None]
             entry[c] = statistics.fmean(vals) if vals else None
-            entry[c + ".std"] = statistics.stdev(vals) if len(vals) > 1 else (0.0 if vals else None)
+            entry[c + ".std"] = statistics.stdev(vals) if len(vals) > 1 else None
         table.append(entry)
     return cols, table
 
@@ -72,13 +76,13 @@ def report_metrics(cols: list[str], table: list[dict]) -> dict:
     return out
 
 
-def _fmt(mean: float | None, std: float | None, col: str, sets: int) -> str:
-    """``mean ± std`` for a cell of several sets, ``± 0.0`` included: sets that score the same (greedy decoding
-    from BOS ignores the seed) must not read as one set. One set: the mean alone."""
+def _fmt(mean: float | None, std: float | None, col: str) -> str:
+    """``mean ± std`` where ``summarise`` measured a std (``± 0.0`` included: sets that score the same, as greedy
+    decoding from BOS does, must not read as one set); the mean alone where it did not (one value)."""
     if mean is None:
         return "-"
     k = metric_display.scale(col)
-    spread = f" ± {metric_display.number(k * std, col)}" if sets > 1 and std is not None else ""
+    spread = f" ± {metric_display.number(k * std, col)}" if std is not None else ""
     return metric_display.number(k * mean, col) + spread
 
 
@@ -98,7 +102,7 @@ def to_markdown(
     head = ["method", "source", "sets", *[c.removeprefix("acc.").replace("ppl.", "ppl ") for c in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for e in table:
-        cells = [e["method"], e["source"], str(e["n_sets"]), *[_fmt(e[c], e[c + ".std"], c, e["n_sets"]) for c in cols]]
+        cells = [e["method"], e["source"], str(e["n_sets"]), *[_fmt(e[c], e[c + ".std"], c) for c in cols]]
         lines.append("| " + " | ".join(cells) + " |")
     note = "Accuracy in % (lm-eval `acc`, zero-shot), mean ± std over calibration seeds; perplexity lower is better."
     if mean_tasks:

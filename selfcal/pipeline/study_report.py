@@ -286,7 +286,7 @@ def params_artifacts(data: dict) -> str:
 
 def _sweep_n(rows: list[dict], metric: str = "mean_acc") -> list[dict]:
     """Per (label, n): the mean over the experiments of that n (each already a mean over its sets), the std
-    over those experiments (0 with one: DVC's metrics hold no per-set values), the experiments and the sets."""
+    over those experiments (None with one: DVC's metrics hold no per-set values), the experiments and the sets."""
     import statistics
 
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
@@ -297,7 +297,7 @@ def _sweep_n(rows: list[dict], metric: str = "mean_acc") -> list[dict]:
             "label": label,
             "n": n,
             metric: statistics.fmean(r[metric] for r in v),
-            metric + ".std": statistics.stdev(r[metric] for r in v) if len(v) > 1 else 0.0,
+            metric + ".std": statistics.stdev(r[metric] for r in v) if len(v) > 1 else None,
             "experiments": len(v),
             "sets": sum(r.get("sets", 1) for r in v),
         }

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 
 def _cell(entry: dict | None, col: str, scale: float, digits: int) -> tuple[str, float | None]:
-    """One cell's text and its rounded mean; several sets show their std even when it is 0 (identical sets)."""
+    """One cell's text and its rounded mean; ``± std`` wherever the summary measured one (two values or more),
+    even when it is 0 (identical sets)."""
     if entry is None or entry.get(col) is None:
         return "-", None
     mean, std = entry[col], entry.get(col + ".std")
     rounded = round(scale * mean, digits)
-    several = entry.get("n_sets", 1) > 1 and std is not None
-    text = f"{rounded:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if several else "")
+    text = f"{rounded:.{digits}f}" + (f" ± {scale * std:.{digits}f}" if std is not None else "")
     return text, rounded
 
 

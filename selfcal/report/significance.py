@@ -74,10 +74,11 @@ def compare_self(
                 continue
             n1, n2 = mine["n_sets"], theirs["n_sets"]
             m1, m2 = mine[metric], theirs[metric]
-            if n1 < 2 or n2 < 2:
+            s1, s2 = mine.get(metric + ".std"), theirs.get(metric + ".std")
+            if n1 < 2 or n2 < 2 or s1 is None or s2 is None:  # no std: fewer than two sets have the metric
                 out.append(Comparison(method, other, m1, m2, math.nan, math.nan, n1, n2, "n/a"))
                 continue
-            t, p = welch(m1, mine[metric + ".std"] or 0.0, n1, m2, theirs[metric + ".std"] or 0.0, n2)
+            t, p = welch(m1, s1, n1, m2, s2, n2)
             out.append(Comparison(method, other, m1, m2, t, p, n1, n2, verdict(t, p, alpha, higher_is_better=higher)))
     return out
 

@@ -11,7 +11,8 @@ from selfcal.report import metric_display
 
 @dataclass(frozen=True)
 class Cell:
-    """One schedule's value of a metric: the mean over its sets, their std (None for one set), how many sets are
+    """One schedule's value of a metric: the mean over its sets, their std (None where fewer than two sets have
+    the metric: ``aggregate.summarise`` measures none), how many sets are
     in and how many the profile asks for."""
 
     value: float
@@ -38,7 +39,7 @@ def temperature_grid(rows: list[dict], metric: str) -> tuple[list[float], list[f
         if r.get(metric) is None:
             continue
         sets = r.get("sets", 1)
-        std = r.get(metric + ".std") if sets > 1 else None
+        std = r.get(metric + ".std")
         key = (t0s.index(r["t_initial"]), t1s.index(r["t_final"]))
         cells[key] = Cell(k * r[metric], None if std is None else k * std, sets, r.get("of", full))
     return t0s, t1s, cells
