@@ -44,16 +44,37 @@ def _parser() -> argparse.ArgumentParser:
         "method's static layer checks, and every params key dvc.yaml's stages read.",
     )
 
-    g = sub.add_parser("generate", help="write one calibration set (source x seed)")
+    g = sub.add_parser(
+        "generate",
+        help="write one calibration set (source x seed)",
+        description="One calibration set of calibration.n_samples x seq_len tokens from SOURCE (self: the model "
+        "samples it from BOS) with SEED, into artifacts/calibration/SOURCE-sSEED (tokens.safetensors + a "
+        "manifest with its content digest; the same params and seed give the same digest). With tracking on, "
+        "logged as an MLflow dataset of a generate run. The `dvc repro` stage item generate@SOURCE-SEED.",
+    )
     g.add_argument("--source", required=True, help="a key of calibration.sources")
     g.add_argument("--seed", required=True, type=int, help="one of calibration.seeds")
 
-    c = sub.add_parser("compress", help="compress the base model with one calibration set and method")
+    c = sub.add_parser(
+        "compress",
+        help="compress the base model with one calibration set and method",
+        description="The base model compressed by METHOD (llm-compressor oneshot) with the calibration set "
+        "SOURCE-sSEED, saved as safetensors into artifacts/checkpoints/SOURCE-sSEED-METHOD with a manifest "
+        "(content digest, the set's digest, recipe, library versions), checked (only target layers changed) "
+        "and, with tracking on, registered as a model version. The `dvc repro` stage item compress@....",
+    )
     c.add_argument("--source", required=True, help="a key of calibration.sources (its set must be generated)")
     c.add_argument("--seed", required=True, type=int, help="one of calibration.seeds")
     c.add_argument("--method", required=True, help="one of compression.methods")
 
-    e = sub.add_parser("evaluate", help="score 'dense' or a checkpoint name (SOURCE-sSEED-METHOD)")
+    e = sub.add_parser(
+        "evaluate",
+        help="score 'dense' or a checkpoint name (SOURCE-sSEED-METHOD)",
+        description="Zero-shot acc on evaluation.tasks (lm-eval's tasks; evaluation.engine: fast or lm-eval) and "
+        "the perplexity sets, for the base model "
+        "('dense') or one checkpoint, into artifacts/evaluations/NAME.json and artifacts/metrics/NAME.json; "
+        "with tracking on, logged to the model's registered version. The `dvc repro` stage item evaluate@....",
+    )
     e.add_argument("target", help="'dense' or a checkpoint directory name under artifacts/checkpoints")
 
     i = sub.add_parser(
@@ -68,7 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--source")
     i.add_argument("--seed", type=int)
 
-    sub.add_parser("aggregate", help="summarise metrics (and diagnostics) into CSV and Markdown tables")
+    sub.add_parser(
+        "aggregate",
+        help="summarise metrics (and diagnostics) into CSV and Markdown tables",
+        description="Every evaluation record the params define, grouped by method x source: mean and sample "
+        "std over the seeds (std only where two or more sets have the metric), into artifacts/report/"
+        "results.{csv,md}, by_source.md (the paper's layout), diagnostics.md and metrics.json (DVC metrics).",
+    )
     sr = sub.add_parser(
         "study-report",
         help="write a study's committed record: tables, stage times and every model's lineage (lineage.json)",

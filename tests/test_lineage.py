@@ -126,15 +126,33 @@ def test_calibration_digest_lists_only_the_models_made_from_it(audited, capsys):
 
 
 def test_cli_lineage_text_and_json(audited, capsys):
-    digest = load_calibration_set(layout.calibration_dir(audited, "vocab", 0)).digest
+    """Text and JSON name the sha256 of all three records an auditor can hold without the weights (the checkpoint
+    and calibration manifests and the metrics record), so each checks against the files with ``sha256sum``."""
+    from selfcal.artifacts import MANIFEST
+    from selfcal.hashing import sha256_file
+
+    calib = layout.calibration_dir(audited, "vocab", 0)
+    digest = load_calibration_set(calib).digest
+    shas = {
+        "checkpoint": sha256_file(layout.checkpoint_dir(audited, "vocab", 0, "gptq") / MANIFEST),
+        "calibration": sha256_file(calib / MANIFEST),
+        "metrics": sha256_file(layout.evaluation_file(audited, "vocab-s0-gptq")),  # the evaluation record
+    }
     code, out, _ = _cli(capsys, audited, "lineage", f"{_name('vocab')}:1")
     assert code == 0
     assert f"model        {_name('vocab')}:1" in out
-    assert f"  digest     {digest}" in out
+    assert f"  digest     {digest}  (manifest sha256 {shas['calibration']})" in out
+    assert f"(manifest sha256 {shas['checkpoint']})" in out
+    assert f"  record     sha256 {shas['metrics']}  (the registered record's)" in out
     assert "(tokenizer only)" in out and "ppl.wikitext2" in out and "MISSING" not in out
     code, out, _ = _cli(capsys, audited, "lineage", _name("vocab"), "--json")
     chain = json.loads(out)
     assert chain["calibration"]["digest"] == digest and chain["model"]["version"] == "1"
+    assert chain["checkpoint"]["manifest_sha256"] == shas["checkpoint"]
+    assert (chain["calibration"]["manifest_sha256"], chain["metrics"]["sha256"]) == (
+        shas["calibration"],
+        shas["metrics"],
+    )
 
 
 def test_verify_passes_on_untouched_artifacts(audited, capsys):

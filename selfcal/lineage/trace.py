@@ -71,6 +71,7 @@ def _calibration(client, tags: dict, compress_run, missing: list[str]) -> dict |
     uses_weights = gen.data.tags.get(T.GENERATOR_USES_WEIGHTS) if gen is not None else None
     return {
         "digest": digest,
+        "manifest_sha256": tags.get(T.CALIBRATION_MANIFEST_SHA),
         "name": tags.get(T.CALIBRATION_NAME),
         "path": str(path) if path else tags.get(T.CALIBRATION_URI),
         "source": manifest.source if manifest else None,
@@ -116,6 +117,7 @@ def _metrics(client, model_id: str | None, tags: dict) -> dict | None:
         "evaluate_run_id": run_id,
         "values": values,
         "file": str(store.local_path(tags.get(T.METRICS_URI)) or "") or None,
+        "sha256": tags.get(T.METRICS_SHA),
     }
     if settings:
         out["settings"] = dict(sorted(settings.items()))
@@ -220,7 +222,7 @@ def format_text(lineage: dict) -> str:
         ds = cal["dataset"]
         lines += [
             f"calibration  {cal['name']}  {store.show(cal['path'])}",
-            f"  digest     {cal['digest']}",
+            f"  digest     {cal['digest']}  (manifest sha256 {cal['manifest_sha256']})",
             f"  source     {cal['source']}  seed {cal['seed']}  {cal['n_samples']} x {cal['seq_len']} tokens",
             f"  params     {_kv(cal['params'])}",
             f"  generator  {gen.get('name')}  revision {gen.get('revision') or 'none'}  digest "
@@ -238,6 +240,7 @@ def format_text(lineage: dict) -> str:
         lines.append("metrics      none linked (no evaluate run recorded for this version)")
     else:
         lines.append(f"metrics      evaluate run {met['evaluate_run_id']}  {store.show(met['file']) or ''}".rstrip())
+        lines.append(f"  record     sha256 {met['sha256']}  (the registered record's)")
         if met.get("note"):
             lines.append(f"  note       {met['note']}")
         shown = {k: v for k, v in (met.get("settings") or {}).items() if k in LINEAGE_SETTINGS}
