@@ -185,10 +185,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--sync-remote", action="store_true", help="dvc pull before and dvc push after (default remote, run-cache)"
     )
-    r.add_argument("--retries", type=int, default=2, help="retries per stage item (default 2)")
-    r.add_argument("--retry-delay", type=float, default=30, metavar="SECONDS", help="pause before a retry (default 30)")
+    r.add_argument("--retries", type=_count, default=2, help="retries per stage item (default 2)")
     r.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="limit per attempt of one stage item (default none)"
+        "--retry-delay", type=_seconds(0), default=30, metavar="SECONDS", help="pause before a retry (default 30)"
+    )
+    r.add_argument(
+        "--timeout", type=_seconds(), metavar="SECONDS", help="limit per attempt of one stage item (default none)"
     )
     r.add_argument(
         "--lock-timeout",
@@ -235,6 +237,35 @@ def _parser() -> argparse.ArgumentParser:
         "once, the deepest go first (models finish end to end), then the first pattern's (start long ones first)",
     )
     return p
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative")
+    return value
+
+
+def _seconds(least: float | None = None):
+    """A duration in seconds: above 0, or at least ``least``; a finite number either way."""
+
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not math.isfinite(value) or (value < least if least is not None else value <= 0):
+            raise argparse.ArgumentTypeError(
+                f"{text} is not {'at least ' + str(least) if least is not None else 'above 0'}"
+            )
+        return value
+
+    return parse
 
 
 def _positive_int(text: str) -> int:

@@ -26,6 +26,9 @@ from selfcal.schema import Strict
 DEFAULT_PARAMS = Path("params.yaml")
 # Names that become folder names and CLI words: no leading "-" (an option), no "." or "/".
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# A source name YAML 1.2 (DVC's ruamel) reads as a number, though PyYAML (1.1) reads a string: DVC's matrix
+# would name its items after the number (1e3 -> 1000.0), and `dvc repro` would drop them without a word.
+NUMERIC_NAME = re.compile(r"[-+]?(\d[\d_]*(\.\d*)?([eE][-+]?\d+)?|0[xXoObB][0-9a-fA-F_]+)")
 PARAMS_ENV = "SELFCAL_PARAMS"
 REGISTERED_NAME_FIELDS = ("base", "method", "source", "seed")
 
@@ -178,6 +181,8 @@ class CalibrationConfig(Strict):
                 raise ValueError(
                     f"source name {name!r} must start with a letter or digit, then letters, digits, '-' or '_'"
                 )
+            if NUMERIC_NAME.fullmatch(name):
+                raise ValueError(f"source name {name!r} reads as a number in DVC's YAML; give it a letter")
         return sources
 
     @field_validator("seeds")

@@ -39,10 +39,13 @@ class Registry(Generic[T]):
             raise ConfigError(f"{key}: {self.unknown(name)}" if key else self.unknown(name)) from None
 
     def check(self, names: list[str]) -> list[str]:
-        """For pydantic validators: ValueError with the one message on the first unknown name."""
-        for name in names:
+        """For pydantic validators: ValueError with the one message on the first unknown name, or on a name listed
+        twice (the same method twice is one DVC item; the same task twice is scored twice)."""
+        for i, name in enumerate(names):
             if name not in self._items:
                 raise ValueError(self.unknown(name))
+            if name in names[:i]:
+                raise ValueError(f"{name!r} is listed twice")
         return names
 
     def names(self) -> list[str]:

@@ -151,6 +151,62 @@ def test_a_source_name_must_be_a_safe_folder_and_cli_word(tiny_model, tmp_path, 
     assert "must start with a letter or digit" in _err(data)
 
 
+@pytest.mark.parametrize("name", ["1e3", "0x1F", "0o17", "12", "1_000"])
+def test_a_source_name_dvcs_yaml_reads_as_a_number_is_refused(tiny_model, tmp_path, name):
+    """PyYAML (YAML 1.1) reads `1e3:` as a string, DVC's ruamel (1.2) as 1000.0: its matrix then had no
+    generate@1e3-* item, and `dvc repro` dropped the source without a word."""
+    data = small_params(tiny_model, tmp_path)
+    data["calibration"]["sources"] = {name: data["calibration"]["sources"]["self"], "s1e3": {"kind": "vocab"}}
+    expected = f"source name {name!r} reads as a number in DVC's YAML; give it a letter"
+    assert _err(data) == f"params.yaml: calibration.sources: {expected}"
+    del data["calibration"]["sources"][name]
+    parse_params(data, root=tmp_path)  # a name with a letter is fine
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("calibration.n_samples", True), ("calibration.seq_len", True), ("evaluation.batch_size", True),
+     ("evaluation.limit", False)],
+)  # fmt: skip
+def test_a_yes_or_no_where_a_number_goes_is_refused(tiny_model, tmp_path, key, value):
+    """pydantic's lax mode took `n_samples: true` as 1 (and `seq_len: true` as 1, then refused it as "greater than
+    or equal to 2"); true/false are only taken by yes/no keys."""
+    section, name = key.split(".")
+    msg = _err(small_params(tiny_model, tmp_path, **{key: value}))
+    assert msg == f"params.yaml: {section}: {name}: {str(value).lower()} is a yes/no, not a number or a name", msg
+    parse_params(small_params(tiny_model, tmp_path, **{"model.trust_remote_code": False}), root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("compression.methods", ["gptq", "gptq"]), ("evaluation.tasks", ["arc_easy"] * 2)]
+)
+def test_a_method_or_task_listed_twice_is_refused(tiny_model, tmp_path, key, value):
+    """The same method twice is one DVC item (DVC collapses it); the same task twice was scored twice."""
+    assert (
+        _err(small_params(tiny_model, tmp_path, **{key: value})) == f"params.yaml: {key}: {value[0]!r} is listed twice"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--jobs", "0"], "argument --jobs/-j: 0 is less than 1"),
+        (["--timeout", "0"], "argument --timeout: 0 is not above 0"),
+        (["--timeout", "inf"], "argument --timeout: inf is not above 0"),
+        (["--retries", "-1"], "argument --retries: -1 is negative"),
+        (["--retry-delay", "-5"], "argument --retry-delay: -5 is not at least 0"),
+        (["--retry-delay", "x"], "argument --retry-delay: 'x' is not a number of seconds"),
+    ],
+)
+def test_run_refuses_counts_and_durations_no_attempt_could_use_in_one_line(capsys, argv, why):
+    """`run --timeout 0` started Prefect's server and killed every item at once (47 lines, two tracebacks)."""
+    from selfcal.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", *argv])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"selfcal run: error: {why}"
+
+
 # -- paths ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["../../../x", "/etc", "self-s0-gptq/../../x", ".."])
 def test_an_evaluate_target_is_a_checkpoint_name_never_a_path(tiny_model, tmp_path, target):

@@ -164,7 +164,7 @@ def run_tasks_fast(
         log.info(
             "%s: acc %.4f on %d examples in %.1f s (%.0f requests/s)",
             name,
-            scored["acc"] or float("nan"),
+            float("nan") if scored["acc"] is None else scored["acc"],
             scored["n"],
             scored["seconds"],
             scored["requests_per_s"] or 0,
