@@ -43,3 +43,20 @@ def test_the_graph_sees_function_level_imports():
     assert "selfcal/compression/verify.py" in closure  # imported inside CompressionMethod methods
     assert "selfcal/evaluation/tasks.py" in closure  # config's task validator imports it lazily
     assert "selfcal/calibration/diagnostics.py" not in closure
+
+
+def test_every_artifact_a_stage_reads_or_writes_is_under_paths_artifacts():
+    """params' `paths.artifacts` moves every output: guard's `checked.json` was written as `artifacts/...` in
+    dvc.yaml, so with `paths.artifacts: out` `selfcal check` passed and `dvc repro` failed at its first stage."""
+    paths = []
+    for stage in STAGES.values():
+        for entry in [
+            *stage.get("deps", []),
+            *stage.get("outs", []),
+            *stage.get("metrics", []),
+            *stage.get("plots", []),
+        ]:
+            paths += list(entry) if isinstance(entry, dict) else [entry]
+    fixed = [p for p in paths if p.split("/")[0] in ("artifacts", ".selfcal")]
+    assert fixed == [], f"dvc.yaml names artifact paths that ignore params' paths section: {sorted(set(fixed))}"
+    assert any(p == "${paths.artifacts}/checked.json" for p in paths)
