@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfcal.evaluation import fast  # noqa: E402
 from selfcal.evaluation.harness import run_tasks, run_tasks_fast  # noqa: E402
-from selfcal.evaluation.perplexity import perplexity_of_text, read_perplexity_text  # noqa: E402
+from selfcal.evaluation.perplexity import perplexity_of_ids, read_perplexity_text, text_ids  # noqa: E402
 from selfcal.evaluation.prepared import prepared  # noqa: E402
 from selfcal.evaluation.tasks import resolve_tasks  # noqa: E402
 
@@ -240,7 +240,7 @@ def main() -> None:
                 flush=True,
             )
         t0 = time.perf_counter()
-        ppl = perplexity_of_text(model, tok, text, seq_len=seq_len, max_windows=None, progress=False)
+        ppl = perplexity_of_ids(model, text_ids(tok, text), seq_len=seq_len, max_windows=None, progress=False)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         row["perplexity"] = {

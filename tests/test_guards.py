@@ -4,6 +4,7 @@ paths that stay inside the workspace."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -399,6 +400,36 @@ def test_a_missing_perplexity_file_is_refused_by_check(tiny_model, tmp_path, cap
     data["evaluation"]["perplexity"] = {"wikitext2": {"path": "./nowhere/wiki.txt"}}
     rc, err = _check(tmp_path, data, capsys)
     assert rc == 2 and len(err) == 1 and "evaluation.perplexity.wikitext2.path" in err[0]
+
+
+def test_a_perplexity_text_short_of_one_window_is_refused_by_check_and_before_the_model_loads(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    """A text shorter than one window passed check; the evaluate stage failed only after the zero-shot tasks had
+    run, with an error that named no key."""
+    from selfcal.pipeline import evaluate
+
+    (tmp_path / "short.txt").write_text("hello world\n")
+    data = small_params(tiny_model, tmp_path, **{"evaluation.tasks": [], "evaluation.data_dir": None})
+    data["evaluation"]["perplexity"] = {"tiny": {"path": str(tmp_path / "short.txt"), "seq_len": 64}}
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert re.fullmatch(
+        r"selfcal: error: evaluation\.perplexity\.tiny: the text has \d+ tokens, fewer than one window of 64; "
+        r"give a longer text or a smaller evaluation\.perplexity\.tiny\.seq_len",
+        err[0],
+    ), err
+    params = parse_params(data, root=tmp_path)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(evaluate, "load_model", no_model)
+    with pytest.raises(ConfigError, match="fewer than one window of 64"):
+        evaluate.evaluate(params, layout.DENSE, progress=False)
+    assert not layout.evaluation_file(params, layout.DENSE).exists()
+    data["evaluation"]["perplexity"]["tiny"]["seq_len"] = 2  # the same text fills windows of 2: check passes
+    assert _check(tmp_path, data, capsys)[0] == 0
 
 
 @pytest.mark.parametrize("weights", ["pickle", "none", "corrupt"])

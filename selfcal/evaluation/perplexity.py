@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from selfcal.errors import DataError
+from selfcal.errors import ConfigError, DataError
 from selfcal.paths import resolve_path
 from selfcal.scoring import window_nll
 from selfcal.textdata import read_documents
@@ -65,10 +65,24 @@ def read_perplexity_text(
     return "\n\n".join(docs)
 
 
-def perplexity_of_text(
-    model, tokenizer, text: str, *, seq_len: int, max_windows: int | None, batch_size: int = 8, progress: bool = True
+def text_ids(tokenizer, text: str) -> torch.Tensor:
+    """The text as one token sequence (GPTQ's protocol: the whole file tokenized as one string)."""
+    return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+
+
+def check_one_window(n_tokens: int, seq_len: int, key: str) -> None:
+    """A perplexity set must fill one window: refused by ``selfcal check`` and before the model loads, not after
+    the zero-shot tasks have run."""
+    if n_tokens < seq_len:
+        raise ConfigError(
+            f"{key}: the text has {n_tokens} tokens, fewer than one window of {seq_len}; give a longer text or a "
+            f"smaller {key}.seq_len"
+        )
+
+
+def perplexity_of_ids(
+    model, ids: torch.Tensor, *, seq_len: int, max_windows: int | None, batch_size: int = 8, progress: bool = True
 ) -> dict:
-    ids = torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
     result = perplexity_of_windows(
         model, token_windows(ids, seq_len, max_windows), batch_size=batch_size, progress=progress
     )

@@ -199,7 +199,7 @@ def every_item(params: Params) -> int:
         for method in params.compression.methods:
             compress.preflight(params, source, seed, method)
             n += 1
-    evaluate.preflight(params)
+    evaluate.preflight(params, count_windows=True)
     return n + 1
 
 

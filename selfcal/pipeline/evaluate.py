@@ -12,7 +12,7 @@ from selfcal.artifacts import atomic_write_text, read_manifest
 from selfcal.config import Params
 from selfcal.errors import ConfigError, DataError
 from selfcal.evaluation.harness import run_tasks, run_tasks_fast
-from selfcal.evaluation.perplexity import perplexity_of_text, read_perplexity_text
+from selfcal.evaluation.perplexity import check_one_window, perplexity_of_ids, read_perplexity_text, text_ids
 from selfcal.evaluation.tasks import missing_task_files, resolve_tasks
 from selfcal.lineage.registry import link_evaluation
 from selfcal.lineage.tags import EVALUATION_ARTIFACTS
@@ -33,9 +33,11 @@ class EvaluatePlan:
     ppl_seq_len: dict[str, int]  # perplexity set -> window length
 
 
-def preflight(params: Params) -> EvaluatePlan:
+def preflight(params: Params, *, count_windows: bool = False) -> EvaluatePlan:
     """Everything an evaluate item (dense or a checkpoint) checks before a model loads (``selfcal check`` runs
-    it): every listed task's file under data_dir, each perplexity window within the context."""
+    it): every listed task's file under data_dir, each perplexity window within the context; with
+    ``count_windows`` (``selfcal check``), each local perplexity text tokenized, once per process, to know it
+    fills one window (the stage itself counts the ids it scores, before the model loads)."""
     ev = params.evaluation
     _, config = base_model(params)
     data_dir = params.resolve(ev.data_dir) if ev.data_dir else None
@@ -54,7 +56,35 @@ def preflight(params: Params) -> EvaluatePlan:
         seq_len = cfg.seq_len or min(context_window(config) or PPL_CAP, PPL_CAP)
         check_context(config, seq_len, f"evaluation.perplexity.{name}.seq_len")
         seq_lens[name] = seq_len
+        if count_windows and params.resolve(cfg.path).exists():
+            check_one_window(_ppl_tokens(params, name), seq_len, f"evaluation.perplexity.{name}")
     return EvaluatePlan(data_dir=data_dir, ppl_seq_len=seq_lens)
+
+
+def _read_ppl_text(params: Params, name: str) -> str:
+    cfg = params.evaluation.perplexity[name]
+    return read_perplexity_text(
+        cfg.path,
+        root=params.root,
+        text_field=cfg.text_field,
+        hub_config=cfg.hub_config,
+        hub_split=cfg.hub_split,
+        max_documents=cfg.max_documents,
+        key=f"evaluation.perplexity.{name}.path",
+    )
+
+
+def _ppl_tokens(params: Params, name: str) -> int:
+    from selfcal.textdata import cached_token_count
+
+    ref, _ = base_model(params)
+    cfg = params.evaluation.perplexity[name]
+
+    def count() -> int:
+        tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
+        return int(text_ids(tokenizer, _read_ppl_text(params, name)).numel())
+
+    return cached_token_count(params.resolve(cfg.path), ("perplexity", cfg.text_field, str(ref.local_dir)), count)
 
 
 def _target(params: Params, name: str) -> tuple[ModelRef, dict]:
@@ -82,21 +112,18 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> EvaluationR
     ref, ident = _target(params, name)
     planned = preflight(params)
     data_dir = planned.data_dir
-    # Read every perplexity text now: a missing file fails before the model loads.
-    ppl_sets: dict[str, tuple[str, int]] = {}
-    for set_name, cfg in ev.perplexity.items():
-        key = f"evaluation.perplexity.{set_name}"
+    try:
+        tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{ref.load_id}: tokenizer does not load: {str(err).splitlines()[0]}") from None
+    # Every perplexity text read and tokenized now: a missing file, or one short of a window, fails before the
+    # model loads (not after the zero-shot tasks).
+    ppl_sets: dict[str, tuple[object, int]] = {}
+    for set_name in ev.perplexity:
         seq_len = planned.ppl_seq_len[set_name]
-        text = read_perplexity_text(
-            cfg.path,
-            root=params.root,
-            text_field=cfg.text_field,
-            hub_config=cfg.hub_config,
-            hub_split=cfg.hub_split,
-            max_documents=cfg.max_documents,
-            key=f"{key}.path",
-        )
-        ppl_sets[set_name] = (text, seq_len)
+        ids = text_ids(tokenizer, _read_ppl_text(params, set_name))
+        check_one_window(int(ids.numel()), seq_len, f"evaluation.perplexity.{set_name}")
+        ppl_sets[set_name] = (ids, seq_len)
     specs, skipped = resolve_tasks(ev.tasks, data_dir, root=params.root)
     for task, why in skipped.items():
         log.warning("%s skipped: %s", task, why)
@@ -107,7 +134,6 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> EvaluationR
             model = load_model(
                 ref, dtype=params.model.dtype, device=device, trust_remote_code=params.model.trust_remote_code
             )
-            tokenizer = load_tokenizer(ref, trust_remote_code=params.model.trust_remote_code)
         except (OSError, ValueError) as err:
             raise DataError(f"{ref.load_id}: model does not load: {str(err).splitlines()[0]}") from None
         t0 = time.perf_counter()
@@ -125,13 +151,11 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> EvaluationR
             mean_acc = sum(scored.values()) / len(scored) if scored else None
             mean_tasks = sorted(scored)
         perplexities = {}
-        for set_name, (text, seq_len) in ppl_sets.items():
+        for set_name, (ids, seq_len) in ppl_sets.items():
             cfg = ev.perplexity[set_name]
             log.info("perplexity %s: windows of %d tokens", set_name, seq_len)
             t_ppl = time.perf_counter()
-            ppl = perplexity_of_text(
-                model, tokenizer, text, seq_len=seq_len, max_windows=cfg.max_windows, progress=progress
-            )
+            ppl = perplexity_of_ids(model, ids, seq_len=seq_len, max_windows=cfg.max_windows, progress=progress)
             perplexities[set_name] = PerplexityScore(
                 **ppl, source=cfg.path, seconds=round(time.perf_counter() - t_ppl, 3)
             )
