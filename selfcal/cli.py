@@ -348,11 +348,11 @@ def _audit_client(args):
     from selfcal.lineage.tracking import open_client, tracking_uri
 
     if args.tracking_uri:
-        return open_client(args.tracking_uri)
+        return open_client(args.tracking_uri, "--tracking-uri")
     if params_path(args.params).is_file():
         return open_client(tracking_uri(load_params(args.params)))
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return open_client(os.environ["MLFLOW_TRACKING_URI"])
+        return open_client(os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI")
     raise ConfigError(
         f"{args.command}: no params file, --tracking-uri or $MLFLOW_TRACKING_URI to find the MLflow store"
     )

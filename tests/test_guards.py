@@ -208,6 +208,51 @@ def test_run_refuses_counts_and_durations_no_attempt_could_use_in_one_line(capsy
     assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == f"selfcal run: error: {why}"
 
 
+@pytest.mark.parametrize(
+    ("uri", "why"),
+    [
+        ("htp://x", "'htp://x' is no MLflow store URI"),
+        ("/nonexistent/dir", "no MLflow store at /nonexistent/dir (no such folder)"),
+        ("file:///nonexistent/dir", "no MLflow store at /nonexistent/dir (no such folder)"),
+        ("sqlite:////nonexistent/mlflow.db", "no MLflow store at /nonexistent/mlflow.db"),
+        ("http://127.0.0.1:9", "the MLflow server at http://127.0.0.1:9 does not answer"),
+    ],
+)
+@pytest.mark.parametrize("command", [["models"], ["lineage", "m:1"], ["verify", "m"]])
+def test_an_audit_command_on_a_store_it_cannot_read_says_so_in_one_line_at_once(capsys, uri, why, command):
+    """`models --tracking-uri htp://x` and a missing folder were MLflow tracebacks; a dead server was minutes of
+    MLflow's retries, then "no such model version", which blamed the model for the server."""
+    import time
+
+    from selfcal.cli import main
+
+    t0 = time.monotonic()
+    assert main([*command, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"selfcal: error: --tracking-uri: {why}"), err
+    assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.parametrize(
+    ("ji", "why"),
+    [
+        ({"pool_size": 1}, "pool_size: a pool of 1 keeps no text (the filter keeps those strictly below the 80th"),
+        ({"pool_size": 4, "max_new_tokens": 8}, "pool_size: at most 3 kept texts of at most 2 + 8 tokens give at most "
+         "33 tokens, too few for a window of calibration.seq_len 64"),
+    ],
+)  # fmt: skip
+def test_a_ji_pool_that_cannot_fill_one_window_is_refused_by_check(tiny_model, tmp_path, capsys, ji, why):
+    """A pool of one always failed (the perplexity filter is strict), and a pool too small for one window failed
+    too, each only after the model had generated and scored the whole pool."""
+    (tmp_path / "prompts.jsonl").write_text('{"text": "Once upon a time"}\n' * 4)
+    source = {"kind": "ji", "prompt_path": str(tmp_path / "prompts.jsonl"), "max_new_tokens": 16, **ji}
+    data = small_params(tiny_model, tmp_path, **{"calibration.seq_len": 64, "calibration.sources": {"ji": source}})
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"selfcal: error: calibration.sources.ji.{why}"), err
+    source.update(pool_size=8, max_new_tokens=16)  # 6 texts of up to 19 tokens: 114 >= 65, it may fill one
+    assert _check(tmp_path, data, capsys)[0] == 0
+
+
 # -- paths ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["../../../x", "/etc", "self-s0-gptq/../../x", ".."])
 def test_an_evaluate_target_is_a_checkpoint_name_never_a_path(tiny_model, tmp_path, target):

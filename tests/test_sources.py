@@ -366,3 +366,18 @@ def test_ji_windows_need_one_token_past_a_window_as_get_selfgen_does(tokenizer):
     assert starts == [0, 0, 0] and tokens.shape == (3, length - 1)
     with pytest.raises(DataError, match=f"too few for a window of {length}$"):
         sources.selfgen_windows(texts, tokenizer, n=3, seq_len=length, seed=0)
+
+
+def test_most_kept_is_how_many_texts_the_perplexity_filter_keeps_from_a_pool():
+    """sample_ppl.py keeps perplexities strictly below np.percentile(1 - drop): a pool of one keeps none."""
+    import numpy as np
+
+    from selfcal.calibration.sources import most_kept
+
+    rng = np.random.default_rng(0)
+    for n in range(1, 30):
+        for drop in (0.0, 0.2, 0.25, 0.5, 0.9):
+            ppl = rng.random(n)
+            kept = int((ppl < np.percentile(ppl, 100 * (1 - drop))).sum()) if drop else n
+            assert most_kept(n, drop) == kept, (n, drop)
+    assert (most_kept(1, 0.2), most_kept(2, 0.2), most_kept(5000, 0.2)) == (0, 1, 4000)

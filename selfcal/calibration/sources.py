@@ -296,6 +296,16 @@ def selfgen_windows(
     return np.asarray([stream[s : s + seq_len] for s in starts], dtype=np.int32), starts, len(stream)
 
 
+def most_kept(pool_size: int, drop_fraction: float) -> int:
+    """The most texts ``perplexity_filter`` can keep from a pool: those strictly below np.percentile's linear
+    interpolation at position h = (n - 1)(1 - drop_fraction) of the sorted perplexities, so floor(h) + 1 of
+    them when h is fractional and h when it is whole (a pool of one keeps none). All of them with no drop."""
+    if drop_fraction == 0:
+        return pool_size
+    h = (pool_size - 1) * (1 - drop_fraction)
+    return int(h) + (0 if h == int(h) else 1)
+
+
 def perplexity_filter(
     model, tokenizer, texts: list[str], drop_fraction: float, *, batch_size: int
 ) -> tuple[list[str], dict]:

@@ -83,18 +83,56 @@ def store_dir(params: Params) -> Path:
     return state
 
 
-def open_client(uri: str):
-    """A client for reading an existing store; a missing sqlite file is an error, not a new store."""
+def check_store_uri(uri: str, key: str = "tracking.tracking_uri") -> None:
+    """``uri`` is one MLflow has a store for (``htp://`` passed, then every stage died in MLflow with its own
+    exception). The scheme only: whether a server answers is the reader's business (a coordinator may check
+    params on a box that cannot reach the workers' store)."""
+    # MLflow's own scheme tables (mlflow/tracking/_model_registry/utils.py, _tracking_service/utils.py): the
+    # registry's is the narrower, and every stage registers or reads versions
+    from mlflow.tracking._model_registry.utils import _get_store_registry
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    for registry in (_tracking_store_registry, _get_store_registry()):
+        try:
+            registry.get_store_builder(uri)
+        except Exception:  # noqa: BLE001 - MLflow's exception types differ by store kind
+            raise ConfigError(
+                f"{key}: {uri!r} is no MLflow store URI (sqlite:///FILE, postgresql://..., http(s)://HOST, or a folder)"
+            ) from None
+
+
+#: Seconds an auditing command waits for a tracking server's /health before saying it does not answer
+#: (MLflow's own client retries a dead server for minutes, then names the model as missing)
+HEALTH_TIMEOUT_S = 5.0
+
+
+def open_client(uri: str, key: str = "tracking.tracking_uri"):
+    """A client for reading an existing store, checked first: a URI MLflow has no store for, a missing sqlite file
+    or folder (an error, not a new store) and a server that does not answer are each one line naming ``key``."""
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    check_store_uri(uri, key)
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
         db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
         if db is not None and not db.is_file():
-            raise ConfigError(
-                f"tracking.tracking_uri: no MLflow store at {db} (run the pipeline with tracking enabled first)"
-            )
+            raise ConfigError(f"{key}: no MLflow store at {db} (run the pipeline with tracking enabled first)")
+    elif parsed.scheme in ("", "file"):
+        folder = Path(parsed.path if parsed.scheme == "file" else uri)
+        if not folder.is_dir():
+            raise ConfigError(f"{key}: no MLflow store at {folder} (no such folder)")
+    elif parsed.scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            pass  # it answered (a proxy may guard /health): the server is there
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "reason", None) or err
+            raise ConfigError(f"{key}: the MLflow server at {uri} does not answer ({reason})") from None
     return mlflow.MlflowClient(tracking_uri=uri)
 
 

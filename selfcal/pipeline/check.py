@@ -173,18 +173,9 @@ def check_tracking_uri(params: Params) -> None:
         key, uri = "$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         return  # a sqlite file under paths.state
-    # MLflow's own scheme tables (mlflow/tracking/_model_registry/utils.py, _tracking_service/utils.py): the
-    # registry's is the narrower, and every stage registers or reads versions
-    from mlflow.tracking._model_registry.utils import _get_store_registry
-    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+    from selfcal.lineage.tracking import check_store_uri
 
-    for registry in (_tracking_store_registry, _get_store_registry()):
-        try:
-            registry.get_store_builder(uri)
-        except Exception:  # noqa: BLE001 - MLflow's exception types differ by store kind
-            raise ConfigError(
-                f"{key}: {uri!r} is no MLflow store URI (sqlite:///FILE, postgresql://..., http(s)://HOST, or a folder)"
-            ) from None
+    check_store_uri(uri, key)
 
 
 def every_item(params: Params) -> int:
