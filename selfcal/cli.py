@@ -86,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("calib_set", nargs="?", help="calibration set directory (tokens.safetensors + manifest.json)")
     i.add_argument("--model", help="model (hub id or directory); default: model.path from params")
     i.add_argument("--reference", help="corpus file for the activation-statistics distance; default: params")
-    i.add_argument("--source")
-    i.add_argument("--seed", type=int)
+    i.add_argument("--source", help="a key of calibration.sources: inspect the pipeline's set of it (with --seed)")
+    i.add_argument("--seed", type=int, help="one of calibration.seeds (with --source)")
 
     sub.add_parser(
         "aggregate",
@@ -418,13 +418,15 @@ def _inspect(args, params) -> None:
 
     from selfcal.errors import ConfigError
     from selfcal.modelio import pick_device, resolve_model
-    from selfcal.pipeline.inspect import inspect_set, inspect_stage
+    from selfcal.pipeline.inspect import REFERENCE_KEY, inspect_set, inspect_stage
 
     if args.calib_set is None:
         if args.source is None or args.seed is None:
             raise ConfigError("inspect: give CALIB_SET, or --source and --seed")
         inspect_stage(params, args.source, args.seed)
         return
+    if args.source is not None or args.seed is not None:
+        raise ConfigError("inspect: give CALIB_SET or --source and --seed, not both (the set would be inspected)")
     if args.model:
         ref = resolve_model(args.model, root=Path.cwd(), key="--model")
     else:
@@ -439,6 +441,7 @@ def _inspect(args, params) -> None:
         root=Path.cwd() if args.reference or not params else params.root,
         batch_size=diag.batch_size if diag else 8,
         reference_stride=diag.window_stride if diag and not args.reference else None,
+        reference_key="--reference" if args.reference else REFERENCE_KEY,
     )
     print(json.dumps(result, indent=2, sort_keys=True))
 

@@ -350,6 +350,9 @@ def _error_message(err: dict) -> str:
     if err["type"] == "union_tag_invalid":  # calibration.sources.NAME.kind
         ctx = err.get("ctx", {})
         return f"unknown {_discriminator(err)} {ctx.get('tag')!r}; known: {ctx.get('expected_tags')}"
+    if err["type"] == "union_tag_not_found":  # a source without its kind: pydantic's "Unable to extract tag"
+        known = ", ".join(repr(t) for m in _members(SourceConfig) if (t := _tag(m)))
+        return f"required key is missing; known: {known}"
     return err["msg"].removeprefix("Value error, ")
 
 
@@ -397,7 +400,7 @@ def _format_error(err: ValidationError, source: str, model: type[BaseModel] | No
     errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     first = errors[0]
     key = _error_key(first["loc"])
-    if first["type"] == "union_tag_invalid":
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
         key += "." + _discriminator(first)
     same = [e for e in errors if _error_key(e["loc"]) == key]
     if len(same) > 1 and all(e["msg"].startswith("Input should be ") for e in same):

@@ -138,3 +138,10 @@ def test_inspect_command_on_a_set_and_a_model(tiny_model, tmp_path, capsys, monk
     assert "activation" not in out
     assert main(["inspect", str(tmp_path / "missing"), "--model", str(tiny_model)]) == 2
     assert "calibration tokens missing" in capsys.readouterr().err
+    # a --reference the command line gave is named as such, not as the params key nobody set
+    assert main(["inspect", str(tmp_path / "set"), "--model", str(tiny_model), "--reference", "nope.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("selfcal: error: --reference") and "calibration.diagnostics" not in err, err
+    # a set and --source/--seed: one of them would be ignored
+    assert main(["inspect", str(tmp_path / "set"), "--model", str(tiny_model), "--seed", "3"]) == 2
+    assert "not both" in capsys.readouterr().err

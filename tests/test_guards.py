@@ -94,6 +94,8 @@ def _misspell_section(d):
          "params.yaml: evaluation.batch_size: Input should be greater than or equal to 1 or 'auto'"),
         (lambda d: d["calibration"]["sources"]["self"].update(kind="selff"),
          "params.yaml: calibration.sources.self.kind: unknown kind 'selff'; known: 'self', 'corpus', 'vocab', 'ji'"),
+        (lambda d: d["calibration"]["sources"]["self"].pop("kind"),
+         "params.yaml: calibration.sources.self.kind: required key is missing; known: 'self', 'corpus', 'vocab', 'ji'"),
         (lambda d: d["calibration"].update(n_sample=3, seq_len=0),
          "params.yaml: calibration.n_sample: unknown key (did you mean 'n_samples'?) (+1 more)"),
         (lambda d: d["calibration"]["sources"].update(hot={"kind": "self", "t_initail": 2.0}),

@@ -22,8 +22,8 @@ log = logging.getLogger("selfcal.inspect")
 REFERENCE_KEY = "calibration.diagnostics.reference_path"
 
 
-def _reference_stream(path: str, tokenizer, *, root: Path, text_field: str):
-    docs = textdata.read_documents(path, root=root, text_field=text_field, key=REFERENCE_KEY)
+def _reference_stream(path: str, tokenizer, *, root: Path, text_field: str, key: str = REFERENCE_KEY):
+    docs = textdata.read_documents(path, root=root, text_field=text_field, key=key)
     return textdata.token_stream(docs, tokenizer)
 
 
@@ -36,12 +36,12 @@ def reference_windows(
     root: Path,
     text_field: str = "text",
     stride: int | None = None,
+    key: str = REFERENCE_KEY,
 ):
-    """Block 0 of the reference's windows (every ``stride`` tokens; back to back when None)."""
-    stream = _reference_stream(path, tokenizer, root=root, text_field=text_field)
-    chosen, _ = corpus.pick_windows(
-        textdata.windows(stream, seq_len, stride), n, 0, allow_overlap=False, name=REFERENCE_KEY
-    )
+    """Block 0 of the reference's windows (every ``stride`` tokens; back to back when None); errors name ``key``
+    (the params key, or ``--reference`` where the command line gave the file)."""
+    stream = _reference_stream(path, tokenizer, root=root, text_field=text_field, key=key)
+    chosen, _ = corpus.pick_windows(textdata.windows(stream, seq_len, stride), n, 0, allow_overlap=False, name=key)
     return chosen
 
 
@@ -89,6 +89,7 @@ def inspect_set(
     batch_size: int = 8,
     trust_remote_code: bool = False,
     reference_stride: int | None = None,
+    reference_key: str = REFERENCE_KEY,
 ) -> dict:
     """Text measures, perplexity under the model and (with a reference) activation distance."""
     calib = load_calibration_set(calib_dir)
@@ -103,6 +104,7 @@ def inspect_set(
             root=root,
             text_field=reference_text_field,
             stride=reference_stride,
+            key=reference_key,
         )
     model = load_model(ref, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     start = calib.manifest.provenance.get("start_token_id")
