@@ -135,7 +135,7 @@ def remote_sync(action: str, root: str, execution_id: str, timeout: float | None
     run_dvc(REMOTE_SYNC[action], cwd=Path(root), env=_dvc_env(execution_id), on_line=logger.info, timeout=timeout)
 
 
-def _prepare(root: Path, profile: str | None, logger):
+def _prepare(root: Path, profile: str | None, logger, *, stages_here: bool = True):
     """Install the profile, validate params, clear a killed run's scratch; returns the params."""
     checked = None
     if profile:  # checked whole (`selfcal check`) before it replaces params.yaml
@@ -148,7 +148,7 @@ def _prepare(root: Path, profile: str | None, logger):
     # (so DVC deletes no output of an item whose params would be refused; the profile's own check when one
     # was just installed) and its constant output, which every other stage depends on. The `guard` item
     # itself is not run (always changed).
-    logger.info("guard: %s", guard(params, checked=checked))
+    logger.info("guard: %s", guard(params, checked=checked, stages_here=stages_here))
     return params
 
 
@@ -199,7 +199,7 @@ def pipeline(
     label = f"selfcal-pipeline flow run '{flow_run.get_name()}' ({run_id})"
     with workspace_lock(root, label=label, timeout=lock_timeout, on_wait=waiting):
         logger.info("holding %s", lock_path(root))
-        params = _prepare(root, profile, logger)
+        params = _prepare(root, profile, logger, stages_here=not fan_out)
         parent = open_pipeline_run(params, execution_id)  # before items start, so they all find one parent
         graph = {i: [d for d in deps if d != GUARD_STAGE] for i, deps in stage_graph(root).items() if i != GUARD_STAGE}
         graph = select_items(graph, only)

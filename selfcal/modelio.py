@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from selfcal.errors import ModelNotFoundError
+from selfcal.errors import ConfigError, ModelNotFoundError
 from selfcal.hashing import sha256_file, sha256_json
 from selfcal.paths import LOCAL_PREFIXES, resolve_path
 from selfcal.records import ModelFingerprint
@@ -140,7 +140,7 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ModelNotFoundError("model.device: 'cuda' requested but no CUDA device is available")
+        raise ConfigError("model.device: 'cuda' requested but no CUDA device is available")
     return requested
 
 

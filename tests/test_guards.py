@@ -255,6 +255,27 @@ def test_a_ji_pool_that_cannot_fill_one_window_is_refused_by_check(tiny_model, t
     assert _check(tmp_path, data, capsys)[0] == 0
 
 
+def test_model_device_cuda_without_cuda_is_noted_by_check_and_refused_where_the_stages_run(
+    tiny_model, tmp_path, capsys
+):
+    """`check` passed it and `dvc repro` failed at generate: the guard runs where DVC runs the stages, so it
+    refuses; `check` alone (maybe on a coordinator without the workers' CUDA) and a fanning-out flow's guard note
+    it and pass."""
+    import torch
+
+    from selfcal.pipeline.guard import guard
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    data = small_params(tiny_model, tmp_path, **{"model.device": "cuda"})
+    assert main(["--params", str(write_params(tmp_path / "params.yaml", data)), "check"]) == 0
+    assert "note: model.device is cuda and this machine has no CUDA device" in capsys.readouterr().out
+    params = parse_params(data, root=tmp_path)
+    with pytest.raises(ConfigError, match="model.device: 'cuda' requested but no CUDA device is available"):
+        guard(params)
+    assert "note: model.device is cuda" in guard(params, stages_here=False)
+
+
 # -- paths ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("target", ["../../../x", "/etc", "self-s0-gptq/../../x", ".."])
 def test_an_evaluate_target_is_a_checkpoint_name_never_a_path(tiny_model, tmp_path, target):

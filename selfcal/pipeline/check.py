@@ -194,6 +194,12 @@ def every_item(params: Params) -> int:
     return n + 1
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def check(params: Params, params_file: Path) -> str:
     """Run every static check; return the one-line summary ``selfcal check`` prints."""
     from selfcal.modelio import load_tokenizer
@@ -210,6 +216,10 @@ def check(params: Params, params_file: Path) -> str:
     if dvc_yaml.is_file():
         check_dvc_params(params_file, dvc_yaml)
     summary = f"ok: params valid; model {ref.name} -> {ref.local_dir}"
+    if params.model.device == "cuda" and not _has_cuda():
+        # not refused: check may run on a coordinator without the GPU workers' CUDA; the guard stage, which runs
+        # where the stages do, refuses it
+        summary += "; note: model.device is cuda and this machine has no CUDA device: run the stages where one is"
     if params.model.trust_remote_code:
         # Said once here, and recorded as a tag on every stage run (lineage), never silently.
         summary += "; WARNING: model.trust_remote_code is true: the model folder's own Python code will run"

@@ -26,38 +26,6 @@ def check_context(config: dict, seq_len: int, key: str) -> None:
         raise ConfigError(f"{key}: {seq_len} exceeds the model's context window of {window} tokens")
 
 
-def check_sources(config: dict, params: Params) -> None:
-    """What a source generates must fit the context too (Ji et al.: prompt + max_new_tokens)."""
-    from selfcal.calibration.sources import most_kept
-
-    window = context_window(config)
-    seq_len = params.calibration.seq_len
-    for name, spec in params.calibration.sources.items():
-        if spec.kind != "ji":
-            continue
-        if window is not None and spec.prompt_tokens + spec.max_new_tokens > window:
-            raise ConfigError(
-                f"calibration.sources.{name}.max_new_tokens: {spec.prompt_tokens} prompt + "
-                f"{spec.max_new_tokens} new tokens "
-                f"exceed the model's context window of {window} tokens"
-            )
-        kept = most_kept(spec.pool_size, spec.drop_fraction)
-        if kept == 0:
-            raise ConfigError(
-                f"calibration.sources.{name}.pool_size: a pool of {spec.pool_size} keeps no text (the filter keeps "
-                f"those strictly below the {100 * (1 - spec.drop_fraction):g}th perplexity percentile); give a "
-                "larger pool_size or drop_fraction 0"
-            )
-        # each kept text is at most its prompt and new tokens, and one more where texts are joined with a space
-        most = kept * (spec.prompt_tokens + spec.max_new_tokens + 1)
-        if most < seq_len + 1:
-            raise ConfigError(
-                f"calibration.sources.{name}.pool_size: at most {kept} kept texts of at most "
-                f"{spec.prompt_tokens} + {spec.max_new_tokens} tokens give at most {most} tokens, too few for a "
-                f"window of calibration.seq_len {seq_len}; give a larger pool_size or max_new_tokens"
-            )
-
-
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

@@ -14,10 +14,10 @@ from selfcal.errors import ConfigError
 from selfcal.lineage import tags as T
 from selfcal.lineage.registry import log_calibration
 from selfcal.lineage.tracking import stage_run
-from selfcal.modelio import ModelRef, fingerprint, load_model, load_tokenizer, pick_device
+from selfcal.modelio import ModelRef, context_window, fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.paths import resolve_path
 from selfcal.pipeline import layout
-from selfcal.pipeline.common import base_model, check_context, check_seed, check_sources
+from selfcal.pipeline.common import base_model, check_context, check_seed
 from selfcal.records import CalibrationManifest
 
 log = logging.getLogger("selfcal.generate")
@@ -28,6 +28,36 @@ class GeneratePlan:
     spec: object  # the source's params section
     ref: ModelRef
     config: dict
+
+
+def check_sources(config: dict, params: Params) -> None:
+    """What a source generates must fit the context too (Ji et al.: prompt + max_new_tokens)."""
+    window = context_window(config)
+    seq_len = params.calibration.seq_len
+    for name, spec in params.calibration.sources.items():
+        if spec.kind != "ji":
+            continue
+        if window is not None and spec.prompt_tokens + spec.max_new_tokens > window:
+            raise ConfigError(
+                f"calibration.sources.{name}.max_new_tokens: {spec.prompt_tokens} prompt + "
+                f"{spec.max_new_tokens} new tokens "
+                f"exceed the model's context window of {window} tokens"
+            )
+        kept = sources.most_kept(spec.pool_size, spec.drop_fraction)
+        if kept == 0:
+            raise ConfigError(
+                f"calibration.sources.{name}.pool_size: a pool of {spec.pool_size} keeps no text (the filter keeps "
+                f"those strictly below the {100 * (1 - spec.drop_fraction):g}th perplexity percentile); give a "
+                "larger pool_size or drop_fraction 0"
+            )
+        # each kept text is at most its prompt and new tokens, and one more where texts are joined with a space
+        most = kept * (spec.prompt_tokens + spec.max_new_tokens + 1)
+        if most < seq_len + 1:
+            raise ConfigError(
+                f"calibration.sources.{name}.pool_size: at most {kept} kept texts of at most "
+                f"{spec.prompt_tokens} + {spec.max_new_tokens} tokens give at most {most} tokens, too few for a "
+                f"window of calibration.seq_len {seq_len}; give a larger pool_size or max_new_tokens"
+            )
 
 
 def preflight(params: Params, source: str, seed: int, *, count_windows: bool = False) -> GeneratePlan:

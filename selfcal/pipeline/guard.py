@@ -16,6 +16,7 @@ import sys
 
 from selfcal.artifacts import atomic_write_text
 from selfcal.config import DEFAULT_PARAMS, PARAMS_ENV, Params, params_path
+from selfcal.modelio import pick_device
 from selfcal.pipeline import layout
 from selfcal.pipeline.check import check
 from selfcal.workspace_lock import WorkspaceBusyError, held_by_ancestor, read_holder, write_guard
@@ -55,9 +56,13 @@ def _hold_for_dvc(params: Params, owner: int) -> None:
         raise WorkspaceBusyError(first.replace("dvc repro: ", "", 1) or "could not take the workspace lock")
 
 
-def guard(params: Params, *, checked: str | None = None) -> str:
+def guard(params: Params, *, checked: str | None = None, stages_here: bool = True) -> str:
     """Take (or prove free) the workspace lock, run ``selfcal check`` unless ``checked`` is its summary for
-    these very params (a profile checked just before it was installed), write the guard's constant output."""
+    these very params (a profile checked just before it was installed), write the guard's constant output.
+
+    ``stages_here``: the stages run on this machine (``dvc repro``, ``selfcal run``, a fan-out worker's item), so
+    ``model.device`` must be one it has; ``selfcal check`` alone only notes it (it may run on a coordinator
+    without the GPU workers' CUDA), as does the fanning-out flow's own guard."""
     holder = read_holder(params.root)
     if not (holder is not None and held_by_ancestor(holder)):
         owner = _dvc_ancestor()
@@ -69,6 +74,8 @@ def guard(params: Params, *, checked: str | None = None) -> str:
     # The file these params came from: $SELFCAL_PARAMS, else params.yaml in the params' own folder.
     file = params_path() if os.environ.get(PARAMS_ENV) else params.root / DEFAULT_PARAMS
     summary = checked if checked is not None else check(params, file)
+    if stages_here:
+        pick_device(params.model.device)  # "model.device: 'cuda' requested but no CUDA device is available"
     # Constant content: the stages that depend on it never re-run because of it.
     atomic_write_text(layout.guard_file(params), '{"checked": true}\n')
     log.info("%s", summary.splitlines()[0] if summary else "params ok")
