@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--sync-remote", action="store_true", help="dvc pull before and dvc push after (default remote, run-cache)"
     )
-    r.add_argument("--retries", type=_count, default=2, help="retries per stage item (default 2)")
+    r.add_argument("--retries", type=_whole(0), default=2, help="retries per stage item (default 2)")
     r.add_argument(
         "--retry-delay", type=_seconds(0), default=30, metavar="SECONDS", help="pause before a retry (default 30)"
     )
@@ -202,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--jobs",
         "-j",
-        type=_positive_int,
+        type=_whole(1),
         default=1,
         metavar="N",
         help="stage items at once, each as soon as the items it reads are done (default 1); on GPUs at most "
@@ -210,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--slots-per-gpu",
-        type=_positive_int,
+        type=_whole(1),
         default=1,
         metavar="K",
         help="items that may share one GPU (default 1; small models fit several)",
@@ -239,16 +239,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative")
-    return value
-
-
 def _seconds(least: float | None = None):
     """A duration in seconds: above 0, or at least ``least``; a finite number either way."""
 
@@ -268,14 +258,19 @@ def _seconds(least: float | None = None):
     return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is less than 1")
-    return value
+def _whole(least: int):
+    """A whole number of at least ``least`` (retries from 0, jobs and slots from 1)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} is less than {least}")
+        return value
+
+    return parse
 
 
 def _run(args) -> None:

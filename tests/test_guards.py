@@ -196,7 +196,7 @@ def test_a_method_or_task_listed_twice_is_refused(tiny_model, tmp_path, key, val
         (["--jobs", "0"], "argument --jobs/-j: 0 is less than 1"),
         (["--timeout", "0"], "argument --timeout: 0 is not above 0"),
         (["--timeout", "inf"], "argument --timeout: inf is not above 0"),
-        (["--retries", "-1"], "argument --retries: -1 is negative"),
+        (["--retries", "-1"], "argument --retries: -1 is less than 0"),
         (["--retry-delay", "-5"], "argument --retry-delay: -5 is not at least 0"),
         (["--retry-delay", "x"], "argument --retry-delay: 'x' is not a number of seconds"),
     ],
