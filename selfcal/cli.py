@@ -340,12 +340,12 @@ def _audit_client(args):
 
     from selfcal.config import load_params, params_path
     from selfcal.errors import ConfigError
-    from selfcal.lineage.tracking import open_client, tracking_uri
+    from selfcal.lineage.tracking import open_client, tracking_uri_and_key
 
     if args.tracking_uri:
         return open_client(args.tracking_uri, "--tracking-uri")
     if params_path(args.params).is_file():
-        return open_client(tracking_uri(load_params(args.params)))
+        return open_client(*tracking_uri_and_key(load_params(args.params)))
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return open_client(os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI")
     raise ConfigError(
@@ -496,7 +496,14 @@ def main(argv: list[str] | None = None) -> int:
         from selfcal.config import load_params, params_path
 
         if args.command in AUDIT:  # an auditor may have no params.yaml
-            AUDIT[args.command](args)
+            from mlflow.exceptions import MlflowException
+
+            from selfcal.errors import DataError
+
+            try:
+                AUDIT[args.command](args)
+            except MlflowException as err:  # a store MLflow opens but cannot serve (its folder store is read-only)
+                raise DataError(f"{args.command}: MLflow: {str(err).strip().splitlines()[0]}") from None
             return
         if args.command == "run":
             _run(args)  # before load_params: the profile may replace params.yaml

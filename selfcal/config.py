@@ -28,7 +28,7 @@ DEFAULT_PARAMS = Path("params.yaml")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # A source name YAML 1.2 (DVC's ruamel) reads as a number, though PyYAML (1.1) reads a string: DVC's matrix
 # would name its items after the number (1e3 -> 1000.0), and `dvc repro` would drop them without a word.
-NUMERIC_NAME = re.compile(r"[-+]?(\d[\d_]*(\.\d*)?([eE][-+]?\d+)?|0[xXoObB][0-9a-fA-F_]+)")
+NUMERIC_NAME = re.compile(r"[-+]?(\d[\d_]*(\.\d*)?([eE][-+]?\d+)?|0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+)")
 PARAMS_ENV = "SELFCAL_PARAMS"
 REGISTERED_NAME_FIELDS = ("base", "method", "source", "seed")
 

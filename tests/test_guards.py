@@ -164,6 +164,8 @@ def test_a_source_name_dvcs_yaml_reads_as_a_number_is_refused(tiny_model, tmp_pa
     assert _err(data) == f"params.yaml: calibration.sources: {expected}"
     del data["calibration"]["sources"][name]
     parse_params(data, root=tmp_path)  # a name with a letter is fine
+    data["calibration"]["sources"]["0b2"] = {"kind": "vocab"}  # no binary number: a string to YAML 1.2 too
+    parse_params(data, root=tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -218,6 +220,7 @@ def test_run_refuses_counts_and_durations_no_attempt_could_use_in_one_line(capsy
         ("file:///nonexistent/dir", "no MLflow store at /nonexistent/dir (no such folder)"),
         ("sqlite:////nonexistent/mlflow.db", "no MLflow store at /nonexistent/mlflow.db"),
         ("http://127.0.0.1:9", "the MLflow server at http://127.0.0.1:9 does not answer"),
+        ("http://u:secret@127.0.0.1:9", "the MLflow server at http://u:***@127.0.0.1:9 does not answer"),
     ],
 )
 @pytest.mark.parametrize("command", [["models"], ["lineage", "m:1"], ["verify", "m"]])
@@ -274,6 +277,64 @@ def test_model_device_cuda_without_cuda_is_noted_by_check_and_refused_where_the_
     with pytest.raises(ConfigError, match="model.device: 'cuda' requested but no CUDA device is available"):
         guard(params)
     assert "note: model.device is cuda" in guard(params, stages_here=False)
+
+
+def test_the_store_probe_counts_any_answer_and_refuses_a_port_that_speaks_no_http(monkeypatch):
+    """A TLS handshake the probe cannot verify is MLflow's client's business (MLFLOW_TRACKING_INSECURE_TLS); an
+    SSH banner on the port was a traceback (http.client's BadStatusLine is no OSError)."""
+    import socket
+    import ssl
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from selfcal.lineage.tracking import _probe_server
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def banner():
+            conn, _ = server.accept()
+            conn.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+            conn.close()
+
+        threading.Thread(target=banner, daemon=True).start()
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(ConfigError, match=rf"^--tracking-uri: the MLflow server at {uri} does not answer \(Bad"):
+            _probe_server(uri, "--tracking-uri")
+
+    def unverified(*args, **kwargs):
+        raise urllib.error.URLError(ssl.SSLError(1, "CERTIFICATE_VERIFY_FAILED"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", unverified)
+    _probe_server("https://mlflow.internal", "--tracking-uri")  # it answered: no error
+
+
+def test_a_folder_store_mlflow_will_not_serve_and_a_uri_from_the_environment_are_one_line_naming_their_origin(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    """MLflow 3 refuses its folder store (maintenance mode) with a traceback; a URI that came from
+    $MLFLOW_TRACKING_URI was blamed on tracking.tracking_uri, which the params leave unset."""
+    from urllib.parse import quote
+
+    from selfcal.cli import main
+
+    (tmp_path / "my runs").mkdir()
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    assert main(["models", "--tracking-uri", f"file://{quote(str(tmp_path / 'my runs'))}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("selfcal: error: models: MLflow: "), err
+    data = small_params(tiny_model, tmp_path)
+    del data["tracking"]["tracking_uri"]
+    write_params(tmp_path / "params.yaml", data)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "htp://x")
+    assert main(["models"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "selfcal: error: $MLFLOW_TRACKING_URI: 'htp://x' is no MLflow store URI (sqlite:///FILE, postgresql://..., "
+        "http(s)://HOST, or a folder)"
+    )
 
 
 # -- paths ------------------------------------------------------------------------------------------

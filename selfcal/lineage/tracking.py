@@ -62,13 +62,19 @@ def execution_id() -> str:
 
 
 def tracking_uri(params: Params) -> str:
+    return tracking_uri_and_key(params)[0]
+
+
+def tracking_uri_and_key(params: Params) -> tuple[str, str]:
+    """The store the stages log to, and where that came from (for an error to name): ``tracking.tracking_uri``,
+    else ``$MLFLOW_TRACKING_URI``, else a sqlite file under ``paths.state``."""
     if params.tracking.tracking_uri:
-        return params.tracking.tracking_uri
+        return params.tracking.tracking_uri, "tracking.tracking_uri"
     if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+        return os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
     store = store_dir(params)
     store.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(store / 'mlflow.db').resolve()}"
+    return f"sqlite:///{(store / 'mlflow.db').resolve()}", "paths.state"
 
 
 def store_dir(params: Params) -> Path:
@@ -119,21 +125,55 @@ def open_client(uri: str, key: str = "tracking.tracking_uri"):
         if db is not None and not db.is_file():
             raise ConfigError(f"{key}: no MLflow store at {db} (run the pipeline with tracking enabled first)")
     elif parsed.scheme in ("", "file"):
-        folder = Path(parsed.path if parsed.scheme == "file" else uri)
+        from urllib.request import url2pathname
+
+        folder = Path(url2pathname(parsed.path) if parsed.scheme == "file" else uri)
         if not folder.is_dir():
             raise ConfigError(f"{key}: no MLflow store at {folder} (no such folder)")
     elif parsed.scheme in ("http", "https"):
-        import urllib.error
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S).close()
-        except urllib.error.HTTPError:
-            pass  # it answered (a proxy may guard /health): the server is there
-        except (OSError, ValueError) as err:
-            reason = getattr(err, "reason", None) or err
-            raise ConfigError(f"{key}: the MLflow server at {uri} does not answer ({reason})") from None
+        _probe_server(uri, key)
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` with any password in it masked, for messages."""
+    parsed = urlparse(uri)
+    if parsed.password is None:
+        return uri
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@", 1)).geturl()
+
+
+def _probe_server(uri: str, key: str) -> None:
+    """A tracking server answers ``/health`` within ``HEALTH_TIMEOUT_S``. Any HTTP answer counts (a proxy may guard
+    /health), and so does a TLS handshake this probe cannot verify (MLflow's client has its own certificate
+    settings, MLFLOW_TRACKING_INSECURE_TLS and the like): only silence, a refused connection or a port that
+    speaks no HTTP is refused. Credentials in the URI are left out of the probe and masked in the message."""
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    parsed = urlparse(uri)
+    host = parsed.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parsed.port is not None:
+        netloc += f":{parsed.port}"
+    health = parsed._replace(netloc=netloc, path=parsed.path.rstrip("/") + "/health", query="", fragment="")
+    try:
+        urllib.request.urlopen(health.geturl(), timeout=HEALTH_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return
+    except urllib.error.URLError as err:
+        if isinstance(err.reason, ssl.SSLError):
+            return
+        reason = err.reason
+    except ssl.SSLError:
+        return
+    except (OSError, ValueError, http.client.HTTPException) as err:
+        reason = f"{type(err).__name__}: {err}" if isinstance(err, http.client.HTTPException) else err
+    else:
+        return
+    raise ConfigError(f"{key}: the MLflow server at {shown_uri(uri)} does not answer ({reason})")
 
 
 @dataclass(frozen=True)
