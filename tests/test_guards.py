@@ -311,6 +311,26 @@ def test_the_store_probe_counts_any_answer_and_refuses_a_port_that_speaks_no_htt
     _probe_server("https://mlflow.internal", "--tracking-uri")  # it answered: no error
 
 
+def test_a_database_store_needs_its_driver_and_a_host_that_answers():
+    """An auditor pointing --tracking-uri at the server's own PostgreSQL got SQLAlchemy's traceback: `postgresql://`
+    wants psycopg 3 (not installed; psycopg2 is), and a host that is down."""
+    import importlib.util
+    import socket
+
+    from selfcal.lineage.tracking import _probe_database
+
+    if importlib.util.find_spec("psycopg") is None:
+        with pytest.raises(ConfigError, match=r"^--tracking-uri: postgresql needs the psycopg driver, which is not"):
+            _probe_database("postgresql://u:secret@127.0.0.1/db", "--tracking-uri")
+    with pytest.raises(ConfigError, match=r"^--tracking-uri: the database at 127\.0\.0\.1:9 does not answer"):
+        _probe_database("postgresql+psycopg2://u:secret@127.0.0.1:9/db", "--tracking-uri")
+    try:
+        socket.create_connection(("127.0.0.1", 5432), timeout=1).close()
+    except OSError:
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    _probe_database("postgresql+psycopg2://postgres@127.0.0.1/test", "--tracking-uri")  # default port 5432
+
+
 def test_a_folder_store_mlflow_will_not_serve_and_a_uri_from_the_environment_are_one_line_naming_their_origin(
     tiny_model, tmp_path, capsys, monkeypatch
 ):

@@ -132,7 +132,35 @@ def open_client(uri: str, key: str = "tracking.tracking_uri"):
             raise ConfigError(f"{key}: no MLflow store at {folder} (no such folder)")
     elif parsed.scheme in ("http", "https"):
         _probe_server(uri, key)
+    elif parsed.scheme.split("+")[0] in DATABASE_PORTS:
+        _probe_database(uri, key)
     return mlflow.MlflowClient(tracking_uri=uri)
+
+
+#: The database backends MLflow's SQLAlchemy store takes, and their default ports
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def _probe_database(uri: str, key: str) -> None:
+    """A database store's driver is installed and its host accepts a connection within ``HEALTH_TIMEOUT_S``
+    (SQLAlchemy otherwise fails with a traceback: ``postgresql://`` wants psycopg 3, not psycopg2)."""
+    import socket
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    try:
+        url.get_dialect().import_dbapi()
+    except ImportError as err:
+        raise ConfigError(
+            f"{key}: {url.drivername} needs the {err.name or 'database'} driver, which is not installed (name an "
+            "installed one, e.g. postgresql+psycopg2:// with psycopg2-binary)"
+        ) from None
+    host, port = url.host or "localhost", url.port or DATABASE_PORTS[url.get_backend_name()]
+    try:
+        socket.create_connection((host, port), timeout=HEALTH_TIMEOUT_S).close()
+    except OSError as err:
+        raise ConfigError(f"{key}: the database at {host}:{port} does not answer ({err})") from None
 
 
 def shown_uri(uri: str) -> str:
