@@ -65,13 +65,21 @@ def tracking_uri(params: Params) -> str:
     return tracking_uri_and_key(params)[0]
 
 
-def tracking_uri_and_key(params: Params) -> tuple[str, str]:
-    """The store the stages log to, and where that came from (for an error to name): ``tracking.tracking_uri``,
-    else ``$MLFLOW_TRACKING_URI``, else a sqlite file under ``paths.state``."""
+def configured_uri(params: Params) -> tuple[str, str] | None:
+    """The store URI someone set, and where (for an error to name): ``tracking.tracking_uri``, else
+    ``$MLFLOW_TRACKING_URI``; None when neither is set (the default sqlite file under ``paths.state``)."""
     if params.tracking.tracking_uri:
         return params.tracking.tracking_uri, "tracking.tracking_uri"
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
+    return None
+
+
+def tracking_uri_and_key(params: Params) -> tuple[str, str]:
+    """The store the stages log to, and where that came from: the configured URI, else a sqlite file under
+    ``paths.state`` (created)."""
+    if (configured := configured_uri(params)) is not None:
+        return configured
     store = store_dir(params)
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(store / 'mlflow.db').resolve()}", "paths.state"
@@ -189,16 +197,16 @@ def _probe_server(uri: str, key: str) -> None:
     health = parsed._replace(netloc=netloc, path=parsed.path.rstrip("/") + "/health", query="", fragment="")
     try:
         urllib.request.urlopen(health.geturl(), timeout=HEALTH_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return
+    except (urllib.error.HTTPError, ssl.SSLError):
+        return  # an HTTP status, or TLS this probe cannot verify: the server is there
     except urllib.error.URLError as err:
         if isinstance(err.reason, ssl.SSLError):
             return
         reason = err.reason
-    except ssl.SSLError:
-        return
-    except (OSError, ValueError, http.client.HTTPException) as err:
-        reason = f"{type(err).__name__}: {err}" if isinstance(err, http.client.HTTPException) else err
+    except http.client.HTTPException as err:  # not an OSError: a port that speaks no HTTP
+        reason = f"{type(err).__name__}: {err}"
+    except (OSError, ValueError) as err:
+        reason = err
     else:
         return
     raise ConfigError(f"{key}: the MLflow server at {shown_uri(uri)} does not answer ({reason})")

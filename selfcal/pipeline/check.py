@@ -164,18 +164,10 @@ def check_tracking_uri(params: Params) -> None:
     """The store URI the stages will log to is one MLflow has a store for (``htp://`` passed, then every stage
     died in MLflow with its own exception). The scheme only: whether the server answers is the stage's
     business (a coordinator may check params on a box that cannot reach the workers' store)."""
-    import os
+    from selfcal.lineage.tracking import check_store_uri, configured_uri
 
-    if not params.tracking.enabled:
-        return
-    key, uri = "tracking.tracking_uri", params.tracking.tracking_uri
-    if not uri:
-        key, uri = "$MLFLOW_TRACKING_URI", os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return  # a sqlite file under paths.state
-    from selfcal.lineage.tracking import check_store_uri
-
-    check_store_uri(uri, key)
+    if params.tracking.enabled and (configured := configured_uri(params)) is not None:
+        check_store_uri(*configured)  # none set: a sqlite file under paths.state
 
 
 def every_item(params: Params) -> int:
