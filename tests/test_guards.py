@@ -862,3 +862,41 @@ def test_each_stage_refuses_what_its_preflight_refuses_before_loading_a_model(ti
     }[stage]
     with pytest.raises(ConfigError):
         run()
+
+
+def test_a_set_larger_than_this_machines_memory_is_refused_by_check_and_by_generate_before_the_model_loads(
+    tiny_model, tmp_path, capsys, monkeypatch
+):
+    """`n_samples: 10000000000` passed `check`; `generate` then loaded the model and died in numpy's allocator
+    with a traceback (9.3 TiB for the set's int32 array)."""
+    from selfcal.pipeline import generate
+
+    huge = 10**10
+    data = small_params(tiny_model, tmp_path, **{"calibration.n_samples": huge})
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(
+        f"selfcal: error: calibration.n_samples: a set of {huge} x 32 tokens takes 2.3 TiB in memory while it is made,"
+        " more than this machine's "
+    ), err
+
+    def no_model(*a, **k):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(generate, "load_model", no_model)
+    path = write_params(tmp_path / "params.yaml", data)
+    assert main(["--params", str(path), "generate", "--source", "self", "--seed", "0"]) == 2
+    assert "calibration.n_samples: a set of" in capsys.readouterr().err
+    assert not (tmp_path / "artifacts" / "calibration").exists()
+
+    # a source's own n_samples is named as such; the global one, small again, is fine
+    data = small_params(tiny_model, tmp_path, **{"calibration.sources": {"self": {"kind": "self"}, "v": {
+        "kind": "vocab", "n_samples": huge}}})  # fmt: skip
+    rc, err = _check(tmp_path, data, capsys)
+    assert rc == 2 and err[0].startswith("selfcal: error: calibration.sources.v.n_samples: a set of"), err
+
+    # the bound: n x seq_len x 8 bytes (the vocabulary source's int64 draw), equal fits
+    params = parse_params(small_params(tiny_model, tmp_path), root=tmp_path)
+    generate.check_set_fits(params, memory=4 * 32 * 8)
+    with pytest.raises(ConfigError, match=r"a set of 4 x 32 tokens takes 0\.0 GiB .* this machine's 0\.0 GiB"):
+        generate.check_set_fits(params, memory=4 * 32 * 8 - 1)

@@ -30,8 +30,42 @@ class GeneratePlan:
     config: dict
 
 
+# The widest array a set is held in while it is made: the vocabulary source draws int64 indices (the self
+# generator and the corpus windows hold int32; a saved set is int32).
+SET_BYTES_PER_TOKEN = 8
+
+
+def _gib(n: float) -> str:
+    n /= 2**30
+    for unit in ("GiB", "TiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def check_set_fits(params: Params, memory: int | None = None) -> None:
+    """Each source's set must fit this machine's memory: ``n_samples: 10000000000`` passed ``check`` and died in
+    numpy's allocator with a traceback, after the model had loaded (generator.py allocates the whole set)."""
+    import psutil
+
+    cal = params.calibration
+    memory = psutil.virtual_memory().total if memory is None else memory
+    for name, spec in cal.sources.items():
+        n = cal.samples_for(name)
+        need = n * cal.seq_len * SET_BYTES_PER_TOKEN
+        if need > memory:
+            key = f"calibration.sources.{name}.n_samples" if spec.n_samples else "calibration.n_samples"
+            raise ConfigError(
+                f"{key}: a set of {n} x {cal.seq_len} tokens takes {_gib(need)} in memory while it is made, more "
+                f"than this machine's {_gib(memory)}"
+            )
+
+
 def check_sources(config: dict, params: Params) -> None:
-    """What a source generates must fit the context too (Ji et al.: prompt + max_new_tokens)."""
+    """What a source generates must fit this machine's memory and the model's context (Ji et al.: prompt +
+    max_new_tokens)."""
+    check_set_fits(params)
     window = context_window(config)
     seq_len = params.calibration.seq_len
     for name, spec in params.calibration.sources.items():
