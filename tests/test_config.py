@@ -272,3 +272,35 @@ def test_a_dvc_experiment_copy_reads_paths_outside_the_workspace_from_the_origin
     assert tracking_uri(params) == f"sqlite:///{(ws / '.selfcal' / 'mlflow.db').resolve()}"
     assert main(["--params", str(copy / "params.yaml"), "check"]) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.startswith("ok: params valid; model ../shared/models/stories260K")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "why"),
+    [
+        ("seeds: [0, 1]", "seeds: [0, 010]", r"calibration\.seeds\[1\]: selfcal reads 8 \(YAML 1\.1\) and DVC reads 10 "
+         r"\(YAML 1\.2; dvc\.yaml's stage '\w+' uses it\)"),
+        ("artifacts: artifacts", "artifacts: 1e3", r"paths\.artifacts: selfcal reads '1e3' \(YAML 1\.1\) and DVC reads "
+         r"1000\.0"),
+        ("limit: 200 ", "limit: 0200 ", r"evaluation\.limit: selfcal reads 128 \(YAML 1\.1\) and DVC reads 200"),
+        ("artifacts: artifacts", "artifacts: ../outside", r"paths\.artifacts: .*/outside is outside the DVC "
+         r"repository .*, and DVC 3 saves no outputs outside it"),
+    ],
+)  # fmt: skip
+def test_a_value_dvc_reads_otherwise_or_cannot_use_is_refused_by_check(tmp_path, old, new, why):
+    """selfcal reads YAML 1.1, DVC 1.2: `seeds: [0, 010]` passed check, then DVC's matrix made `*-10` items that
+    every stage refused; `paths.artifacts: 1e3` sent DVC's outputs to `1000.0/`, `../outside` failed `dvc repro`
+    after the first set was made (DVC 3 keeps no outputs outside the repository)."""
+    import shutil
+
+    from selfcal.errors import ConfigError
+    from selfcal.pipeline.check import check_dvc_params
+    from tests.helpers import REPO
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    text = (REPO / "params.yaml").read_text()
+    assert text.count(old) == 1
+    (tmp_path / "params.yaml").write_text(text)
+    check_dvc_params(tmp_path / "params.yaml", tmp_path / "dvc.yaml")  # as shipped: both read it alike
+    (tmp_path / "params.yaml").write_text(text.replace(old, new))
+    with pytest.raises(ConfigError, match=rf"^params\.yaml: {why}"):
+        check_dvc_params(tmp_path / "params.yaml", tmp_path / "dvc.yaml")

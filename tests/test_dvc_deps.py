@@ -60,3 +60,30 @@ def test_every_artifact_a_stage_reads_or_writes_is_under_paths_artifacts():
     fixed = [p for p in paths if p.split("/")[0] in ("artifacts", ".selfcal")]
     assert fixed == [], f"dvc.yaml names artifact paths that ignore params' paths section: {sorted(set(fixed))}"
     assert any(p == "${paths.artifacts}/checked.json" for p in paths)
+
+
+def test_the_declared_bar_plot_has_a_number_on_its_bar_axis_and_one_bar_per_method_and_source():
+    """DVC's `bar_horizontal` template takes x as the quantity and y as the category: with `x: source, y: mean_acc`
+    the accuracies were drawn as category names, and on `source` alone every method's bar for a source fell on
+    one row."""
+    import csv
+    import io
+
+    from dvc_render.vega_templates import get_template
+
+    from selfcal.pipeline.aggregate import to_csv
+
+    (plots,) = STAGES["aggregate"]["plots"]
+    ((path, spec),) = plots.items()
+    assert path.endswith("report/results.csv")
+    encoding = get_template(spec["template"]).content["encoding"]
+    quantity = {"x": spec["x"], "y": spec["y"]}[next(a for a in "xy" if encoding[a]["type"] == "quantitative")]
+    category = {"x": spec["x"], "y": spec["y"]}[next(a for a in "xy" if encoding[a]["type"] == "nominal")]
+    table = [
+        {"method": "none", "source": "none", "n_sets": 1, "mean_acc": 0.5, "mean_acc.std": None},
+        {"method": "gptq", "source": "c4", "n_sets": 2, "mean_acc": 0.4, "mean_acc.std": 0.01},
+        {"method": "wanda", "source": "c4", "n_sets": 2, "mean_acc": 0.3, "mean_acc.std": 0.02},
+    ]
+    rows = list(csv.DictReader(io.StringIO(to_csv(["mean_acc"], table))))
+    assert [float(r[quantity]) for r in rows] == [0.5, 0.4, 0.3]
+    assert [r[category] for r in rows] == ["dense", "gptq/c4", "wanda/c4"]

@@ -333,3 +333,17 @@ def test_the_harness_runs_lm_eval_zero_shot_and_reports_its_numbers(monkeypatch)
         harness.effective_batch_size("auto", "cuda:0") == "auto" and harness.effective_batch_size("auto", "cpu") == 16
     )
     assert harness.effective_batch_size("8", "cuda:0") == 8
+
+
+def test_a_perplexity_text_longer_than_the_context_is_tokenized_whole_without_transformers_warning(tiny_model):
+    """The whole text is one sequence on purpose (cut into windows after); transformers' "will result in indexing
+    errors" warning was printed beside `selfcal check`'s one line and in every evaluate log."""
+    from selfcal.evaluation.perplexity import text_ids
+    from selfcal.modelio import ModelRef, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelRef(name="tiny", local_dir=tiny_model))
+    tokenizer.model_max_length = 8
+    text = "Once upon a time there was a little girl who liked to read stories. " * 4
+    ids = text_ids(tokenizer, text)
+    assert ids.tolist() == tokenizer(text, verbose=False).input_ids and len(ids) > 8
+    assert not tokenizer.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")

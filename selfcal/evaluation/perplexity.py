@@ -66,8 +66,10 @@ def read_perplexity_text(
 
 
 def text_ids(tokenizer, text: str) -> torch.Tensor:
-    """The text as one token sequence (GPTQ's protocol: the whole file tokenized as one string)."""
-    return torch.tensor(tokenizer(text).input_ids, dtype=torch.long)
+    """The text as one token sequence (GPTQ's protocol: the whole file tokenized as one string). ``verbose=False``:
+    a text longer than the model's context is the point here (it is cut into windows), not the "will result in
+    indexing errors" transformers warns of, which ``selfcal check`` printed beside its one line."""
+    return torch.tensor(tokenizer(text, verbose=False).input_ids, dtype=torch.long)
 
 
 def check_one_window(n_tokens: int, seq_len: int, key: str) -> None:

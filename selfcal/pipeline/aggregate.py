@@ -131,11 +131,15 @@ def by_source_markdown(cols: list[str], table: list[dict], mean_tasks: list[str]
 
 
 def to_csv(cols: list[str], table: list[dict]) -> str:
-    fields = ["method", "source", "n_sets", *[x for c in cols for x in (c, c + ".std")]]
+    """One row per method x source; ``label`` (``gptq/c4``, ``dense``) names the row in one field, the y axis of
+    dvc.yaml's bar plot (on ``source`` alone, every method's bar for a source was drawn in one place)."""
+    fields = ["method", "source", "n_sets", *[x for c in cols for x in (c, c + ".std")], "label"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(table)
+    for row in table:
+        label = "dense" if row["method"] == "none" else f"{row['method']}/{row['source']}"
+        writer.writerow({**row, "label": label})
     return buf.getvalue()
 
 

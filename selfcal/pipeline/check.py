@@ -89,7 +89,8 @@ def check_dvc_params(params_file: Path, dvc_yaml: Path, raw: dict | None = None)
     or "Could not find 'paths.artifacts'" (an interpolated path). ``raw``: the file's data, if read already."""
     if raw is None:
         raw = yaml.safe_load(params_file.read_text()) or {}
-    for stage, key in dvc_param_keys(dvc_yaml, raw) + dvc_interpolations(dvc_yaml):
+    keys = dvc_param_keys(dvc_yaml, raw) + dvc_interpolations(dvc_yaml)
+    for stage, key in keys:
         found, _ = _lookup(raw, key)
         if not found:
             raise ConfigError(
@@ -97,6 +98,57 @@ def check_dvc_params(params_file: Path, dvc_yaml: Path, raw: dict | None = None)
                 f"(DVC would stop with \"Parameters '{key}' are missing\" or \"Could not find '{key}'\"); write "
                 f"the section out (`{{}}` takes the defaults)"
             )
+    check_dvc_reads_alike(params_file, raw, keys)
+    check_artifacts_in_repo(params_file, raw, dvc_yaml.parent)
+
+
+def _first_difference(key: str, ours: object, theirs: object) -> tuple[str, object, object] | None:
+    """The first leaf where two readings of one value differ (types count: ``True`` is not ``1``)."""
+    if isinstance(ours, dict) and isinstance(theirs, dict) and list(ours) == list(theirs):
+        return next((d for k in ours if (d := _first_difference(f"{key}.{k}", ours[k], theirs[k]))), None)
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        pairs = zip(ours, theirs, strict=True)
+        return next((d for i, (a, b) in enumerate(pairs) if (d := _first_difference(f"{key}[{i}]", a, b))), None)
+    return None if (type(ours), ours) == (type(theirs), theirs) else (key, ours, theirs)
+
+
+def check_dvc_reads_alike(params_file: Path, raw: dict, keys: list[tuple[str, str]]) -> None:
+    """Every value DVC reads from the params file reads the same to DVC as to selfcal. selfcal reads YAML 1.1
+    (PyYAML), DVC YAML 1.2 (ruamel, ``dvc.utils.serialize.parse_yaml``): ``seeds: [0, 010]`` is [0, 8] to
+    selfcal and [0, 10] to DVC, whose matrix then made ``*-10`` items that every stage refused;
+    ``paths.artifacts: 1e3`` put DVC's outputs under ``1000.0/``; and where the two agree only on the hash,
+    dvc.lock would record a value the stages did not use."""
+    from dvc.utils.serialize import parse_yaml
+
+    try:
+        theirs_all = parse_yaml(params_file.read_text(), str(params_file))
+    except Exception as exc:  # DVC's reader refuses what PyYAML took: DVC would stop on it
+        first = str(exc.__cause__ or exc).strip().splitlines()[0]
+        raise ConfigError(f"{params_file.name}: DVC's YAML reader (ruamel) refuses the file: {first}") from exc
+    for stage, key in keys:
+        (_, ours), (_, theirs) = _lookup(raw, key), _lookup(theirs_all, key)
+        if diff := _first_difference(key, ours, theirs):
+            where, a, b = diff
+            raise ConfigError(
+                f"{params_file.name}: {where}: selfcal reads {a!r} (YAML 1.1) and DVC reads {b!r} (YAML 1.2; "
+                f"dvc.yaml's stage '{stage}' uses it): write it so both read it alike (no leading zeros on a "
+                "number; quote a string that looks like a number, date or yes/no)"
+            )
+
+
+def check_artifacts_in_repo(params_file: Path, raw: dict, repo: Path) -> None:
+    """DVC 3 saves no output outside its repository ("Saving cached external output ... is not supported since
+    DVC 3.0"): ``paths.artifacts: ../outside`` passed and ``dvc repro`` failed after the first set was made."""
+    found, value = _lookup(raw, "paths.artifacts")
+    if not found or not isinstance(value, str):
+        return
+    where = (repo / Path(value).expanduser()).resolve()
+    if not where.is_relative_to(repo.resolve()):
+        raise ConfigError(
+            f"{params_file.name}: paths.artifacts: {where} is outside the DVC repository {repo.resolve()}, and "
+            "DVC 3 saves no outputs outside it; give a folder inside it (or run the stages with `selfcal`, "
+            "not `dvc repro`)"
+        )
 
 
 def check_tokenizer_settings(params: Params, tokenizer) -> None:
