@@ -173,6 +173,20 @@ class CalibrationConfig(Strict):
         """Sequences in ``source``'s sets: its own ``n_samples``, else the global one."""
         return self.sources[source].n_samples or self.n_samples
 
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _names_are_strings(cls, sources: object) -> object:
+        """``on:`` is True to PyYAML, ``null:`` None, ``2024-01-01:`` a date: the error said
+        ``calibration.sources.1: Input should be a valid string``, naming a key nobody wrote."""
+        for name in sources if isinstance(sources, dict) else ():
+            if not isinstance(name, str):
+                what = "null" if name is None else f"{type(name).__name__} {name}"
+                raise ValueError(
+                    f"a source name reads as {what} in YAML, not as a name (unquoted "
+                    "on/off/yes/no, null, numbers and dates are values): give it a letter-led name"
+                )
+        return sources
+
     @field_validator("sources")
     @classmethod
     def _names_are_path_safe(cls, sources: dict[str, SourceConfig]) -> dict[str, SourceConfig]:

@@ -169,6 +169,22 @@ def test_a_source_name_dvcs_yaml_reads_as_a_number_is_refused(tiny_model, tmp_pa
 
 
 @pytest.mark.parametrize(
+    ("word", "what"), [("on", "bool True"), ("null", "null"), ("2024-01-01", "date 2024-01-01"), ("12", "int 12")]
+)
+def test_a_source_name_yaml_reads_as_a_value_is_named_as_written_not_as_a_key_nobody_wrote(tmp_path, word, what):
+    """`on:` is True to PyYAML: the error said `calibration.sources.1: Input should be a valid string`."""
+    (tmp_path / "params.yaml").write_text(
+        f"model: {{path: x}}\ncalibration:\n  sources:\n    {word}: {{kind: vocab}}\n    ok: {{kind: vocab}}\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_params(tmp_path / "params.yaml")
+    assert str(e.value) == (
+        f"{tmp_path / 'params.yaml'}: calibration.sources: a source name reads as {what} in YAML, not as a name "
+        "(unquoted on/off/yes/no, null, numbers and dates are values): give it a letter-led name"
+    )
+
+
+@pytest.mark.parametrize(
     ("key", "value"),
     [("calibration.n_samples", True), ("calibration.seq_len", True), ("evaluation.batch_size", True),
      ("evaluation.limit", False)],
