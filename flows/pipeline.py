@@ -221,6 +221,7 @@ def pipeline(
                         lambda item: {"item": item, **common, "timeout": timeout_seconds, "slots": pool},
                         jobs=len(slots),
                         on_event=logger.warning,
+                        on_abort=kill_running,  # a stop ends the running items now, not when they finish
                     )
                 if sync_remote and not outcome_of.failed:
                     remote_sync.with_options(**options)("push", str(root), execution_id, timeout_seconds)

@@ -50,46 +50,61 @@ def _reason(future) -> str:
 
 
 def run_in_order(
-    graph: dict[str, list[str]], task, parameters_of: Callable[[str], dict], *, jobs: int, on_event=None
+    graph: dict[str, list[str]],
+    task,
+    parameters_of: Callable[[str], dict],
+    *,
+    jobs: int,
+    on_event=None,
+    on_abort: Callable[[], None] | None = None,
 ) -> Outcome:
     """Run every item of ``graph`` (item -> the items it depends on, dependencies first) as ``task`` with
-    ``parameters_of(item)``; at most ``jobs`` at once."""
+    ``parameters_of(item)``; at most ``jobs`` at once. ``on_abort``: called when the loop is left by an exception
+    (Prefect's termination signal on SIGTERM, Ctrl-C), before the task runner waits for the running tasks: it
+    must end them (``kill_running``), or a stopped run went on until every running item had finished."""
     out = Outcome()
+    with ThreadPoolTaskRunner(max_workers=jobs) as runner:
+        try:
+            _schedule(graph, task, parameters_of, runner, out, jobs=jobs, on_event=on_event)
+        except BaseException:
+            if on_abort is not None:
+                on_abort()
+            raise
+    return out
+
+
+def _schedule(graph, task, parameters_of, runner, out: Outcome, *, jobs: int, on_event) -> None:
     futures: dict = {}
     running: dict = {}  # future -> item
     done: set[str] = set()
     order = {item: i for i, item in enumerate(graph)}
     depth = depths(graph)
     pending = list(graph)
-    with ThreadPoolTaskRunner(max_workers=jobs) as runner:
-        while pending or running:
-            for item in list(pending):
-                bad = next((d for d in graph[item] if d in out.failed or d in out.blocked), None)
-                if bad is not None:
-                    out.blocked[item] = out.blocked.get(bad, bad)
-                    pending.remove(item)
-                    if on_event:
-                        on_event(f"{item}: not run, {out.blocked[item]} failed")
-            ready = sorted(
-                (i for i in pending if all(d in done for d in graph[i])), key=lambda i: (-depth[i], order[i])
-            )
-            for item in ready[: max(0, jobs - len(running))]:
-                fut = runner.submit(task, parameters_of(item), wait_for=[futures[d] for d in graph[item]])
-                futures[item], running[fut] = fut, item
+    while pending or running:
+        for item in list(pending):
+            bad = next((d for d in graph[item] if d in out.failed or d in out.blocked), None)
+            if bad is not None:
+                out.blocked[item] = out.blocked.get(bad, bad)
                 pending.remove(item)
-            if not running:
-                break
-            finished = next(as_completed(list(running)))
-            item = running.pop(finished)
-            finished.wait()  # as_completed can yield before the future has read its final state
-            if finished.state.is_completed():
-                done.add(item)
-                out.results.append(finished.result())
-            else:
-                out.failed[item] = _reason(finished)
                 if on_event:
-                    on_event(f"{item}: failed: {out.failed[item]}")
-    return out
+                    on_event(f"{item}: not run, {out.blocked[item]} failed")
+        ready = sorted((i for i in pending if all(d in done for d in graph[i])), key=lambda i: (-depth[i], order[i]))
+        for item in ready[: max(0, jobs - len(running))]:
+            fut = runner.submit(task, parameters_of(item), wait_for=[futures[d] for d in graph[item]])
+            futures[item], running[fut] = fut, item
+            pending.remove(item)
+        if not running:
+            break
+        finished = next(as_completed(list(running)))
+        item = running.pop(finished)
+        finished.wait()  # as_completed can yield before the future has read its final state
+        if finished.state.is_completed():
+            done.add(item)
+            out.results.append(finished.result())
+        else:
+            out.failed[item] = _reason(finished)
+            if on_event:
+                on_event(f"{item}: failed: {out.failed[item]}")
 
 
 def depths(graph: dict[str, list[str]]) -> dict[str, int]:

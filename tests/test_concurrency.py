@@ -115,6 +115,39 @@ def prefect_home(tmp_path_factory):
             os.environ[k] = v
 
 
+def test_a_stopped_schedule_ends_its_running_items_before_it_waits_for_them(prefect_home):
+    """SIGTERM to `selfcal run` raised in the flow's thread, and the task runner's exit then waited for the
+    running items' dvc trees to finish (minutes, or the deployment's 4-hour limit) before `kill_running`; now
+    ``on_abort`` ends them first."""
+    from prefect import flow, task
+
+    from flows.schedule import run_in_order
+
+    release = threading.Event()
+    started = threading.Event()
+
+    @task
+    def item(item: str) -> dict:
+        started.set()
+        release.wait(60)  # a stage that runs until it is killed
+        return {"item": item}
+
+    def parameters_of(name: str) -> dict:
+        if name == "b":
+            started.wait(30)
+            raise KeyboardInterrupt  # the stop arrives while "a" runs
+        return {"item": name}
+
+    @flow
+    def grid(on_abort):
+        return run_in_order({"a": [], "b": []}, item, parameters_of, jobs=2, on_abort=on_abort)
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        grid(release.set)
+    assert release.is_set() and time.monotonic() - t0 < 30
+
+
 def test_items_run_after_what_they_read_at_most_jobs_at_once_and_a_failure_stops_only_its_dependents(prefect_home):
     from prefect import flow, task
 

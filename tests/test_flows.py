@@ -511,7 +511,9 @@ def test_deployment_pull_steps_sync_code_only_while_no_run_holds_the_workspace(t
     (ws / "dvc.lock").write_text("last night's run\n")  # what a run leaves behind
     (ws / "artifacts").mkdir()
     (origin / "dvc.lock").write_text("v2\n")
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "v2")
+    (origin / "flows" / "new.py").write_text("v2\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v2")
 
     monkeypatch.chdir(worker)
     with workspace_lock(ws, label="a run still going"):
@@ -523,7 +525,10 @@ def test_deployment_pull_steps_sync_code_only_while_no_run_holds_the_workspace(t
 
     monkeypatch.chdir(worker)
     pull()
-    assert (ws / "dvc.lock").read_text() == "v2\n" and (ws / "artifacts").is_dir()
+    # the code moved; the workspace's own dvc.lock stayed: it records the outputs this box holds (the committed
+    # one's, another machine's, made DVC rerun every stage whose deps matched it: the dense evaluation nightly)
+    assert (ws / "flows" / "new.py").read_text() == "v2\n" and (ws / "artifacts").is_dir()
+    assert (ws / "dvc.lock").read_text() == "last night's run\n" and not (ws / ".selfcal" / "dvc.lock.kept").exists()
 
 
 def test_an_attempt_past_its_timeout_is_killed_with_its_stage(tmp_path):
