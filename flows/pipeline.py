@@ -27,6 +27,7 @@ lost. All items of a run share one MLflow parent run through SELFCAL_EXECUTION_I
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -215,13 +216,19 @@ def pipeline(
                     logger.info("%d item(s) at once: %s", len(slots), "; ".join(s.describe() for s in slots))
                     pool = SlotPool(slots)
                     common = {"root": str(root), "execution_id": execution_id, "force": force, "pull": sync_remote}
+                    stopping = threading.Event()
+
+                    def stop() -> None:  # a stop ends the running items now, not when they finish, and their
+                        stopping.set()  # retries do not wait out their delay (30 s by default) to be cancelled
+                        kill_running()
+
                     outcome_of = run_in_order(
                         graph,
-                        repro_item.with_options(**options),
+                        repro_item.with_options(**options, retry_condition_fn=lambda *_: not stopping.is_set()),
                         lambda item: {"item": item, **common, "timeout": timeout_seconds, "slots": pool},
                         jobs=len(slots),
                         on_event=logger.warning,
-                        on_abort=kill_running,  # a stop ends the running items now, not when they finish
+                        on_abort=stop,
                     )
                 if sync_remote and not outcome_of.failed:
                     remote_sync.with_options(**options)("push", str(root), execution_id, timeout_seconds)

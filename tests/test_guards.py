@@ -916,3 +916,19 @@ def test_a_set_larger_than_this_machines_memory_is_refused_by_check_and_by_gener
     generate.check_set_fits(params, memory=4 * 32 * 8)
     with pytest.raises(ConfigError, match=r"a set of 4 x 32 tokens takes 0\.0 GiB .* this machine's 0\.0 GiB"):
         generate.check_set_fits(params, memory=4 * 32 * 8 - 1)
+
+
+def test_output_into_a_closed_pipe_ends_quietly_not_in_a_traceback():
+    """`selfcal models | head -1` ended in a BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from selfcal.pipeline.common import run_cli\n"
+        "sys.exit(run_cli(lambda: [print('model', i) for i in range(200000)]))"
+    )
+    producer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert producer.stdout.readline() == b"model 0\n"
+    producer.stdout.close()  # the reader is gone, as `head -1` after one line
+    err = producer.stderr.read().decode()
+    assert producer.wait(60) == 1 and err == "", err

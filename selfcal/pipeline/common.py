@@ -109,10 +109,17 @@ def one_line(message: str) -> str:
 
 
 def run_cli(fn: Callable[[], object]) -> int:
-    """Turn a SelfcalError into one line on stderr and exit status 2."""
+    """Turn a SelfcalError into one line on stderr and exit status 2; a reader that closed the pipe (``selfcal
+    models | head -1``) ends the output quietly, as Python's docs advise ("Note on SIGPIPE"), not a traceback."""
     try:
         fn()
+        sys.stdout.flush()
     except SelfcalError as err:
         print(f"selfcal: error: {one_line(str(err))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail again
+        return 1
     return 0
