@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
+from selfcal.artifacts import read_manifest
 from selfcal.calibration.calibset import TOKENS, load_calibration_set
 from selfcal.cli import main
 from selfcal.config import parse_params
@@ -28,6 +30,7 @@ from selfcal.pipeline import layout
 from selfcal.pipeline.compress import compress
 from selfcal.pipeline.evaluate import evaluate
 from selfcal.pipeline.generate import generate
+from selfcal.records import CheckpointManifest
 from tests.helpers import small_params
 
 # These evaluate models on the ARC-Easy and WikiText-2 files of ../shared/data.
@@ -282,12 +285,15 @@ def test_models_lists_every_registered_version_for_an_auditor_who_knows_no_name(
     assert code == 0 and "registered model version(s):" in out.splitlines()[0]
     for source in SOURCES:
         assert f"  {_name(source)}:1  gptq  {source}-s0 (" in out
+        digest = read_manifest(layout.checkpoint_dir(audited, source, 0, "gptq"), CheckpointManifest).content_digest
+        assert re.search(rf"  {_name(source)}:1  gptq  {source}-s0 \(\w{{16}}\)  checkpoint {digest[:16]} ", out)
     if "hand-made:1" in out:  # registered by hand in the test above: said so, not hidden
         assert "hand-made:1  no selfcal lineage" in out
     code, out, _ = _cli(capsys, audited, "models", "--json")
     rows = {r["model"]: r for r in json.loads(out)}
     assert {f"{_name(s)}:1" for s in SOURCES} <= set(rows)
     assert all(rows[f"{_name(s)}:1"]["calibration"] == f"{s}-s0" for s in SOURCES)
+    assert all(len(rows[f"{_name(s)}:1"]["checkpoint_digest"]) == 64 for s in SOURCES)
 
 
 def test_params_installed_from_a_committed_profile_is_recorded_as_that_profile_not_as_dirty(tmp_path):

@@ -262,6 +262,8 @@ def _version_row(v) -> dict:
         "method": tags.get(T.METHOD),
         "base_model": tags.get(T.BASE_MODEL),
         "checkpoint": str(store.local_path(uri) or uri) if uri else None,
+        # two versions with one digest hold the same weights (a --force rerun, a second workspace)
+        "checkpoint_digest": tags.get(T.CHECKPOINT_DIGEST),
         "registered_utc": _utc(v.creation_timestamp),
     }
 
@@ -282,7 +284,8 @@ def format_model_list(models: list[dict]) -> str:
     lines = [f"{len(models)} registered model version(s):"]
     for m in models:
         lineage = (
-            f"{m['method']}  {m['calibration']} ({(m['calibration_digest'] or '')[:16]})  {store.show(m['checkpoint'])}"
+            f"{m['method']}  {m['calibration']} ({(m['calibration_digest'] or '')[:16]})  "
+            f"checkpoint {(m['checkpoint_digest'] or '?')[:16]} {store.show(m['checkpoint'])}"
             if m["calibration_digest"]
             else "no selfcal lineage"
         )
