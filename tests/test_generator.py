@@ -195,6 +195,26 @@ def test_any_of_several_eos_ids_ends_a_generation(model):
     assert any(row[i] == 7 and row[i + 1] != BOS for row in single for i in range(len(row) - 1))
 
 
+def test_a_bos_that_is_also_an_eos_starts_a_generation_and_ends_none(model):
+    """Phi-2's BOS is its EOS (<|endoftext|>), and a tokenizer without BOS starts from EOS: the BOS each generation
+    starts from was taken for a sampled EOS, so every row was BOS, BOS, BOS ... and nothing was sampled."""
+    tokens, stats = gen(model, n=4, seq_len=40, eos_id=[EOS, BOS])
+    assert (tokens[:, 1] != BOS).all(), tokens[:, :4]
+    plain, _ = gen(model, n=4, seq_len=40, eos_id=EOS)
+    np.testing.assert_array_equal(tokens[:, :2], plain[:, :2])  # the same first draw from the same BOS
+    check_replay(model, tokens, eos=(EOS, BOS))
+    # a model made to sample BOS often: a sampled BOS ends its generation, and the next one starts from BOS
+    chatty = boosted(model, {BOS: 4.0})
+    tokens, stats = gen(chatty, n=5, seq_len=64, eos_id=[EOS, BOS])
+    gens = sum(len(segments(list(r), [EOS, BOS])) for r in tokens)
+    assert stats.generations == gens and 5 * 4 <= gens < 5 * 32  # restarts, but not on every token
+    for row in tokens:
+        starts = [s for s, _ in segments(list(row), [EOS, BOS])]
+        assert all(row[s] == BOS and (s == 0 or row[s - 1] in (EOS, BOS)) for s in starts)
+    check_replay(chatty, tokens, eos=(EOS, BOS))
+    assert segments([BOS, 5, BOS, BOS, 6, 7], [BOS]) == [(0, 3), (3, 6)]
+
+
 def test_the_static_cache_is_what_the_decoder_layers_call():
     cache = StaticKVCache(layers=2, batch=3, kv_heads=2, length=8, head_dim=4, dtype=torch.float32, device="cpu")
     cache.slot.fill_(5)

@@ -7,7 +7,8 @@ positions took 1,750 forward steps. Here a set of ``seq_len`` positions takes ``
 steps, always, and the batch never shrinks.
 
 How a row restarts: the cache has one slot per position of the row (slot p holds the keys and
-values of the token at position p). When the token at position p is EOS, position p + 1 is BOS,
+values of the token at position p). When the token at position p is an EOS the row sampled (not the BOS
+a generation starts from, which may be an EOS id too), position p + 1 is BOS,
 the row's ``start`` moves to p + 1, its position ids restart at 0 and its attention mask admits
 only slots ``start..p``; so each concatenated generation is exactly an independent sample from
 BOS, as if it had a cache of its own. Everything that decides the next token (sampling, the
@@ -319,7 +320,9 @@ class LockstepRows:
         nxt_pos = self.p + 1
         u = self.uniforms.index_select(1, nxt_pos).squeeze(1)
         sampled = self._sample(logits, self._temperatures(rel), u)
-        restart = torch.isin(self.tok, self.eos)
+        # an EOS the row sampled ends its generation; the BOS a generation starts from does not, though it be an
+        # EOS id too (Phi-2's <|endoftext|> is both; a tokenizer without BOS starts from EOS): rows were all BOS
+        restart = torch.isin(self.tok, self.eos) & (rel > 0)
         nxt = torch.where(restart, torch.full_like(sampled, self.plan.bos_id), sampled)
         self.start.copy_(torch.where(restart, nxt_pos.expand_as(self.start), self.start))
         self.restarts.add_(restart.long())

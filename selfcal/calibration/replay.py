@@ -43,9 +43,13 @@ class ReplayReport:
 
 
 def segments(row: Sequence[int], eos_ids: Sequence[int]) -> list[tuple[int, int]]:
-    """[start, end) of each generation in a row: starts at 0 and right after each EOS."""
+    """[start, end) of each generation in a row: starts at 0 and right after each EOS it sampled (the BOS a
+    generation starts from ends nothing, though it be an EOS id too)."""
     eos = set(eos_ids)
-    starts = [0] + [q + 1 for q in range(len(row) - 1) if row[q] in eos]
+    starts = [0]
+    for q in range(len(row) - 1):
+        if row[q] in eos and q != starts[-1]:
+            starts.append(q + 1)
     ends = starts[1:] + [len(row)]
     return list(zip(starts, ends, strict=True))
 
