@@ -478,8 +478,33 @@ def test_each_recipe_carries_its_sections_settings_and_the_papers_defaults():
         ["Linear"],
         ["re:^lm_head\\.?$"],
     )
+    # ours keeps 1 of 4; llm-compressor's "n:m" prunes n of m (sgpt_sparsify.py, wanda_sparsify.py: topk smallest)
     (wanda,) = METHODS.get("wanda").recipe(WandaConfig(sparsity=0.75, mask_structure="1:4"), ctx)
-    assert (wanda.sparsity, wanda.mask_structure) == (0.75, "1:4")
+    assert (wanda.sparsity, wanda.mask_structure) == (0.75, "3:4")
+    (sgpt,) = METHODS.get("sparsegpt").recipe(SparseGPTConfig(sparsity=0.25, mask_structure="6:8"), ctx)
+    assert (sgpt.sparsity, sgpt.mask_structure) == (0.25, "2:8")
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda"])
+def test_an_n_of_m_other_than_half_keeps_n_of_every_m(tiny_model, tmp_path, method):
+    """A "1:4" was handed to llm-compressor as is, which prunes 1 of 4 (not keeps): verification failed after the
+    compute. Now the checkpoint keeps one weight of every four, as the params say."""
+    p = parse_params(
+        small_params(
+            tiny_model,
+            tmp_path,
+            **{"compression.methods": [method], f"compression.{method}": {"mask_structure": "1:4", "sparsity": 0.75},
+               "tracking.enabled": False},
+        ),
+        root=tmp_path,
+    )  # fmt: skip
+    generate(p, "self", 0, progress=False)
+    compress(p, "self", 0, method)
+    model = verify.load_dense(layout.checkpoint_dir(p, "self", 0, method))
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            assert ((m.weight.reshape(m.weight.shape[0], -1, 4) != 0).sum(-1) <= 1).all(), name
+            assert (m.weight == 0).float().mean() == pytest.approx(0.75, abs=1e-6), name
 
 
 def test_compress_hands_oneshot_the_calibration_set_as_prepared(tiny_model, monkeypatch):

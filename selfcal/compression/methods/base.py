@@ -247,10 +247,14 @@ class PruningMethod(CompressionMethod):
 
     @staticmethod
     def pruning_args(cfg, ctx: RecipeContext) -> dict:
-        # "0:0" is llm-compressor's spelling of "unstructured".
+        """llm-compressor's ``mask_structure`` "n:m" *prunes* n of every m (sgpt_sparsify.py:176-185 and
+        wanda_sparsify.py:84-91: ``topk(..., prune_n, largest=False)`` marks the weights zeroed), where ours keeps
+        N of every M: ours N:M is its (M - N):M. For 2:4 the two agree; a "1:4" was handed over as is, pruned 1
+        of 4, and failed verification after the compute. "0:0" is its spelling of "unstructured"."""
+        n_m = cfg.n_m
         return {
             "sparsity": cfg.sparsity,
-            "mask_structure": cfg.mask_structure or "0:0",
+            "mask_structure": f"{n_m[1] - n_m[0]}:{n_m[1]}" if n_m else "0:0",
             "targets": ["Linear"],
             "ignore": ctx.dense_patterns,
         }
