@@ -304,3 +304,23 @@ def test_a_value_dvc_reads_otherwise_or_cannot_use_is_refused_by_check(tmp_path,
     (tmp_path / "params.yaml").write_text(text.replace(old, new))
     with pytest.raises(ConfigError, match=rf"^params\.yaml: {why}"):
         check_dvc_params(tmp_path / "params.yaml", tmp_path / "dvc.yaml")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("dampening_frac: 0.01", "dampening_frac: 1e-2"), ("symmetric: true", "symmetric: yes")]
+)
+def test_a_params_value_both_readers_take_alike_is_not_refused(tmp_path, old, new):
+    """`1e-2` is a string to PyYAML and 0.01 to DVC, and the schema makes the string 0.01 too; `yes` is True to
+    PyYAML and "yes" to DVC, which only hashes it: neither changes what runs, so neither is refused (both are
+    where their spelling counts: `paths.artifacts: 1e3` above)."""
+    import shutil
+
+    from selfcal.pipeline.check import check_dvc_params
+    from tests.helpers import REPO
+
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    text = (REPO / "params.yaml").read_text()
+    assert text.count(old) == 1
+    (tmp_path / "params.yaml").write_text(text.replace(old, new))
+    check_dvc_params(tmp_path / "params.yaml", tmp_path / "dvc.yaml")
+    assert load_params(tmp_path / "params.yaml").compression.gptq.dampening_frac == 0.01

@@ -98,26 +98,55 @@ def check_dvc_params(params_file: Path, dvc_yaml: Path, raw: dict | None = None)
                 f"(DVC would stop with \"Parameters '{key}' are missing\" or \"Could not find '{key}'\"); write "
                 f"the section out (`{{}}` takes the defaults)"
             )
-    check_dvc_reads_alike(params_file, raw, keys)
+    check_dvc_reads_alike(params_file, raw, keys, interpolated={k for _, k in dvc_interpolations(dvc_yaml)})
     check_artifacts_in_repo(params_file, raw, dvc_yaml.parent)
 
 
-def _first_difference(key: str, ours: object, theirs: object) -> tuple[str, object, object] | None:
-    """The first leaf where two readings of one value differ (types count: ``True`` is not ``1``)."""
+#: YAML 1.1's booleans (PyYAML reads them as True/False; YAML 1.2 only true/false)
+_YAML11_BOOLS = {
+    w: w.lower() in ("y", "yes", "true", "on")
+    for w in "y Y yes Yes YES n N no No NO true True TRUE false False FALSE on On ON off Off OFF".split()
+}
+
+
+def _as_used(value: object) -> object:
+    """What a scalar is to the schema, which coerces a number written as text (PyYAML reads ``1e-3`` as a
+    string, YAML 1.2 as 0.001: both are 0.001 to a float field) and YAML 1.1's yes/no."""
+    if isinstance(value, str):
+        if value in _YAML11_BOOLS:
+            return _YAML11_BOOLS[value]
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _first_difference(key: str, ours: object, theirs: object, *, as_text: bool) -> tuple[str, object, object] | None:
+    """The first leaf where two readings of one value differ. ``as_text``: the value is interpolated into a path,
+    a command or a matrix item's name, where its spelling counts (``1e3`` is not ``1000.0``, ``True`` not ``1``);
+    else it is a params value, as the schema takes it (``1e-3`` is 0.001)."""
     if isinstance(ours, dict) and isinstance(theirs, dict) and list(ours) == list(theirs):
-        return next((d for k in ours if (d := _first_difference(f"{key}.{k}", ours[k], theirs[k]))), None)
+        return next(
+            (d for k in ours if (d := _first_difference(f"{key}.{k}", ours[k], theirs[k], as_text=as_text))), None
+        )
     if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
-        pairs = zip(ours, theirs, strict=True)
-        return next((d for i, (a, b) in enumerate(pairs) if (d := _first_difference(f"{key}[{i}]", a, b))), None)
-    return None if (type(ours), ours) == (type(theirs), theirs) else (key, ours, theirs)
+        pairs = enumerate(zip(ours, theirs, strict=True))
+        return next((d for i, (a, b) in pairs if (d := _first_difference(f"{key}[{i}]", a, b, as_text=as_text))), None)
+    same = (type(ours), ours) == (type(theirs), theirs)
+    if not same and not as_text:
+        a, b = _as_used(ours), _as_used(theirs)
+        same = (type(a), a) == (type(b), b)
+    return None if same else (key, ours, theirs)
 
 
-def check_dvc_reads_alike(params_file: Path, raw: dict, keys: list[tuple[str, str]]) -> None:
+def check_dvc_reads_alike(params_file: Path, raw: dict, keys: list[tuple[str, str]], interpolated: set[str]) -> None:
     """Every value DVC reads from the params file reads the same to DVC as to selfcal. selfcal reads YAML 1.1
     (PyYAML), DVC YAML 1.2 (ruamel, ``dvc.utils.serialize.parse_yaml``): ``seeds: [0, 010]`` is [0, 8] to
     selfcal and [0, 10] to DVC, whose matrix then made ``*-10`` items that every stage refused;
     ``paths.artifacts: 1e3`` put DVC's outputs under ``1000.0/``; and where the two agree only on the hash,
-    dvc.lock would record a value the stages did not use."""
+    dvc.lock would record a value the stages did not use (``limit: 0200``: 128 to selfcal, 200 in dvc.lock).
+    ``interpolated``: the keys whose spelling counts (see ``_first_difference``)."""
     from dvc.utils.serialize import parse_yaml
 
     try:
@@ -127,7 +156,7 @@ def check_dvc_reads_alike(params_file: Path, raw: dict, keys: list[tuple[str, st
         raise ConfigError(f"{params_file.name}: DVC's YAML reader (ruamel) refuses the file: {first}") from exc
     for stage, key in keys:
         (_, ours), (_, theirs) = _lookup(raw, key), _lookup(theirs_all, key)
-        if diff := _first_difference(key, ours, theirs):
+        if diff := _first_difference(key, ours, theirs, as_text=key in interpolated):
             where, a, b = diff
             raise ConfigError(
                 f"{params_file.name}: {where}: selfcal reads {a!r} (YAML 1.1) and DVC reads {b!r} (YAML 1.2; "
