@@ -219,7 +219,7 @@ def pipeline(
                     stopping = threading.Event()
 
                     def stop() -> None:  # a stop ends the running items now, not when they finish, and their
-                        stopping.set()  # retries do not wait out their delay (30 s by default) to be cancelled
+                        stopping.set()  # retries do not wait out their delay (--retry-delay) to be cancelled
                         kill_running()
 
                     outcome_of = run_in_order(
@@ -297,9 +297,10 @@ def _fan_out(root: Path, graph, deployment: str, execution_id: str, force: bool,
         "timeout_seconds": timeout,
     }
     logger.info("fanning %d item(s) out to deployment %s, %d at once (commit %s)", len(graph), deployment, jobs, commit)
+    stopping = threading.Event()  # after a stop no item is submitted again (its flow run on a worker is not ended)
     return run_in_order(
         graph,
-        fan_out_item.with_options(**options),
+        fan_out_item.with_options(**options, retry_condition_fn=lambda *_: not stopping.is_set()),
         lambda item: {
             "item": item,
             "deployment": deployment,
@@ -309,4 +310,5 @@ def _fan_out(root: Path, graph, deployment: str, execution_id: str, force: bool,
         },
         jobs=jobs,
         on_event=logger.warning,
+        on_abort=stopping.set,
     )

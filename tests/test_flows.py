@@ -531,6 +531,35 @@ def test_deployment_pull_steps_sync_code_only_while_no_run_holds_the_workspace(t
     assert (ws / "dvc.lock").read_text() == "last night's run\n" and not (ws / ".selfcal" / "dvc.lock.kept").exists()
 
 
+def test_a_fanned_out_item_moves_the_workers_code_to_the_coordinators_commit_and_keeps_its_own_dvc_lock(tmp_path):
+    """The item flow's `git reset --hard` to the coordinator's commit dropped the worker's dvc.lock, as the pull
+    step did (flows/sync_workspace.sh says what that cost)."""
+    import logging
+
+    from flows.item import sync_workspace
+
+    origin, ws = tmp_path / "origin", tmp_path / "ws"
+    origin.mkdir()
+
+    def git(*args: str, cwd: Path = origin) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+
+    (origin / "dvc.lock").write_text("v1\n")
+    (origin / "code.py").write_text("v1\n")
+    git("init", "-q", "-b", "main")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1")
+    git("clone", "-q", str(origin), str(ws), cwd=tmp_path)
+    (ws / "dvc.lock").write_text("this worker's outputs\n")
+    (origin / "code.py").write_text("v2\n")
+    (origin / "dvc.lock").write_text("v2\n")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "v2")
+    params = (REPO / "params.yaml").read_text()
+    sync_workspace(ws, git("rev-parse", "HEAD"), params, logging.getLogger("test"))
+    assert (ws / "code.py").read_text() == "v2\n" and (ws / "params.yaml").read_text() == params
+    assert (ws / "dvc.lock").read_text() == "this worker's outputs\n"
+
+
 def test_an_attempt_past_its_timeout_is_killed_with_its_stage(tmp_path):
     """Killing dvc alone would orphan the stage: it would hold the GPU and race the retry."""
     import psutil

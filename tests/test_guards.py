@@ -932,3 +932,13 @@ def test_output_into_a_closed_pipe_ends_quietly_not_in_a_traceback():
     producer.stdout.close()  # the reader is gone, as `head -1` after one line
     err = producer.stderr.read().decode()
     assert producer.wait(60) == 1 and err == "", err
+    # another pipe that breaks is the command's own failure, not a reader gone: not hidden
+    code = (
+        "import subprocess, sys; from selfcal.pipeline.common import run_cli\n"
+        "def broken():\n"
+        "    p = subprocess.Popen(['true'], stdin=subprocess.PIPE); p.wait(); p.stdin.write(b'x' * 10**6)\n"
+        "    p.stdin.flush()\n"
+        "sys.exit(run_cli(broken))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.strip().endswith("BrokenPipeError: [Errno 32] Broken pipe")

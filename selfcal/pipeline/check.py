@@ -8,6 +8,7 @@ key dvc.yaml's stages read (DVC refuses a stage whose params key is missing from
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from pathlib import Path
 
@@ -133,10 +134,11 @@ def _first_difference(key: str, ours: object, theirs: object, *, as_text: bool) 
     if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
         pairs = enumerate(zip(ours, theirs, strict=True))
         return next((d for i, (a, b) in pairs if (d := _first_difference(f"{key}[{i}]", a, b, as_text=as_text))), None)
-    same = (type(ours), ours) == (type(theirs), theirs)
-    if not same and not as_text:
-        a, b = _as_used(ours), _as_used(theirs)
-        same = (type(a), a) == (type(b), b)
+
+    def alike(a: object, b: object) -> bool:  # .nan is .nan to both readers
+        return type(a) is type(b) and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
+
+    same = alike(ours, theirs) or (not as_text and alike(_as_used(ours), _as_used(theirs)))
     return None if same else (key, ours, theirs)
 
 

@@ -118,8 +118,22 @@ def run_cli(fn: Callable[[], object]) -> int:
         print(f"selfcal: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # another pipe (a subprocess's, a socket's) broke: the stage's own failure, not the reader's
         import os
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail again
         return 1
     return 0
+
+
+def _stdout_closed() -> bool:
+    """Whether the reader of stdout is gone: poll(2) says POLLERR on the write end of a pipe no one reads."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no poll here, or stdout is no file
+        return False
