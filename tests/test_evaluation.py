@@ -251,7 +251,7 @@ def test_identical_sets_have_a_zero_std_one_set_none_and_the_table_prints_exactl
     assert zero["acc.arc_easy.std"] == 0.0 and one["acc.arc_easy.std"] is None
     rows = to_markdown(cols, table).splitlines()[2:4]
     assert rows == ["| sparsegpt | t00-00 | 2 | 32.4 ± 0.0 | 32.4 ± 0.0 |", "| sparsegpt | t20-00 | 1 | 34.5 | 34.5 |"]
-    assert to_csv(cols, table).splitlines()[2] == "sparsegpt,t20-00,1,0.345,,0.345,"  # no std: an empty field
+    assert to_csv(cols, table).splitlines()[2] == "sparsegpt,t20-00,1,0.345,,0.345,,sparsegpt/t20-00"  # no std: empty
 
 
 def test_a_metric_one_set_lacks_is_averaged_over_the_sets_that_have_it_not_counted_as_zero():
