@@ -438,3 +438,31 @@ def test_lineage_shows_the_evaluation_settings_beside_the_metrics(audited, capsy
     code, out, _ = _cli(capsys, audited, "lineage", _name("self"), "--json")
     settings = json.loads(out)["metrics"]["settings"]
     assert settings["limit"] == "20" and settings["perplexity.wikitext2.max_windows"] == "4"
+
+
+def test_generating_a_set_again_keeps_the_one_a_model_was_registered_from(tiny_model, tmp_path, capsys, caplog):
+    """A second `selfcal generate` of one item (same params and seed, so the same tokens) rewrote the manifest's
+    run facts, and `verify` of the model made from the set then failed: "superseded: another run wrote another
+    calibration set there" naming the very same digest. The set is kept now; a set that differs is rewritten."""
+    import logging
+
+    overrides = {"calibration.sources": {"self": {"kind": "self"}}, "evaluation.tasks": []}
+    params = parse_params(small_params(tiny_model, tmp_path, **overrides), root=tmp_path)
+    generate(params, "self", 0, progress=False)
+    compress(params, "self", 0, "gptq")
+    evaluate(params, "self-s0-gptq", progress=False)
+    manifest = layout.calibration_dir(params, "self", 0) / "manifest.json"
+    before = manifest.read_bytes()
+    with caplog.at_level(logging.INFO, logger="selfcal.generate"):
+        again = generate(params, "self", 0, progress=False)
+    assert manifest.read_bytes() == before and "already holds this very set" in caplog.text
+    assert again.content_digest == json.loads(before)["content_digest"]
+    capsys.readouterr()
+    code, out, err = _cli(capsys, params, "verify", _name("self"))
+    assert code == 0 and out.startswith("verify: ok:"), err
+    rerun = json.loads(before) | {"created_utc": "2030-01-01T00:00:00+00:00"}  # a rewrite by another run (no DVC)
+    manifest.write_text(json.dumps(rerun, indent=2) + "\n")
+    code, _, err = _cli(capsys, params, "verify", _name("self"))
+    assert code == 2 and "self-s0: superseded: another run wrote the same calibration set there (" in err, err
+    other = parse_params(small_params(tiny_model, tmp_path, **overrides, **{"calibration.n_samples": 3}), root=tmp_path)
+    assert generate(other, "self", 0, progress=False).n_samples == 3 and manifest.read_bytes() != before

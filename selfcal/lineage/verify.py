@@ -154,8 +154,13 @@ def locate(
     at = (
         f"`git checkout {commit[:12]}`" if commit != T.UNKNOWN else "the code it was made with (no git commit recorded)"
     )
+    wrote = (
+        f"another run wrote the same {what} there ({other[:16]}) under its own manifest"
+        if other == registered
+        else f"another run wrote another {what} there ({other[:16]})"
+    )
     return None, (
-        f"{show(directory)}: superseded: another run wrote another {what} there ({other[:16]}), and this "
+        f"{show(directory)}: superseded: {wrote}, and this "
         f"version's files are gone from the workspace: {why}; bring them back into the DVC cache from the "
         f"remote (at {at}: `dvc pull`, or recompute with `dvc repro`), then `selfcal verify {{ref}}` finds them "
         f"and `selfcal restore {{ref}} DEST` copies them out"

@@ -164,23 +164,35 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
         faults.point("generate:after-sampling")
         texts = tokenizer.batch_decode(result.tokens.tolist())
         source_params = spec.record()
-        manifest = save_calibration_set(
-            out,
-            result.tokens,
-            texts,
-            source=source,
-            source_params=source_params,
-            source_version=source_impl.version,
-            seed=seed,
-            n_samples=n,
-            seq_len=cal.seq_len,
+        identity = {
+            "source": source,
+            "source_params": source_params,
+            "source_version": source_impl.version,
+            "seed": seed,
+            "n_samples": n,
+            "seq_len": cal.seq_len,
             # The base model whose tokenizer (and, for generated sources, weights) made the set.
-            model=fingerprint(ref),
-            device=device if model is not None else None,
-            provenance=result.provenance,
-            wall_seconds=round(time.perf_counter() - t0, 3),
-        )
-        log.info("wrote %s (content digest %s)", out, manifest.content_digest[:16])
+            "model": fingerprint(ref),
+        }
+        manifest = _unchanged(out, result.tokens, identity)
+        if manifest is not None:
+            log.info(
+                "%s already holds this very set (content digest %s, written %s): left as it was",
+                out,
+                manifest.content_digest[:16],
+                manifest.created_utc,
+            )
+        else:
+            manifest = save_calibration_set(
+                out,
+                result.tokens,
+                texts,
+                **identity,
+                device=device if model is not None else None,
+                provenance=result.provenance,
+                wall_seconds=round(time.perf_counter() - t0, 3),
+            )
+            log.info("wrote %s (content digest %s)", out, manifest.content_digest[:16])
         run.params(
             {
                 "source": source,
@@ -204,3 +216,23 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
         run.metrics(numeric)
         run.artifact(out / "manifest.json", "calibration")
     return manifest
+
+
+def _unchanged(out, tokens, identity: dict) -> CalibrationManifest | None:
+    """The set already in ``out`` when it is this one (the same tokens, source, params, seed and base model),
+    else None. Kept, not rewritten: a second ``selfcal generate`` of one item only changed the manifest's run
+    facts, and every model registered from the set then failed ``selfcal verify`` (its pinned manifest sha256
+    gone, with no DVC cache to find it in). Under ``dvc repro`` the folder is gone before the stage runs."""
+    from selfcal.calibration.calibset import load_calibration_set
+    from selfcal.errors import SelfcalError
+    from selfcal.hashing import sha256_tokens
+
+    if not (out / "manifest.json").is_file():
+        return None
+    try:
+        existing = load_calibration_set(out).manifest  # its tokens checked against its content digest
+    except (SelfcalError, OSError, ValueError):
+        return None
+    if existing.content_digest != sha256_tokens(tokens):
+        return None
+    return existing if all(getattr(existing, k) == v for k, v in identity.items()) else None
