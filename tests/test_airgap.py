@@ -54,13 +54,21 @@ def test_split_parts_join_back_and_a_changed_part_is_refused(airgap, tmp_path):
 
 def test_call_mib_sizes_the_transfers_beside_the_tracked_tree_that_travels_with_every_call(airgap, tmp_path):
     """Lease 10: parts of 45 MiB were refused beside an 18.7 MiB tree (the committed run folders had grown it).
-    ``--call-mib`` counts the tree git tracks (not untracked files, which stay here) and leaves a margin."""
+    ``--call-mib`` counts the tree that travels, as the device tool copies it: tracked files and untracked ones git
+    does not ignore (a run folder unpacked mid-lease, not yet committed), not ignored ones (the bundle), and leaves
+    a margin."""
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     (repo / "tracked.bin").write_bytes(b"x" * (3 << 20) + b"y")  # 3 MiB and a byte: counts as 4
-    (repo / "untracked.bin").write_bytes(b"x" * (20 << 20))
     subprocess.run(["git", "add", "tracked.bin"], cwd=repo, check=True)
+    (repo / ".gitignore").write_text("ignored.bin\n")
+    (repo / "ignored.bin").write_bytes(b"x" * (20 << 20))
+    assert airgap.tree_bytes(repo) == (3 << 20) + 1 + len("ignored.bin\n")
+    (repo / ".gitignore").unlink()
+    (repo / "ignored.bin").rename(repo / "untracked.bin")  # now untracked and not ignored: it travels
+    assert airgap.tree_bytes(repo) == (3 << 20) + 1 + (20 << 20)
+    (repo / "untracked.bin").unlink()
     assert airgap.tree_bytes(repo) == (3 << 20) + 1
     assert airgap.transfer_limit(64, airgap.tree_bytes(repo)) == 64 - 6 - 4
     assert airgap.transfer_limit(64, int(18.7 * (1 << 20))) == 39  # lease 10's tree: 45 was refused, 40 went

@@ -326,8 +326,10 @@ CALL_MARGIN_MIB = 6  # what a call counts beyond the files' bytes: 45 MiB parts 
 
 
 def tree_bytes(root: Path) -> int:
-    """The bytes of the files git tracks under ``root``: the working tree the lent GPU copies with every call."""
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True) if root.is_dir() else None
+    """The bytes of the working tree the lent GPU copies with every call: the files git tracks and the untracked
+    ones it does not ignore (a run folder unpacked mid-lease and not yet committed travels too)."""
+    args = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    listed = subprocess.run(args, cwd=root, capture_output=True) if root.is_dir() else None
     if listed is None or listed.returncode != 0:
         raise SystemExit(f"airgap: --call-mib needs a git checkout (the tree that travels with every call): {root}")
     return sum((root / n).stat().st_size for n in listed.stdout.decode().split("\0") if n and (root / n).is_file())
