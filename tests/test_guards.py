@@ -942,3 +942,22 @@ def test_output_into_a_closed_pipe_ends_quietly_not_in_a_traceback():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stderr.strip().endswith("BrokenPipeError: [Errno 32] Broken pipe")
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_inspect_checks_its_source_and_seed_first(tiny_model, tmp_path, capsys):
+    """Ctrl-C was an 80-line traceback; `inspect --source slef` said "calibration tokens missing (run the generate
+    stage first)", advice generate would refuse, after opening an MLflow run it left FAILED."""
+    from selfcal.pipeline.common import run_cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted) == 130 and capsys.readouterr().err == "selfcal: interrupted\n"
+    path = write_params(tmp_path / "params.yaml", small_params(tiny_model, tmp_path))
+    for args, why in (
+        (["--source", "slef", "--seed", "0"], "calibration.sources: no source named 'slef'; defined: ['self']"),
+        (["--source", "self", "--seed", "7"], "calibration.seeds: 7 is not listed ([0])"),
+    ):
+        assert main(["--params", str(path), "inspect", *args]) == 2
+        assert capsys.readouterr().err.startswith(f"selfcal: error: {why}")
+    assert not (tmp_path / "mlflow.db").exists()  # no stage run was opened

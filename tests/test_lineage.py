@@ -241,6 +241,11 @@ def test_model_registered_without_lineage_is_reported(audited, capsys):
 def test_unknown_model_and_bad_arguments_fail_in_one_line(audited, capsys):
     code, _, err = _cli(capsys, audited, "lineage", "no-such-model")
     assert code == 2 and "no-such-model: no registered model of that name" in err
+    client = open_client(_uri(audited))
+    if not client.search_registered_models("name = 'versionless'"):
+        client.create_registered_model("versionless")
+    code, _, err = _cli(capsys, audited, "lineage", "versionless")  # it said "no registered model of that name"
+    assert code == 2 and err.strip() == "selfcal: error: versionless: registered, but it has no versions"
     code, _, err = _cli(capsys, audited, "verify", f"{_name('self')}:9")
     assert code == 2 and "no such model version" in err
     code, _, err = _cli(capsys, audited, "lineage", "--calibration", "xyz")

@@ -149,7 +149,9 @@ def _token_lm(tokenizer):
             special = _add_special_kwargs(add_special_tokens, self.add_bos_token)
             if add_special_tokens is None and has_bos_prefix(string, tokenizer.decode(self.prefix_token_id)):
                 special["add_special_tokens"] = False
-            encoding = tokenizer.encode(string, **special)
+            # verbose=False: the same ids, without transformers' "will result in indexing errors" for a text over
+            # the context, which the scorer cuts to the window as lm-eval does (fast.py)
+            encoding = tokenizer.encode(string, verbose=False, **special)
             return encoding[-left_truncate_len:] if left_truncate_len else encoding
 
         def _loglikelihood_tokens(self, requests, **kwargs):

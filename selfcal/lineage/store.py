@@ -39,6 +39,8 @@ def resolve_version(client, ref: str):
     found = client.search_model_versions(f"name = '{name}'")
     if not found:
         known = sorted({m.name for m in client.search_registered_models()})
+        if name in known:  # registered by hand, or its versions deleted
+            raise DataError(f"{name}: registered, but it has no versions")
         raise DataError(f"{name}: no registered model of that name; registered: {known}")
     return max(found, key=lambda v: int(v.version))
 

@@ -37,6 +37,15 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def check_source(params: Params, source: str) -> None:
+    """A set's source is one the params define (generate's check; ``inspect --source slef`` said "calibration
+    tokens missing (run the generate stage first)", which generate would then refuse)."""
+    if source not in params.calibration.sources:
+        raise ConfigError(
+            f"calibration.sources: no source named {source!r}; defined: {sorted(params.calibration.sources)}"
+        )
+
+
 def check_seed(params: Params, seed: int) -> None:
     """A set's seed is one the params list: a set of another (an audit's `generate --seed 7`) was written where
     DVC's graph has no item for it, tracked by nothing, as `compress` already refused an unlisted method."""
@@ -109,14 +118,18 @@ def one_line(message: str) -> str:
 
 
 def run_cli(fn: Callable[[], object]) -> int:
-    """Turn a SelfcalError into one line on stderr and exit status 2; a reader that closed the pipe (``selfcal
-    models | head -1``) ends the output quietly, as Python's docs advise ("Note on SIGPIPE"), not a traceback."""
+    """Turn a SelfcalError into one line on stderr and exit status 2, Ctrl-C into one line and 130; a reader that
+    closed the pipe (``selfcal models | head -1``) ends the output quietly, as Python's docs advise ("Note on
+    SIGPIPE"), not a traceback."""
     try:
         fn()
         sys.stdout.flush()
     except SelfcalError as err:
         print(f"selfcal: error: {one_line(str(err))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the scratch folders are gone as it unwinds; one line, not a traceback
+        print("selfcal: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         if not _stdout_closed():
             raise  # another pipe (a subprocess's, a socket's) broke: the stage's own failure, not the reader's

@@ -17,7 +17,7 @@ from selfcal.lineage.tracking import stage_run
 from selfcal.modelio import ModelRef, context_window, fingerprint, load_model, load_tokenizer, pick_device
 from selfcal.paths import resolve_path
 from selfcal.pipeline import layout
-from selfcal.pipeline.common import base_model, check_context, check_seed
+from selfcal.pipeline.common import base_model, check_context, check_seed, check_source
 from selfcal.records import CalibrationManifest
 
 log = logging.getLogger("selfcal.generate")
@@ -98,8 +98,7 @@ def preflight(params: Params, source: str, seed: int, *, count_windows: bool = F
     """Everything generate checks before a model loads (``selfcal check`` runs it for every item, with
     ``count_windows``: a local corpus is tokenized, once per process, to know it can give this seed's set)."""
     cal = params.calibration
-    if source not in cal.sources:
-        raise ConfigError(f"calibration.sources: no source named {source!r}; defined: {sorted(cal.sources)}")
+    check_source(params, source)
     check_seed(params, seed)
     ref, config = base_model(params)
     check_context(config, cal.seq_len, "calibration.seq_len")

@@ -128,8 +128,10 @@ def inspect_set(
 
 
 def inspect_stage(params: Params, source: str, seed: int) -> dict:
-    from selfcal.pipeline.common import base_model
+    from selfcal.pipeline.common import base_model, check_seed, check_source
 
+    check_source(params, source)  # before the stage's MLflow run: a refused call leaves none
+    check_seed(params, seed)
     ref, _ = base_model(params)
     diag = params.calibration.diagnostics
     name = layout.calib_name(source, seed)
