@@ -8,6 +8,7 @@ run them all, ``selfcal run`` the one-command way through Prefect.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -280,7 +281,6 @@ def _run(args) -> None:
     here it only spares the user a server start and a traceback.
     """
     import logging
-    import os
     from pathlib import Path
 
     from selfcal.errors import ConfigError
@@ -336,8 +336,6 @@ def _run(args) -> None:
 
 def _audit_client(args):
     """The store to audit: --tracking-uri, else the params' own, else $MLFLOW_TRACKING_URI; no params file needed."""
-    import os
-
     from selfcal.config import load_params, params_path
     from selfcal.errors import ConfigError
     from selfcal.lineage.tracking import open_client, tracking_uri_and_key
@@ -491,6 +489,10 @@ AUDIT = {"lineage": _lineage, "verify": _verify, "models": _models, "restore": _
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.verbose)
+    if getattr(args, "no_progress", False):
+        # the libraries' bars too (transformers' weight loading, llm-compressor's calibration, lm-eval's
+        # contexts): tqdm reads TQDM_* from the environment (tqdm.utils.envwrap), which stage subprocesses inherit
+        os.environ["TQDM_DISABLE"] = "1"
 
     def go() -> None:
         from selfcal.config import load_params, params_path

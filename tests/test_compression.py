@@ -547,3 +547,26 @@ def test_compress_hands_oneshot_the_calibration_set_as_prepared(tiny_model, monk
     assert seen["dataset"]["input_ids"] == tokens.tolist() and seen["dataset"]["attention_mask"] == [[1] * 7] * 5
     assert (seen["num_calibration_samples"], seen["max_seq_length"], seen["batch_size"]) == (5, 7, 3)
     assert seen["shuffle_calibration_samples"] is False and seen["model"] is model
+
+
+def test_llm_compressors_own_logs_go_to_stderr_warnings_only_and_its_metrics_with_verbose(tiny_model, tmp_path, capfd):
+    """llm-compressor logged to stdout at INFO: a "Quantizing" line and two METRIC lines per module (~100 lines for
+    stories260K's GPTQ), burying the stage's own; with -v its METRIC lines (each module's error) come back."""
+    import logging
+
+    p = parse_params(
+        small_params(tiny_model, tmp_path, **{"compression.methods": ["gptq"], "tracking.enabled": False}),
+        root=tmp_path,
+    )
+    generate(p, "self", 0, progress=False)
+    capfd.readouterr()
+    compress(p, "self", 0, "gptq")
+    out, err = capfd.readouterr()
+    assert "METRIC" not in out + err and "Quantizing" not in out + err and "llmcompressor" not in out
+    logging.getLogger("selfcal").setLevel(logging.DEBUG)
+    try:
+        compress(p, "self", 0, "gptq")
+    finally:
+        logging.getLogger("selfcal").setLevel(logging.NOTSET)
+    out, err = capfd.readouterr()
+    assert "METRIC" in err and "METRIC" not in out

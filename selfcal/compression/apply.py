@@ -135,6 +135,7 @@ def compress(
     recipe = method.recipe(cfg, the_plan.context)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    route_library_logs()
     t0 = time.perf_counter()
     oneshot(
         model=model,
@@ -191,3 +192,31 @@ def compress(
             device=device,
         )
     return manifest
+
+
+def route_library_logs() -> None:
+    """llm-compressor logs through loguru to *stdout* at INFO (``llmcompressor/logger.py``, ``configure_logger``,
+    run on import): a GPTQ run on stories260K printed ~100 lines, a "Quantizing" line and two METRIC lines per
+    module, and buried the stage's own two. Here they go to stderr, warnings and up, its METRIC lines (each
+    module's compression error) with ``-v`` only. Its own ``LLM_COMPRESSOR_LOG_LEVEL`` (or ``_DISABLED``) rules
+    where set."""
+    import logging
+    import os
+    import sys
+
+    if os.environ.get("LLM_COMPRESSOR_LOG_LEVEL") or os.environ.get("LLM_COMPRESSOR_LOG_DISABLED"):
+        return
+    from llmcompressor.logger import LoggerConfig, configure_logger, logger, support_log_once
+
+    verbose = logging.getLogger("selfcal").isEnabledFor(logging.DEBUG)
+    configure_logger(LoggerConfig(console_log_level=None))  # its sinks removed, its METRIC level defined
+
+    def keep(record) -> bool:
+        return support_log_once(record) and (verbose or record["level"].name != "METRIC")
+
+    logger.add(
+        sys.stderr,
+        level="INFO" if verbose else "WARNING",
+        format="{time:HH:mm:ss} {level} llmcompressor.{function}: {message}",
+        filter=keep,
+    )
