@@ -347,3 +347,17 @@ def test_a_perplexity_text_longer_than_the_context_is_tokenized_whole_without_tr
     ids = text_ids(tokenizer, text)
     assert ids.tolist() == tokenizer(text, verbose=False).input_ids and len(ids) > 8
     assert not tokenizer.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
+
+
+def test_aggregate_names_how_many_records_are_missing_not_only_the_first(tmp_path):
+    """After one item's walkthrough, aggregate named one missing record at a time."""
+    from selfcal.pipeline.aggregate import load_evaluations
+
+    (tmp_path / "dense.json").write_text("{}")
+    files = [tmp_path / f"{n}.json" for n in ("dense", "self-s0-gptq", "self-s1-gptq", "c4-s0-gptq")]
+    with pytest.raises(DataError) as e:
+        load_evaluations(files)
+    assert str(e.value) == (
+        f"{files[1]}: evaluation record missing (and 2 more of the 4 the params define: self-s1-gptq, c4-s0-gptq; "
+        "run the evaluate stage first)"
+    )

@@ -272,6 +272,20 @@ def test_requests_sharing_an_input_are_scored_alike_and_greedy_continuations_fla
     assert (out["n"], out["n_total"], out["requests"]) == (3, 4, 4)
 
 
+def test_scoring_shows_a_bar_over_the_tasks_inputs_only_when_asked_and_scores_alike(model_and_tokenizer, capsys):
+    """The longest part of evaluate (a full HellaSwag: minutes on a CPU) had no bar; `--no-progress` keeps it off."""
+    model, _ = model_and_tokenizer
+    reqs = [([1, 40, 41], [7]), ([1, 40, 41], [8]), ([1, 50], [9, 10])]
+    task = _synthetic(reqs, [0, 0, 1], [0, 1, 0], gold=[0, 0], completion_len=[[1.0, 1.0], [2.0]])
+    quiet = fast.score(model, task, window=128, batch_tokens=3)
+    assert capsys.readouterr().err == ""
+    shown = fast.score(model, task, window=128, batch_tokens=3, progress=True)
+    err = capsys.readouterr().err
+    assert f"{task.name}:   0%" in err and "0/2 [" in err  # over the two unique inputs (cleared when done)
+    np.testing.assert_array_equal(quiet[0], shown[0])
+    np.testing.assert_array_equal(quiet[1], shown[1])
+
+
 def test_gold_indices_past_the_choices_and_unknown_answers_are_minus_100():
     """``ConfigurableTask.process_results``: an index (or each of a list) must be < len(choices), a string must be
     one of the choices; anything else is -100, which no prediction matches."""

@@ -85,9 +85,13 @@ class Requests:
             yield batch
 
 
-def score(model, task: PreparedTask, *, window: int, batch_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(log-likelihood, is_greedy) of every request of ``task``, as lm-eval's HFLM computes them."""
+def score(
+    model, task: PreparedTask, *, window: int, batch_tokens: int | None = None, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log-likelihood, is_greedy) of every request of ``task``, as lm-eval's HFLM computes them. ``progress``: a
+    bar over the task's unique inputs (a full HellaSwag is minutes on a CPU, and it was silent)."""
     import torch
+    from tqdm.auto import tqdm
 
     from selfcal import scoring
 
@@ -102,7 +106,8 @@ def score(model, task: PreparedTask, *, window: int, batch_tokens: int | None = 
     sums = torch.zeros(task.n_requests, dtype=torch.float32, device=device)
     misses = torch.zeros(task.n_requests, dtype=torch.int32, device=device)
     pending = list(reqs.batches(budget))
-    with torch.inference_mode():
+    bar = tqdm(total=len(reqs.inputs), desc=task.name, unit="input", disable=not progress, leave=False)
+    with torch.inference_mode(), bar:
         while pending:
             batch = pending.pop(0)
             width = len(reqs.inputs[batch[0]])
@@ -135,6 +140,7 @@ def score(model, task: PreparedTask, *, window: int, batch_tokens: int | None = 
             sums.index_add_(0, who, logp.gather(1, tgt[:, None]).squeeze(1).float())
             misses.index_add_(0, who, (logp.argmax(dim=-1) != tgt).int())
             del hidden, logp
+            bar.update(len(batch))  # host-side only: no device sync
     # lm-eval sums a request's log-probs as a tensor of the model's dtype: a bf16 sum is a bf16 number
     ll = sums.to(dtype).double().cpu().numpy()
     return ll, (misses == 0).cpu().numpy()
@@ -170,12 +176,12 @@ def aggregate(task: PreparedTask, ll: np.ndarray, greedy: np.ndarray) -> dict:
     return out
 
 
-def run_task(model, tokenizer, task: PreparedTask, *, batch_tokens: int | None = None) -> dict:
+def run_task(model, tokenizer, task: PreparedTask, *, batch_tokens: int | None = None, progress: bool = False) -> dict:
     """One prepared task on one model: lm-eval's numbers, plus its timings and request counts."""
     import torch
 
     t0 = time.perf_counter()
-    ll, greedy = score(model, task, window=max_length(model, tokenizer), batch_tokens=batch_tokens)
+    ll, greedy = score(model, task, window=max_length(model, tokenizer), batch_tokens=batch_tokens, progress=progress)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -125,6 +125,7 @@ def run_tasks_fast(
     limit: int | None,
     cache_dir=None,
     batch_tokens: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """The same per-task record as ``run_tasks``, through the fast path (``selfcal.evaluation.fast``): lm-eval's
     requests prepared once per tokenizer (kept in ``cache_dir``), scored in full batches on the device."""
@@ -152,7 +153,7 @@ def run_tasks_fast(
             prep,
         )
         try:
-            scored = fast.run_task(model, tokenizer, task, batch_tokens=batch_tokens)
+            scored = fast.run_task(model, tokenizer, task, batch_tokens=batch_tokens, progress=progress)
         except fast.ContextTooLong:
             failed[name] = (
                 f"lm-eval cannot score it: a request exceeds the model's {fast.max_length(model, tokenizer)}-token "

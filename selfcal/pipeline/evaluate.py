@@ -142,7 +142,13 @@ def evaluate(params: Params, name: str, *, progress: bool = True) -> EvaluationR
             if ev.engine == "fast":
                 tokens = None if ev.batch_tokens == "auto" else ev.batch_tokens
                 scored = run_tasks_fast(
-                    model, tokenizer, specs, limit=ev.limit, cache_dir=layout.prepared_dir(params), batch_tokens=tokens
+                    model,
+                    tokenizer,
+                    specs,
+                    limit=ev.limit,
+                    cache_dir=layout.prepared_dir(params),
+                    batch_tokens=tokens,
+                    progress=progress,
                 )
             else:
                 scored = run_tasks(model, tokenizer, specs, limit=ev.limit, batch_size=ev.batch_size)
