@@ -147,11 +147,11 @@ def load_evaluations(files: list[Path]) -> list[EvaluationRecord]:
     """Only the records the current params produce: stale ones from removed items stay out."""
     missing = [f for f in files if not f.is_file()]
     if missing:
-        more = f" (and {len(missing) - 1} more of the {len(files)} the params define: " if len(missing) > 1 else " ("
-        names = ", ".join(f.stem for f in missing[1:6]) + (", ..." if len(missing) > 6 else "")
-        raise DataError(
-            f"{missing[0]}: evaluation record missing{more}{names + '; ' if names else ''}run the evaluate stage first)"
-        )
+        more = ""
+        if len(missing) > 1:
+            names = ", ".join(f.stem for f in missing[1:6]) + (", ..." if len(missing) > 6 else "")
+            more = f"and {len(missing) - 1} more of the {len(files)} the params define: {names}; "
+        raise DataError(f"{missing[0]}: evaluation record missing ({more}run the evaluate stage first)")
     if not files:
         raise DataError("nothing to aggregate: params define no evaluation targets")
     return [read_evaluation(f) for f in files]

@@ -90,7 +90,8 @@ def check_dvc_params(params_file: Path, dvc_yaml: Path, raw: dict | None = None)
     or "Could not find 'paths.artifacts'" (an interpolated path). ``raw``: the file's data, if read already."""
     if raw is None:
         raw = yaml.safe_load(params_file.read_text()) or {}
-    keys = dvc_param_keys(dvc_yaml, raw) + dvc_interpolations(dvc_yaml)
+    interpolated = dvc_interpolations(dvc_yaml)
+    keys = dvc_param_keys(dvc_yaml, raw) + interpolated
     for stage, key in keys:
         found, _ = _lookup(raw, key)
         if not found:
@@ -99,7 +100,7 @@ def check_dvc_params(params_file: Path, dvc_yaml: Path, raw: dict | None = None)
                 f"(DVC would stop with \"Parameters '{key}' are missing\" or \"Could not find '{key}'\"); write "
                 f"the section out (`{{}}` takes the defaults)"
             )
-    check_dvc_reads_alike(params_file, raw, keys, interpolated={k for _, k in dvc_interpolations(dvc_yaml)})
+    check_dvc_reads_alike(params_file, raw, keys, interpolated={k for _, k in interpolated})
     check_artifacts_in_repo(params_file, raw, dvc_yaml.parent)
 
 
@@ -269,15 +270,9 @@ def every_item(params: Params) -> int:
     return n + 1
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def check(params: Params, params_file: Path) -> str:
     """Run every static check; return the one-line summary ``selfcal check`` prints."""
-    from selfcal.modelio import load_tokenizer
+    from selfcal.modelio import load_tokenizer, pick_device
     from selfcal.pipeline.common import base_model, check_artifacts_dir
 
     check_artifacts_dir(params)
@@ -291,7 +286,7 @@ def check(params: Params, params_file: Path) -> str:
     if dvc_yaml.is_file():
         check_dvc_params(params_file, dvc_yaml)
     summary = f"ok: params valid; model {ref.name} -> {ref.local_dir}"
-    if params.model.device == "cuda" and not _has_cuda():
+    if params.model.device == "cuda" and pick_device("auto") != "cuda":
         # not refused: check may run on a coordinator without the GPU workers' CUDA; the guard stage, which runs
         # where the stages do, refuses it
         summary += "; note: model.device is cuda and this machine has no CUDA device: run the stages where one is"
