@@ -32,9 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         "  selfcal restore stories260K-gptq-self:1 /tmp/v1   a version's files, even after a later run replaced them\n"
         "  selfcal models                             every registered model version and its calibration set\n",
     )
-    p.add_argument("--params", help="params file (default: $SELFCAL_PARAMS or ./params.yaml)")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_common(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser(
@@ -237,7 +235,18 @@ def _parser() -> argparse.ArgumentParser:
         "'evaluate_dense'), each with the items it reads: one chunk of a grid at a time; of the items ready at "
         "once, the deepest go first (models finish end to end), then the first pattern's (start long ones first)",
     )
+    for command in sub.choices.values():  # also after the command: `selfcal run -v`, `selfcal check --params x`
+        _add_common(command, argparse.SUPPRESS)
     return p
+
+
+def _add_common(p: argparse.ArgumentParser, default: object = None) -> None:
+    """The options every command takes. A command's own copies default to SUPPRESS, so one given before the
+    command is not reset by the command's parser (argparse copies only what a subparser set)."""
+    p.add_argument("--params", default=default, help="params file (default: $SELFCAL_PARAMS or ./params.yaml)")
+    flag = {} if default is None else {"default": default}
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging", **flag)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars", **flag)
 
 
 def _seconds(least: float | None = None):

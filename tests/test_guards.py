@@ -961,3 +961,44 @@ def test_ctrl_c_is_one_line_and_exit_130_and_inspect_checks_its_source_and_seed_
         assert main(["--params", str(path), "inspect", *args]) == 2
         assert capsys.readouterr().err.startswith(f"selfcal: error: {why}")
     assert not (tmp_path / "mlflow.db").exists()  # no stage run was opened
+
+
+def test_an_unknown_evaluate_target_names_the_checkpoints_present(tiny_model, tmp_path, capsys, monkeypatch):
+    path = write_params(tmp_path / "params.yaml", small_params(tiny_model, tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", str(path), "evaluate", "self-s0-gtpq"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint is there yet; 'dense' evaluates the base model" in err[0], err
+    root = tmp_path / "artifacts" / "checkpoints"
+    for i in range(8):
+        (root / f"self-s{i}-gptq").mkdir(parents=True)
+    assert main(["--params", str(path), "evaluate", "self-s0-gtpq"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].endswith(
+        "(run the compress stage first; present: self-s0-gptq, self-s1-gptq, self-s2-gptq, self-s3-gptq, "
+        "self-s4-gptq, self-s5-gptq and 2 more, or 'dense')"
+    ), err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--params", "P.yaml", "-v", "--no-progress", "evaluate", "dense"],
+        ["evaluate", "dense", "--params", "P.yaml", "-v", "--no-progress"],
+        ["-v", "evaluate", "--no-progress", "dense", "--params", "P.yaml"],
+    ],
+)
+def test_the_common_options_go_before_or_after_the_command(argv):
+    from selfcal.cli import _parser
+
+    args = _parser().parse_args(argv)
+    assert (args.params, args.verbose, args.no_progress, args.target) == ("P.yaml", True, True, "dense")
+
+
+def test_a_command_does_not_reset_the_common_options_given_before_it():
+    from selfcal.cli import _parser
+
+    for command in (["check"], ["run", "--jobs", "2"], ["models"]):
+        args = _parser().parse_args(["--params", "P.yaml", "-v", *command])
+        assert (args.params, args.verbose, args.no_progress) == ("P.yaml", True, False), command

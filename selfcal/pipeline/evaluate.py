@@ -87,6 +87,17 @@ def _ppl_tokens(params: Params, name: str) -> int:
     return cached_token_count(params.resolve(cfg.path), ("perplexity", cfg.text_field, str(ref.local_dir)), count)
 
 
+def _present(params: Params, shown: int = 6) -> str:
+    """What a mistyped target could have been: the checkpoints present, so the one-line error
+    answers "which names are there?" without a second command."""
+    root = layout.checkpoints_root(params)
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not names:
+        return f"no checkpoint is there yet; '{layout.DENSE}' evaluates the base model"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"present: {', '.join(names[:shown])}{more}, or '{layout.DENSE}'"
+
+
 def _target(params: Params, name: str) -> tuple[ModelRef, dict]:
     """(model to load, identity fields of its evaluation record)."""
     ref, _ = base_model(params)
@@ -94,7 +105,7 @@ def _target(params: Params, name: str) -> tuple[ModelRef, dict]:
         return ref, {"method": "none", "source": "none", "seed": None, "model_digest": fingerprint(ref).digest}
     ckpt = layout.checkpoint_path(params, name)
     if not ckpt.is_dir():
-        raise DataError(f"{ckpt}: checkpoint not found (run the compress stage first)")
+        raise DataError(f"{ckpt}: checkpoint not found (run the compress stage first; {_present(params)})")
     m = read_manifest(ckpt, CheckpointManifest)
     ident = {
         "method": m.method,
