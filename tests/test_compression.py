@@ -4,10 +4,12 @@ from the saved files: targeted layers compressed, every other tensor bit-identic
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from selfcal.calibration.calibset import load_calibration_set
 from selfcal.compression import verify
@@ -16,7 +18,7 @@ from selfcal.errors import ConfigError, VerificationError
 from selfcal.pipeline import layout
 from selfcal.pipeline.compress import compress
 from selfcal.pipeline.generate import generate
-from tests.helpers import build_tiny_model, small_params
+from tests.helpers import build_tiny_model, small_params, write_params
 
 METHODS = ["gptq", "awq", "sparsegpt", "wanda"]
 
@@ -570,3 +572,23 @@ def test_llm_compressors_own_logs_go_to_stderr_warnings_only_and_its_metrics_wit
         logging.getLogger("selfcal").setLevel(logging.NOTSET)
     out, err = capfd.readouterr()
     assert "METRIC" in err and "METRIC" not in out
+
+
+def test_no_progress_leaves_no_bar_from_compression_not_even_compressed_tensors(tiny_model, tmp_path):
+    """`selfcal --no-progress compress` sets TQDM_DISABLE, but compressed-tensors' "Applying quantization config"
+    and "Dispatching model" bars pass disable= themselves, which beats the environment: both still drew."""
+    import subprocess
+    import sys
+
+    path = write_params(
+        tmp_path / "params.yaml",
+        small_params(tiny_model, tmp_path, **{"compression.methods": ["gptq"], "tracking.enabled": False}),
+    )
+    generate(parse_params(yaml.safe_load(path.read_text()), root=tmp_path), "self", 0, progress=False)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    cmd = [sys.executable, "-m", "selfcal.cli", "--params", str(path), "compress", "--source", "self", "--seed", "0"]
+    done = subprocess.run([*cmd, "--method", "gptq", "--no-progress"], cwd=tmp_path, env=env, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    out = (done.stdout + done.stderr).decode()
+    assert "%|" not in out and "it/s]" not in out, out
+    assert "wrote" in out  # the stage's own log lines stay

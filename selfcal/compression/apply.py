@@ -136,6 +136,7 @@ def compress(
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     route_library_logs()
+    quiet_library_bars()
     t0 = time.perf_counter()
     oneshot(
         model=model,
@@ -192,6 +193,36 @@ def compress(
             device=device,
         )
     return manifest
+
+
+# compressed-tensors' bars that pass ``disable=`` themselves, which overrides $TQDM_DISABLE (tqdm reads it as
+# __init__'s default, ``tqdm.utils.envwrap``): "Applying quantization config" (quantization/lifecycle/apply.py,
+# ``disable=(not show_progress)``) and "Dispatching model" (offload/dispatch.py, the same); llm-compressor calls
+# both without ``show_progress``. Each module imports the class (``from tqdm import tqdm``).
+_BARS_SET_BY_HAND = ("compressed_tensors.quantization.lifecycle.apply", "compressed_tensors.offload.dispatch")
+
+
+def quiet_library_bars() -> None:
+    """With ``--no-progress`` (which sets ``TQDM_DISABLE``) no bar at all: the modules in ``_BARS_SET_BY_HAND``
+    get a tqdm that is always off, since their own ``disable=False`` beats the environment. A no-op otherwise,
+    and where a later compressed-tensors no longer imports the name (nothing to replace)."""
+    import importlib
+    import os
+
+    import tqdm
+
+    if not os.environ.get("TQDM_DISABLE"):  # tqdm's own reading: any non-empty value is true (bool of a str)
+        return
+
+    class _Off(tqdm.tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    for name in _BARS_SET_BY_HAND:
+        module = importlib.import_module(name)
+        if getattr(module, "tqdm", None) is tqdm.tqdm:
+            module.tqdm = _Off
 
 
 def route_library_logs() -> None:
