@@ -415,6 +415,7 @@ def _restore(args) -> None:
 
 
 def _inspect(args, params) -> None:
+    progress = not args.no_progress
     import json
     from pathlib import Path
 
@@ -425,7 +426,7 @@ def _inspect(args, params) -> None:
     if args.calib_set is None:
         if args.source is None or args.seed is None:
             raise ConfigError("inspect: give CALIB_SET, or --source and --seed")
-        inspect_stage(params, args.source, args.seed)
+        inspect_stage(params, args.source, args.seed, progress=progress)
         return
     if args.source is not None or args.seed is not None:
         raise ConfigError("inspect: give CALIB_SET or --source and --seed, not both (the set would be inspected)")
@@ -444,6 +445,7 @@ def _inspect(args, params) -> None:
         batch_size=diag.batch_size if diag else 8,
         reference_stride=diag.window_stride if diag and not args.reference else None,
         reference_key="--reference" if args.reference else REFERENCE_KEY,
+        progress=progress,
     )
     print(json.dumps(result, indent=2, sort_keys=True))
 

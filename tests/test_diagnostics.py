@@ -145,3 +145,23 @@ def test_inspect_command_on_a_set_and_a_model(tiny_model, tmp_path, capsys, monk
     # a set and --source/--seed: one of them would be ignored
     assert main(["inspect", str(tmp_path / "set"), "--model", str(tiny_model), "--seed", "3"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_inspect_draws_a_bar_over_each_pass_of_the_model_and_none_with_no_progress(
+    tiny_model, tmp_path, capfd, monkeypatch
+):
+    """inspect ran three passes of the model (the set's perplexity, its activations, the reference's) with no bar:
+    minutes of silence on a 128 x 2048 set on a CPU."""
+    monkeypatch.chdir(tmp_path)
+    toks = np.random.default_rng(0).integers(3, 500, size=(4, 16)).astype(np.int32)
+    save_calibration_set(tmp_path / "set", toks, ["x"] * 4, **calibration_fields(toks))
+    (tmp_path / "ref.txt").write_text("a few words of text that the tiny tokenizer cuts up. " * 20)
+    cmd = ["inspect", str(tmp_path / "set"), "--model", str(tiny_model), "--reference", "ref.txt"]
+    capfd.readouterr()
+    assert main(cmd) == 0
+    err = capfd.readouterr().err
+    for desc in ("set perplexity", "set activations", "reference activations"):
+        assert f"{desc}: 100%" in err, err
+    assert main([*cmd, "--no-progress"]) == 0
+    err = capfd.readouterr().err  # (in-process, the libraries' bars stay: tqdm read TQDM_DISABLE at its import)
+    assert not any(desc in err for desc in ("perplexity:", "activations:")), err

@@ -24,6 +24,7 @@ from collections import Counter
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 ZIPF_TOP = 5000
 
@@ -116,7 +117,7 @@ def text_measures(tokens: np.ndarray, vocab_size: int, start_id: int | None = No
     }
 
 
-def set_perplexity(model, tokens: np.ndarray, batch_size: int = 8) -> dict[str, float]:
+def set_perplexity(model, tokens: np.ndarray, batch_size: int = 8, *, progress: bool = False) -> dict[str, float]:
     """The paper's set perplexity (mean of per-sequence perplexities) and the pooled one.
 
     ``perplexity`` = mean_w exp(mean NLL of w); ``pooled_perplexity`` = exp(mean NLL over all
@@ -125,7 +126,7 @@ def set_perplexity(model, tokens: np.ndarray, batch_size: int = 8) -> dict[str, 
     from selfcal.scoring import window_nll
 
     windows = torch.as_tensor(tokens, dtype=torch.long)
-    sums = window_nll(model, windows, batch_size=batch_size)
+    sums = window_nll(model, windows, batch_size=batch_size, progress=progress, desc="set perplexity")
     predicted = windows.shape[1] - 1
     return {
         "perplexity": float(torch.exp(sums / predicted).mean()),
@@ -134,7 +135,9 @@ def set_perplexity(model, tokens: np.ndarray, batch_size: int = 8) -> dict[str, 
 
 
 @torch.inference_mode()
-def layer_input_stats(model, tokens: np.ndarray, batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def layer_input_stats(
+    model, tokens: np.ndarray, batch_size: int = 8, *, progress: bool = False, desc: str = "activations"
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per decoder layer, the mean and variance of its input hidden states over all tokens.
 
     These are what GPTQ/AWQ/SparseGPT/Wanda calibrate on, so a set whose statistics are
@@ -149,7 +152,7 @@ def layer_input_stats(model, tokens: np.ndarray, batch_size: int = 8) -> list[tu
     sums: list[torch.Tensor] = []
     sq: list[torch.Tensor] = []
     count = 0
-    for i in range(0, len(tokens), batch_size):
+    for i in tqdm(range(0, len(tokens), batch_size), desc=desc, disable=not progress):
         ids = torch.as_tensor(tokens[i : i + batch_size], dtype=torch.long, device=device)
         hidden = decoder(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[:-1]  # layer inputs
         for li, h in enumerate(hidden):

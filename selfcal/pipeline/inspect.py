@@ -90,8 +90,10 @@ def inspect_set(
     trust_remote_code: bool = False,
     reference_stride: int | None = None,
     reference_key: str = REFERENCE_KEY,
+    progress: bool = False,
 ) -> dict:
-    """Text measures, perplexity under the model and (with a reference) activation distance."""
+    """Text measures, perplexity under the model and (with a reference) activation distance; with ``progress``
+    a bar over each pass of the model (the set's perplexity, its activations, the reference's)."""
     calib = load_calibration_set(calib_dir)
     tokenizer = load_tokenizer(ref, trust_remote_code=trust_remote_code)
     reference = None
@@ -114,20 +116,24 @@ def inspect_set(
         "source": calib.manifest.source,
         "kind": calib.manifest.source_params.get("kind"),
         **diagnostics.text_measures(calib.tokens, len(tokenizer), start),
-        **diagnostics.set_perplexity(model, calib.tokens, batch_size),
+        **diagnostics.set_perplexity(model, calib.tokens, batch_size, progress=progress),
     }
     if reference is not None:
         result["activation"] = {
             "reference": reference_path,
             **diagnostics.activation_distance(
-                diagnostics.layer_input_stats(model, calib.tokens, batch_size),
-                diagnostics.layer_input_stats(model, reference, batch_size),
+                diagnostics.layer_input_stats(
+                    model, calib.tokens, batch_size, progress=progress, desc="set activations"
+                ),
+                diagnostics.layer_input_stats(
+                    model, reference, batch_size, progress=progress, desc="reference activations"
+                ),
             ),
         }
     return result
 
 
-def inspect_stage(params: Params, source: str, seed: int) -> dict:
+def inspect_stage(params: Params, source: str, seed: int, *, progress: bool = True) -> dict:
     from selfcal.pipeline.common import base_model, check_seed, check_source
 
     check_source(params, source)  # before the stage's MLflow run: a refused call leaves none
@@ -147,6 +153,7 @@ def inspect_stage(params: Params, source: str, seed: int) -> dict:
             batch_size=diag.batch_size,
             trust_remote_code=params.model.trust_remote_code,
             reference_stride=diag.window_stride,
+            progress=progress,
         )
         out = layout.diagnostics_file(params, name)
         atomic_write_text(out, json.dumps(result, indent=2, sort_keys=True) + "\n")
