@@ -526,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         params = load_params(args.params)
         progress = not args.no_progress
-        if args.command in WRITERS:
+        one_off = args.command == "inspect" and args.calib_set  # prints its result, writes nothing: no lock
+        if args.command in WRITERS and not one_off:
             from selfcal.pipeline.common import check_artifacts_dir
             from selfcal.workspace_lock import write_guard
 

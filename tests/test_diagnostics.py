@@ -165,3 +165,19 @@ def test_inspect_draws_a_bar_over_each_pass_of_the_model_and_none_with_no_progre
     assert main([*cmd, "--no-progress"]) == 0
     err = capfd.readouterr().err  # (in-process, the libraries' bars stay: tqdm read TQDM_DISABLE at its import)
     assert not any(desc in err for desc in ("perplexity:", "activations:")), err
+
+
+def test_a_one_off_inspection_runs_beside_a_run_that_holds_the_workspace(tiny_model, tmp_path, capsys, monkeypatch):
+    """`selfcal inspect SET --model M` writes nothing, yet in a workspace (a params.yaml there) it took the
+    workspace lock: refused while a pipeline run went on, which is when one wants to look at a set."""
+    from tests.helpers import hold_workspace, small_params, write_params
+
+    write_params(tmp_path / "params.yaml", small_params(tiny_model, tmp_path))
+    monkeypatch.chdir(tmp_path)
+    toks = np.random.default_rng(0).integers(3, 500, size=(4, 16)).astype(np.int32)
+    save_calibration_set(tmp_path / "set", toks, ["x"] * 4, **calibration_fields(toks))
+    with hold_workspace(tmp_path, "a run still going"):
+        assert main(["inspect", str(tmp_path / "set"), "--model", str(tiny_model), "--no-progress"]) == 0
+        assert json.loads(capsys.readouterr().out)["n"] == 4
+        assert main(["inspect", "--source", "self", "--seed", "0"]) == 2  # the stage writes: it still waits its turn
+        assert "a run still going" in capsys.readouterr().err
