@@ -91,17 +91,61 @@ def repro_item(
     }
 
 
+class RemoteRuns:
+    """The flow runs this coordinator has on workers, by its execution id: what a stop must cancel. A stopped
+    ``selfcal run --fan-out`` (SIGTERM, Ctrl-C) submitted nothing more, but the items it had sent ran on to
+    their end on the workers, writing and registering after the run that asked for them was gone."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._runs: dict[str, set] = {}
+        self._stopped: set[str] = set()
+
+    def add(self, execution_id: str, run_id) -> bool:
+        """Track ``run_id``; False (and not tracked) when that execution was stopped meanwhile."""
+        with self._lock:
+            if execution_id in self._stopped:
+                return False
+            self._runs.setdefault(execution_id, set()).add(run_id)
+            return True
+
+    def discard(self, execution_id: str, run_id) -> None:
+        with self._lock:
+            self._runs.get(execution_id, set()).discard(run_id)
+
+    def tracked(self, execution_id: str, run_id) -> bool:
+        with self._lock:
+            return run_id in self._runs.get(execution_id, set())
+
+    def stop(self, execution_id: str) -> list:
+        """Mark the execution stopped; the runs it had in flight, now untracked (so their waits end)."""
+        with self._lock:
+            self._stopped.add(execution_id)
+            return sorted(self._runs.pop(execution_id, set()), key=str)
+
+    def stopped(self, execution_id: str) -> bool:
+        with self._lock:
+            return execution_id in self._stopped
+
+
+REMOTE_RUNS = RemoteRuns()
+STOPPED_MESSAGE = "selfcal: the run that sent it was stopped"
+
+
 @task(name="dvc-repro-remote", task_run_name="{item}", cache_policy=NO_CACHE)
 def fan_out_item(item: str, deployment: str, parameters: dict, timeout: float | None) -> dict:
     """One item as a flow run of the per-item deployment, on whichever worker of its pool is free. A run that
     does not complete raises, so the task's retries submit it again, to any worker: failed, crashed (its worker
     died: nothing half-written is left, stages write atomically and DVC records only finished items), or still
-    not final after ``timeout`` (a box that vanished reports nothing; the run is cancelled first)."""
+    not final after ``timeout`` (a box that vanished reports nothing; the run is cancelled first). When the
+    coordinator is stopped, its in-flight runs are cancelled (``_fan_out``) and the item ends at once."""
     logger = get_run_logger()
     logger.info("attempt %d: %s on deployment %s", task_run.run_count, item, deployment)
     start = time.monotonic()
     run = submit_item(deployment, {"item": item, **parameters}, timeout)
     state = run.state
+    if REMOTE_RUNS.stopped(parameters["execution_id"]) and (state is None or not state.is_completed()):
+        raise ItemRunError(f"{item}: flow run {run.name} cancelled: the run was stopped")
     if state is None or not state.is_final():
         cancel_flow_run(run.id)
         raise ItemRunError(f"{item}: flow run {run.name} had no final state after {timeout:g} s; cancelled it")
@@ -115,19 +159,54 @@ def fan_out_item(item: str, deployment: str, parameters: dict, timeout: float | 
     return result
 
 
-def submit_item(deployment: str, parameters: dict, timeout: float | None):
-    """A flow run of ``deployment``, waited for (at most ``timeout`` s); Prefect's FlowRun with its state."""
+def submit_item(deployment: str, parameters: dict, timeout: float | None, poll_seconds: float = 2):
+    """A flow run of ``deployment``, waited for (at most ``timeout`` s); Prefect's FlowRun with its state.
+    Created first and tracked in ``REMOTE_RUNS`` while it is waited for (``run_deployment`` with a timeout
+    would block with the run's id out of reach of a stop); the wait is ``run_deployment``'s own poll
+    (``prefect/deployments/flow_runs.py``), which also ends when a stop untracks the run."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 
-    return run_deployment(deployment, parameters=parameters, timeout=timeout, as_subflow=True, poll_interval=2)
+    execution_id = parameters["execution_id"]
+    run = run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=True)
+    if not REMOTE_RUNS.add(execution_id, run.id):  # the stop came while it was being created
+        cancel_flow_run(run.id, STOPPED_MESSAGE)
+        return run
+    start = time.monotonic()
+    try:
+        with get_client(sync_client=True) as client:
+            while True:
+                run = client.read_flow_run(run.id)
+                if run.state is not None and run.state.is_final():
+                    return run
+                if not REMOTE_RUNS.tracked(execution_id, run.id):  # stopped: cancelled by the coordinator
+                    return run
+                if timeout is not None and time.monotonic() - start >= timeout:
+                    return run
+                time.sleep(poll_seconds)
+    finally:
+        REMOTE_RUNS.discard(execution_id, run.id)
 
 
-def cancel_flow_run(flow_run_id) -> None:
+def cancel_flow_run(flow_run_id, message: str = "selfcal: no result in time") -> None:
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(flow_run_id, Cancelling(message="selfcal: no result in time"), force=True)
+        client.set_flow_run_state(flow_run_id, Cancelling(message=message), force=True)
+
+
+def cancel_in_flight(execution_id: str, logger) -> None:
+    """A stopped fan-out: no item is submitted again (the retry condition) and every flow run still in flight
+    on a worker is cancelled; its worker then ends the item's process (the deployment's own cancellation)."""
+    runs = REMOTE_RUNS.stop(execution_id)
+    for run_id in runs:
+        try:
+            cancel_flow_run(run_id, STOPPED_MESSAGE)
+        except Exception as err:  # a server gone with the stop: say which run may go on
+            logger.warning("could not cancel flow run %s: %s", run_id, err)
+    if runs:
+        logger.warning("stopped: cancelled %d flow run(s) in flight on the workers", len(runs))
 
 
 @task(name="dvc-remote", task_run_name="dvc {action}", cache_policy=NO_CACHE)
@@ -297,10 +376,9 @@ def _fan_out(root: Path, graph, deployment: str, execution_id: str, force: bool,
         "timeout_seconds": timeout,
     }
     logger.info("fanning %d item(s) out to deployment %s, %d at once (commit %s)", len(graph), deployment, jobs, commit)
-    stopping = threading.Event()  # after a stop no item is submitted again (its flow run on a worker is not ended)
     return run_in_order(
         graph,
-        fan_out_item.with_options(**options, retry_condition_fn=lambda *_: not stopping.is_set()),
+        fan_out_item.with_options(**options, retry_condition_fn=lambda *_: not REMOTE_RUNS.stopped(execution_id)),
         lambda item: {
             "item": item,
             "deployment": deployment,
@@ -310,5 +388,5 @@ def _fan_out(root: Path, graph, deployment: str, execution_id: str, force: bool,
         },
         jobs=jobs,
         on_event=logger.warning,
-        on_abort=stopping.set,
+        on_abort=lambda: cancel_in_flight(execution_id, logger),
     )

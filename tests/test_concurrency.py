@@ -299,6 +299,48 @@ def test_a_crashed_or_lost_item_run_is_submitted_again_and_a_completed_one_read(
     assert result["outcome"] == "ran" and result["where"] == "worker-b" and result["attempts"] == 3
 
 
+def test_a_stopped_fan_out_cancels_the_flow_runs_it_had_on_the_workers(prefect_home, tmp_path):
+    """A stopped `selfcal run --fan-out` submitted nothing more, but the items it had sent ran on to their end on
+    the workers, writing and registering after the run that asked for them was gone. Here the deployment has
+    no worker, so the two runs wait, Scheduled, until the stop: then both are cancelled and the flow ends."""
+    import logging
+    import os
+    import signal
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    import flows.pipeline as pipeline
+
+    with get_client(sync_client=True) as client:
+        client.create_deployment(flow_id=client.create_flow_from_name("selfcal-item"), name="idle")
+    (tmp_path / "params.yaml").write_text("{}\n")
+
+    def stop_when_both_wait() -> None:
+        deadline = time.monotonic() + 120
+        while len(pipeline.REMOTE_RUNS._runs.get("stop-me", ())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+
+    @flow
+    def coordinator():
+        threading.Thread(target=stop_when_both_wait, daemon=True).start()
+        return pipeline._fan_out(
+            tmp_path, {"a": [], "b": []}, "selfcal-item/idle", "stop-me", False, 2, None,
+            {"retries": 2, "retry_delay_seconds": 0}, logging.getLogger("test"),
+        )  # fmt: skip
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        coordinator()
+    assert time.monotonic() - t0 < 90
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+    items = {r.parameters.get("item"): r.state for r in runs if r.parameters.get("execution_id") == "stop-me"}
+    assert set(items) == {"a", "b"}, items  # each submitted once: a stopped item is not retried
+    assert all(state.is_cancelled() for state in items.values()), items
+
+
 def test_only_selects_the_matching_items_with_everything_they_read_and_refuses_a_pattern_matching_nothing():
     from flows.dvc_items import select_items
     from selfcal.errors import ConfigError
