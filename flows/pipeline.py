@@ -162,8 +162,9 @@ def fan_out_item(item: str, deployment: str, parameters: dict, timeout: float | 
 def submit_item(deployment: str, parameters: dict, timeout: float | None, poll_seconds: float = 2):
     """A flow run of ``deployment``, waited for (at most ``timeout`` s); Prefect's FlowRun with its state.
     Created first and tracked in ``REMOTE_RUNS`` while it is waited for (``run_deployment`` with a timeout
-    would block with the run's id out of reach of a stop); the wait is ``run_deployment``'s own poll
-    (``prefect/deployments/flow_runs.py``), which also ends when a stop untracks the run."""
+    would block with the run's id out of reach of a stop); the wait is the poll ``run_deployment`` itself runs
+    (``prefect/deployments/flow_runs.py``, ``read_flow_run`` until a final state or the timeout), which here also
+    ends when a stop untracks the run."""
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
 

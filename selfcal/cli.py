@@ -415,7 +415,6 @@ def _restore(args) -> None:
 
 
 def _inspect(args, params) -> None:
-    progress = not args.no_progress
     import json
     from pathlib import Path
 
@@ -423,6 +422,7 @@ def _inspect(args, params) -> None:
     from selfcal.modelio import pick_device, resolve_model
     from selfcal.pipeline.inspect import REFERENCE_KEY, inspect_set, inspect_stage
 
+    progress = not args.no_progress
     if args.calib_set is None:
         if args.source is None or args.seed is None:
             raise ConfigError("inspect: give CALIB_SET, or --source and --seed")
