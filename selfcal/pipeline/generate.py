@@ -161,7 +161,6 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
         )
         result = source_impl.build(spec, request, model=model, tokenizer=tokenizer)
         faults.point("generate:after-sampling")
-        texts = tokenizer.batch_decode(result.tokens.tolist())
         source_params = spec.record()
         identity = {
             "source": source,
@@ -185,7 +184,7 @@ def generate(params: Params, source: str, seed: int, *, progress: bool = True) -
             manifest = save_calibration_set(
                 out,
                 result.tokens,
-                texts,
+                tokenizer.batch_decode(result.tokens.tolist()),  # only for a set that is written
                 **identity,
                 device=device if model is not None else None,
                 provenance=result.provenance,
